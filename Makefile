@@ -1,0 +1,66 @@
+# hangout developer entry points.  `make test` works on a fresh Debian 12 box
+# that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
+# builds .venv, starts the embedded dev stack (server/devstack.py) and runs pytest.
+
+SHELL := /bin/bash
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+PYTEST_ARGS   ?=
+LOADTEST_ARGS ?=
+
+.PHONY: all install system-deps venv devstack run test loadtest stop status
+
+all: test
+
+install: system-deps venv
+
+# PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup) and redis-server.
+# Only the binaries are used: the dev stack runs its own clusters on
+# DEVSTACK_PORT (default 25432..25434), never the system ones.
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    || ! ls /usr/lib/postgresql/*/bin/pg_basebackup >/dev/null 2>&1 \
+	    || ! command -v redis-server >/dev/null 2>&1; then \
+		echo ">> installing postgresql + redis-server"; \
+		$(APT) update && $(APT) install -y postgresql redis-server; \
+	fi
+
+venv: $(STAMP)
+
+$(PY):
+	@test -n "$(PYTHON)" || { echo "python3 not found" >&2; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || { \
+		echo ">> venv failed; installing python3-venv"; rm -rf $(VENV); \
+		$(APT) update && $(APT) install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+
+# Reinstall only when pyproject.toml is newer than the stamp.
+$(STAMP): $(wildcard pyproject.toml) | $(PY)
+	@if [ -f pyproject.toml ]; then \
+		$(PY) -m pip install --disable-pip-version-check -e '.[dev]' && touch $(STAMP); \
+	else \
+		echo ">> no pyproject.toml yet: skipping pip install"; \
+	fi
+
+devstack: install
+	$(PY) -m server.devstack start
+
+run: install
+	$(PY) -m server
+
+test: devstack
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+loadtest: install
+	$(PY) -m loadtests.run_locust $(LOADTEST_ARGS)
+
+status:
+	@$(PY) -m server.devstack status
+
+stop:
+	$(PY) -m server.devstack stop

@@ -1,0 +1,173 @@
+"""An asyncio client for the hangout protocol (used by tests and load tests).
+
+    async with Client.connect("ws://127.0.0.1:8080/ws") as c:
+        session = await c.call("auth.login", {"email": ..., "password": ...})
+        booking = await c.call("bookings.create", {...})
+        event = await c.next_event("booking.created")
+
+Calls are pipelined: many may be awaited concurrently on one socket and
+replies are matched by id. Events are queued in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import aiohttp
+
+from protocol.codec import decode, encode
+from protocol.errors import RpcError
+
+SUBPROTOCOL = "hangout.v1"
+
+
+class ConnectionClosed(ConnectionError):
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"socket closed with code {code}")
+        self.code = code
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, own_session: bool) -> None:
+        self._session = session
+        self._own_session = own_session
+        self.ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.unmatched: list[dict] = []  # replies with id null (bad_frame)
+        self.close_code: int | None = None
+        self.closed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read_loop())
+
+    # ---- construction ----------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        access_token: str | None = None,
+        token_in_query: bool = False,
+        session: aiohttp.ClientSession | None = None,
+        heartbeat: float | None = None,
+        max_msg_size: int = 4 * 1024 * 1024,
+        **kwargs: Any,
+    ) -> "Client":
+        own = session is None
+        session = session or aiohttp.ClientSession()
+        headers = {}
+        params = {}
+        if access_token is not None:
+            if token_in_query:
+                params["access_token"] = access_token
+            else:
+                headers["Authorization"] = f"Bearer {access_token}"
+        try:
+            ws = await session.ws_connect(
+                url, protocols=(SUBPROTOCOL,), headers=headers, params=params,
+                heartbeat=heartbeat, max_msg_size=max_msg_size, autoping=True, **kwargs,
+            )
+        except BaseException:
+            if own:
+                await session.close()
+            raise
+        return cls(session, ws, own)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if not self.ws.closed:
+            await self.ws.close()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        if self._own_session:
+            await self._session.close()
+
+    # ---- calls -----------------------------------------------------------
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    async def call(self, method: str, params: dict | None = None, *, timeout: float = 30.0) -> Any:
+        """Call and return the result; raises RpcError on an error reply."""
+        reply = await self.call_raw(method, params, timeout=timeout)
+        if "error" in reply:
+            raise RpcError.from_wire(reply["error"])
+        return reply.get("result")
+
+    async def call_raw(self, method: str, params: Any = None, *, timeout: float = 30.0, req_id: int | None = None) -> dict:
+        """Send a request and return the whole reply frame."""
+        frame: dict[str, Any] = {"id": req_id if req_id is not None else self._next_id(), "method": method}
+        if params is not None:
+            frame["params"] = params
+        return await self.request(frame, timeout=timeout)
+
+    async def request(self, frame: dict, *, timeout: float = 30.0) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[frame["id"]] = fut
+        try:
+            await self.send_bytes(encode(frame))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(frame["id"], None)
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.closed.is_set():
+            raise ConnectionClosed(self.close_code)
+        await self.ws.send_bytes(data)
+
+    # ---- events ----------------------------------------------------------
+
+    async def next_event(self, name: str | None = None, *, timeout: float = 10.0) -> Any:
+        """The next event (of ``name``, skipping others) as its data map."""
+        async def wait() -> Any:
+            while True:
+                event, data = await self.events.get()
+                if name is None or event == name:
+                    return data if name is not None else (event, data)
+        return await asyncio.wait_for(wait(), timeout)
+
+    def drain_events(self) -> list[tuple[str, Any]]:
+        out = []
+        while not self.events.empty():
+            out.append(self.events.get_nowait())
+        return out
+
+    async def wait_closed(self, timeout: float = 10.0) -> int | None:
+        await asyncio.wait_for(self.closed.wait(), timeout)
+        return self.close_code
+
+    # ---- reading ---------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type is aiohttp.WSMsgType.BINARY:
+                    self._on_frame(decode(msg.data))
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                    break
+                elif msg.type is aiohttp.WSMsgType.ERROR:
+                    break
+        finally:
+            self.close_code = self.ws.close_code
+            self.closed.set()
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionClosed(self.close_code))
+
+    def _on_frame(self, frame: Any) -> None:
+        if "event" in frame:
+            self.events.put_nowait((frame["event"], frame.get("data")))
+            return
+        fut = self._pending.get(frame.get("id")) if frame.get("id") is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+        else:
+            self.unmatched.append(frame)

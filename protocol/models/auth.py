@@ -1,0 +1,88 @@
+"""auth.* methods and the auth.expiring event."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from protocol.models.common import Params, Result, Time
+from protocol.models.users import Gender, Name, OwnUser
+
+# Deliberately plain: one @, a dot in the domain, no spaces. Deliverability is
+# proven by the KYC flow, not by a regex.
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def normalize_email(value: str) -> str:
+    return value.strip().lower()
+
+
+class _EmailParams(Params):
+    email: Annotated[str, Field(max_length=320)]
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        v = normalize_email(v)
+        if len(v) > 255 or not _EMAIL.match(v):
+            raise ValueError("not a valid email address")
+        return v
+
+
+class RegisterParams(_EmailParams):
+    password: Annotated[str, Field(min_length=8, max_length=256)]
+    name: Name
+    gender: Gender
+
+
+class LoginParams(Params):
+    email: Annotated[str, Field(max_length=320)]
+    password: Annotated[str, Field(max_length=256)]
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str) -> str:
+        return normalize_email(v)
+
+
+class SessionResult(Result):
+    user: OwnUser
+    access_token: str
+    refresh_token: str
+
+
+class AuthenticateParams(Params):
+    access_token: Annotated[str, Field(max_length=4096)]
+
+
+class AuthenticateResult(Result):
+    user: OwnUser
+
+
+class RefreshParams(Params):
+    refresh_token: Annotated[str, Field(max_length=512)]
+
+
+class RefreshResult(Result):
+    access_token: str
+    refresh_token: str
+
+
+class LogoutParams(Params):
+    pass
+
+
+class ExpiringEvent(Result):
+    expires_at: Time
+
+
+METHODS = {
+    "auth.register": (RegisterParams, SessionResult),
+    "auth.login": (LoginParams, SessionResult),
+    "auth.authenticate": (AuthenticateParams, AuthenticateResult),
+    "auth.refresh": (RefreshParams, RefreshResult),
+    "auth.logout": (LogoutParams, dict),
+}
+EVENTS = {"auth.expiring": ExpiringEvent}

@@ -1,0 +1,99 @@
+"""Value types shared by every model: ids, money, time, cursors, limits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
+
+UTC = dt.timezone.utc
+CENT = Decimal("0.01")
+
+
+def _parse_id(value: Any) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise ValueError("must be a UUID string")
+
+
+def _parse_money(value: Any) -> Decimal:
+    # Floats are refused outright: 0.1 + 0.2 has no place in a ledger.
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError("must be a decimal string or an integer, not a float")
+    if isinstance(value, int):
+        amount = Decimal(value)
+    elif isinstance(value, Decimal):
+        amount = value
+    elif isinstance(value, str):
+        try:
+            amount = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError("must be a decimal string such as \"25.00\"") from None
+    else:
+        raise ValueError("must be a decimal string or an integer")
+    if not amount.is_finite():
+        raise ValueError("must be a finite amount")
+    if amount.as_tuple().exponent < -2:  # type: ignore[operator]
+        raise ValueError("at most two decimal places")
+    return amount.quantize(CENT)
+
+
+def _parse_time(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        when = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("z", "Z")):
+            text = text[:-1] + "+00:00"
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError("must be an RFC 3339 time with an offset") from None
+        if "T" not in text.upper():
+            raise ValueError("must be an RFC 3339 time with an offset")
+    else:
+        raise ValueError("must be a timestamp or an RFC 3339 string")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError("time must carry a UTC offset")
+    return when.astimezone(UTC)
+
+
+def _dump_money(value: Decimal) -> str:
+    return f"{value:.2f}"
+
+
+Id = Annotated[uuid.UUID, PlainValidator(_parse_id), PlainSerializer(str, return_type=str)]
+Money = Annotated[Decimal, PlainValidator(_parse_money), PlainSerializer(_dump_money, return_type=str)]
+Time = Annotated[dt.datetime, PlainValidator(_parse_time)]
+Limit = Annotated[int, Field(ge=1, le=100, strict=True)]
+Cursor = Annotated[str, Field(min_length=1, max_length=512, strict=True)]
+
+
+class Params(BaseModel):
+    """Base of every method's params. Unknown keys are ignored so that older
+    servers accept newer clients; known keys are validated strictly (no
+    string-to-number coercion)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Result(BaseModel):
+    """Base of every result, object and event payload."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Empty(Params):
+    pass
+
+
+class EmptyResult(Result):
+    pass

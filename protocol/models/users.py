@@ -1,0 +1,126 @@
+"""Users, hosts and KYC."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Annotated, Literal, Optional
+
+from pydantic import Field, field_validator
+
+from protocol.models.common import Cursor, Id, Limit, Money, Params, Result, Time
+
+KycStatus = Literal["pending", "verified", "rejected"]
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+Gender = Annotated[str, Field(min_length=1, max_length=20)]
+PRICE_MIN = Decimal("1.00")
+PRICE_MAX = Decimal("10000.00")
+
+
+class PublicUser(Result):
+    """What any signed-in user may see of another (never email or balance)."""
+
+    id: Id
+    name: str
+    gender: str
+    kyc_status: KycStatus
+    price_per_hour: Optional[Money]
+    created_at: Time
+
+
+class OwnUser(PublicUser):
+    email: str
+    balance: Money
+
+
+class MeParams(Params):
+    pass
+
+
+class UpdateParams(Params):
+    name: Optional[Name] = None
+    gender: Optional[Gender] = None
+    # Absent = unchanged; explicit null = not bookable.
+    price_per_hour: Optional[Money] = Field(default=None)
+
+    @field_validator("name", "gender")
+    @classmethod
+    def _not_null(cls, v: Optional[str]) -> str:
+        if v is None:
+            raise ValueError("may be omitted but not null")
+        return v
+
+    @field_validator("price_per_hour")
+    @classmethod
+    def _price_range(cls, v: Optional[Decimal]) -> Optional[Decimal]:
+        if v is not None and not (PRICE_MIN <= v <= PRICE_MAX):
+            raise ValueError("must be between 1.00 and 10000.00")
+        return v
+
+
+class GetParams(Params):
+    user_id: Id
+
+
+class UserUpdatedEvent(Result):
+    user: OwnUser
+
+
+class SearchParams(Params):
+    start_at: Optional[Time] = None
+    end_at: Optional[Time] = None
+    min_price: Optional[Money] = None
+    max_price: Optional[Money] = None
+    gender: Optional[Gender] = None
+    limit: Limit = 20
+    cursor: Optional[Cursor] = None
+
+    @field_validator("end_at")
+    @classmethod
+    def _range(cls, v: Optional[dt.datetime], info) -> Optional[dt.datetime]:
+        start = info.data.get("start_at")
+        if v is not None and start is not None and v <= start:
+            raise ValueError("must be after start_at")
+        return v
+
+
+class SearchResult(Result):
+    hosts: list[PublicUser]
+    next_cursor: Optional[str]
+
+
+class AvailabilityParams(Params):
+    host_id: Id
+    from_: Time = Field(alias="from")
+    to: Time
+
+    @field_validator("to")
+    @classmethod
+    def _range(cls, v: dt.datetime, info) -> dt.datetime:
+        start = info.data.get("from_")
+        if start is not None:
+            if v <= start:
+                raise ValueError("must be after from")
+            if v - start > dt.timedelta(days=31):
+                raise ValueError("range is at most 31 days")
+        return v
+
+
+class BusyInterval(Result):
+    start_at: Time
+    end_at: Time
+
+
+class AvailabilityResult(Result):
+    busy: list[BusyInterval]
+
+
+METHODS = {
+    "users.me": (MeParams, OwnUser),
+    "users.update": (UpdateParams, OwnUser),
+    "users.get": (GetParams, PublicUser),
+    "hosts.search": (SearchParams, SearchResult),
+    "hosts.availability": (AvailabilityParams, AvailabilityResult),
+}
+EVENTS = {"user.updated": UserUpdatedEvent}

@@ -1,0 +1,141 @@
+"""Command line: ``python -m server [serve|migrate|kyc EMAIL STATUS|devstack start|stop|status]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from server.config import Config
+
+log = logging.getLogger("hangout")
+
+
+def _use_devstack_if_unconfigured() -> None:
+    """No DATABASE_URL: start (or reuse) the embedded dev stack and point the
+    environment at it, so every later step and every worker sees it."""
+    if os.environ.get("DATABASE_URL"):
+        return
+    from server import devstack
+
+    stack = devstack.from_env()
+    stack.start()
+    os.environ["DATABASE_URL"] = stack.database_url
+    os.environ["DATABASE_REPLICA_URLS"] = ",".join(stack.replica_urls)
+    os.environ["REDIS_URL"] = stack.redis_url
+    log.info("using the embedded dev stack in %s", stack.base_dir)
+
+
+def _migrate() -> list[str]:
+    from server.db.migrate import migrate
+
+    return asyncio.run(migrate(os.environ["DATABASE_URL"]))
+
+
+async def _serve_one(config: Config) -> None:
+    from aiohttp import web
+
+    from server.app import create_app
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 2, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=True, backlog=4096)
+    await site.start()
+    log.info("serving on %s:%s (pid %s)", config.host, config.port, os.getpid())
+    print(f"hangout listening on {config.host}:{config.port} pid={os.getpid()}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    # Stops accepting, drains sockets (app.on_shutdown), then closes pools.
+    await runner.cleanup()
+
+
+def _serve_workers(n: int) -> int:
+    """Run n single-process servers sharing the port with SO_REUSEPORT."""
+    env = dict(os.environ, WORKERS="1")
+    children = [subprocess.Popen([sys.executable, "-m", "server", "serve"], env=env) for _ in range(n)]
+
+    def forward(signum, _frame):
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [c.wait() for c in children]
+    return max(codes, default=0)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _use_devstack_if_unconfigured()
+    config = Config.from_env()
+    if config.workers > 1:
+        _migrate()
+        return _serve_workers(config.workers)
+    if os.environ.get("HANGOUT_SKIP_MIGRATE") != "1":
+        _migrate()
+    asyncio.run(_serve_one(config))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    _use_devstack_if_unconfigured()
+    applied = _migrate()
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def cmd_kyc(args: argparse.Namespace) -> int:
+    _use_devstack_if_unconfigured()
+    from server.cli import set_kyc_by_email
+
+    return asyncio.run(set_kyc_by_email(Config.from_env(), args.email, args.status))
+
+
+def cmd_devstack(args: argparse.Namespace) -> int:
+    from server import devstack
+
+    stack = devstack.from_env()
+    if args.action == "start":
+        stack.start()
+        print(f"DATABASE_URL={stack.database_url}")
+        print(f"DATABASE_REPLICA_URLS={','.join(stack.replica_urls)}")
+        print(f"REDIS_URL={stack.redis_url}")
+    elif args.action == "stop":
+        stack.stop()
+    else:
+        print(f"replica running: {stack.replica_running()}, redis running: {stack.redis_running()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    parser = argparse.ArgumentParser(prog="python -m server")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve (the default)").set_defaults(func=cmd_serve)
+    sub.add_parser("migrate", help="apply pending sql/ migrations").set_defaults(func=cmd_migrate)
+    kyc = sub.add_parser("kyc", help="set a user's KYC status and notify their sockets")
+    kyc.add_argument("email")
+    kyc.add_argument("status", choices=["pending", "verified", "rejected"])
+    kyc.set_defaults(func=cmd_kyc)
+    ds = sub.add_parser("devstack", help="manage the embedded dev stack")
+    ds.add_argument("action", choices=["start", "stop", "status"])
+    ds.set_defaults(func=cmd_devstack)
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", cmd_serve)
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

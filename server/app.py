@@ -1,0 +1,49 @@
+"""The aiohttp application: routes, startup and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from server.config import Config
+from server.services import Services
+
+log = logging.getLogger("hangout")
+
+SERVICES = web.AppKey("services", Services)
+
+
+def create_app(config: Config) -> web.Application:
+    # Importing the handlers registers their methods.
+    import server.handlers  # noqa: F401
+    from server import http
+
+    app = web.Application(client_max_size=1024 * 1024)
+    app[SERVICES] = Services.build(config)
+    http.add_routes(app)
+    app.on_startup.append(_startup)
+    app.on_shutdown.append(_drain_sockets)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+async def _startup(app: web.Application) -> None:
+    services = app[SERVICES]
+    await services.start()
+    await services.start_workers()
+
+
+async def _drain_sockets(app: web.Application) -> None:
+    """SIGTERM: the listening sockets are already closed by the runner; let
+    in-flight calls finish (bounded), then close every socket with 1001."""
+    services = app[SERVICES]
+    conns = list(services.connections)
+    if conns:
+        log.info("draining %d sockets", len(conns))
+        await asyncio.gather(*(c.drain(services.config.shutdown_grace_s) for c in conns), return_exceptions=True)
+
+
+async def _cleanup(app: web.Application) -> None:
+    await app[SERVICES].close()

@@ -1,0 +1,85 @@
+"""Settings read from the environment (names and defaults in README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-in-production"
+DEV_KYC_SECRET = "dev-only-kyc-webhook-secret"
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str | None = None
+    replica_urls: tuple[str, ...] = ()
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    jwt_secret: str = DEV_JWT_SECRET
+    kyc_webhook_secret: str = DEV_KYC_SECRET
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    settlement_interval_s: float = 30.0
+    access_token_ttl_s: int = 900
+    refresh_token_ttl_s: int = 30 * 24 * 3600
+    auth_expiring_lead_s: int = 60
+    max_frame_bytes: int = 65536
+    max_in_flight: int = 32
+    ping_interval_s: float = 20.0
+    outgoing_queue_max_bytes: int = 1048576
+    login_max_failures: int = 5
+    login_window_s: int = 60
+    max_bad_frames: int = 10
+    shutdown_grace_s: float = 10.0
+    db_pool_min: int = 2
+    db_pool_max: int = 20
+    db_statement_cache_size: int = 100
+    db_command_timeout_s: float = 5.0
+    replica_max_lag_bytes: int = 16 * 1024 * 1024
+    replica_check_interval_s: float = 0.5
+    ryw_ttl_s: int = 60
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> "Config":
+        replicas = os.environ.get("DATABASE_REPLICA_URLS", "")
+        return cls(
+            database_url=os.environ.get("DATABASE_URL") or None,
+            replica_urls=tuple(u.strip() for u in replicas.split(",") if u.strip()),
+            redis_url=os.environ.get("REDIS_URL", cls.redis_url),
+            jwt_secret=os.environ.get("JWT_SECRET", DEV_JWT_SECRET),
+            kyc_webhook_secret=os.environ.get("KYC_WEBHOOK_SECRET", DEV_KYC_SECRET),
+            host=os.environ.get("HOST", cls.host),
+            port=_int("PORT", cls.port),
+            workers=_int("WORKERS", cls.workers),
+            settlement_interval_s=_float("SETTLEMENT_INTERVAL_S", cls.settlement_interval_s),
+            access_token_ttl_s=_int("ACCESS_TOKEN_TTL_S", cls.access_token_ttl_s),
+            refresh_token_ttl_s=_int("REFRESH_TOKEN_TTL_S", cls.refresh_token_ttl_s),
+            auth_expiring_lead_s=_int("AUTH_EXPIRING_LEAD_S", cls.auth_expiring_lead_s),
+            max_frame_bytes=_int("MAX_FRAME_BYTES", cls.max_frame_bytes),
+            max_in_flight=_int("MAX_IN_FLIGHT", cls.max_in_flight),
+            ping_interval_s=_float("PING_INTERVAL_S", cls.ping_interval_s),
+            outgoing_queue_max_bytes=_int("OUTGOING_QUEUE_MAX_BYTES", cls.outgoing_queue_max_bytes),
+            login_max_failures=_int("LOGIN_MAX_FAILURES", cls.login_max_failures),
+            login_window_s=_int("LOGIN_WINDOW_S", cls.login_window_s),
+            max_bad_frames=_int("MAX_BAD_FRAMES", cls.max_bad_frames),
+            shutdown_grace_s=_float("SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
+            db_pool_min=_int("DB_POOL_MIN", cls.db_pool_min),
+            db_pool_max=_int("DB_POOL_MAX", cls.db_pool_max),
+            db_statement_cache_size=_int("DB_STATEMENT_CACHE_SIZE", cls.db_statement_cache_size),
+            db_command_timeout_s=_float("DB_COMMAND_TIMEOUT_S", cls.db_command_timeout_s),
+            replica_max_lag_bytes=_int("REPLICA_MAX_LAG_BYTES", cls.replica_max_lag_bytes),
+            replica_check_interval_s=_float("REPLICA_CHECK_INTERVAL_S", cls.replica_check_interval_s),
+            ryw_ttl_s=_int("RYW_TTL_S", cls.ryw_ttl_s),
+        )
+
+    def with_(self, **changes) -> "Config":
+        return replace(self, **changes)

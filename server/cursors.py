@@ -1,0 +1,30 @@
+"""Opaque keyset cursors: a urlsafe-base64 JSON list of the last row's sort key."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Callable, Sequence
+
+from protocol.errors import ErrorCode, RpcError
+
+
+def encode_cursor(*values: Any) -> str:
+    raw = json.dumps([str(v) if not isinstance(v, (int, str)) else v for v in values], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, *types: Callable[[Any], Any]) -> tuple | None:
+    """Decode and convert each value with ``types``; a bad cursor is invalid_params."""
+    if cursor is None:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        values: Sequence[Any] = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(values, list) or len(values) != len(types):
+            raise ValueError("wrong shape")
+        return tuple(t(v) for t, v in zip(types, values))
+    except Exception:
+        raise RpcError(
+            ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "cursor", "reason": "not a cursor from this list"}]}
+        ) from None

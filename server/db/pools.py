@@ -1,0 +1,259 @@
+"""asyncpg pools for the primary and the replicas, and read routing.
+
+Writes, and reads that decide a write, run on the primary through
+``Database.write``. Reads the protocol marks "Replica" run through
+``Database.read``: on a healthy replica that has replayed the caller's last
+write (read-your-writes), otherwise on the primary.
+
+Read-your-writes across sockets and processes: after a user's write commits,
+the primary's WAL insert position is stored in Redis under ``ryw:<user>`` for
+``RYW_TTL_S``. A replica may serve that user only once its replay position
+(polled by the health loop every ``REPLICA_CHECK_INTERVAL_S``) has reached it.
+The polled position only lags the real one, so the check errs towards the
+primary, never towards stale data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from urllib.parse import urlparse
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from protocol.errors import ErrorCode, RpcError
+from server.config import Config
+
+log = logging.getLogger("hangout.db")
+
+T = TypeVar("T")
+Query = Callable[..., Awaitable[T]]
+
+# Errors after which a replica is presumed dead and the read is retried on the primary.
+_REPLICA_FAILURES = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.QueryCanceledError,  # e.g. recovery conflict on the standby
+    asyncpg.exceptions.SerializationError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def parse_lsn(text: str | None) -> int:
+    if not text:
+        return 0
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def redact(url: str) -> str:
+    u = urlparse(url)
+    return f"{u.hostname}:{u.port or 5432}{u.path}"
+
+
+@dataclass
+class Replica:
+    url: str
+    pool: asyncpg.Pool | None = None
+    healthy: bool = False
+    replay_lsn: int = 0
+    lag_bytes: int | None = None
+    error: str | None = None
+    served: int = 0  # reads served, for /readyz and tests
+
+
+@dataclass
+class Database:
+    config: Config
+    redis: aioredis.Redis
+    primary: asyncpg.Pool | None = None
+    replicas: list[Replica] = field(default_factory=list)
+    _local_lsn: dict[uuid.UUID, int] = field(default_factory=dict)
+    _health_task: asyncio.Task | None = None
+    _rr: int = 0
+    primary_reads: int = 0
+
+    def _pool_args(self) -> dict[str, Any]:
+        c = self.config
+        return dict(
+            min_size=c.db_pool_min,
+            max_size=c.db_pool_max,
+            statement_cache_size=c.db_statement_cache_size,
+            command_timeout=c.db_command_timeout_s,
+            timeout=c.db_command_timeout_s,  # connect timeout
+            max_inactive_connection_lifetime=300,
+        )
+
+    async def start(self) -> None:
+        assert self.config.database_url
+        self.primary = await asyncpg.create_pool(self.config.database_url, **self._pool_args())
+        self.replicas = [Replica(url) for url in self.config.replica_urls]
+        await self.check_replicas()
+        self._health_task = asyncio.create_task(self._health_loop(), name="replica-health")
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        pools = [r.pool for r in self.replicas if r.pool is not None]
+        if self.primary is not None:
+            pools.append(self.primary)
+        await asyncio.gather(*(asyncio.wait_for(p.close(), 5) for p in pools), return_exceptions=True)
+
+    # ---- health ----------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.replica_check_interval_s)
+            try:
+                await self.check_replicas()
+            except Exception:  # never let the loop die
+                log.exception("replica health check failed")
+
+    async def primary_lsn(self) -> int:
+        assert self.primary is not None
+        return parse_lsn(await self.primary.fetchval("SELECT pg_current_wal_lsn()::text", timeout=2))
+
+    async def check_replicas(self) -> None:
+        if not self.replicas:
+            return
+        try:
+            head = await self.primary_lsn()
+        except Exception:
+            head = None
+        await asyncio.gather(*(self._check(r, head) for r in self.replicas))
+
+    async def _check(self, replica: Replica, head: int | None) -> None:
+        try:
+            if replica.pool is None:
+                replica.pool = await asyncpg.create_pool(replica.url, **{**self._pool_args(), "min_size": 1, "timeout": 2})
+            lsn = await replica.pool.fetchval("SELECT pg_last_wal_replay_lsn()::text", timeout=2)
+        except Exception as exc:
+            if replica.healthy:
+                log.warning("replica %s down: %r", redact(replica.url), exc)
+            replica.healthy = False
+            replica.error = repr(exc)
+            replica.lag_bytes = None
+            return
+        replica.replay_lsn = parse_lsn(lsn)
+        replica.lag_bytes = max(0, head - replica.replay_lsn) if head is not None else None
+        replica.error = None
+        healthy = replica.lag_bytes is None or replica.lag_bytes <= self.config.replica_max_lag_bytes
+        if healthy != replica.healthy:
+            log.info("replica %s %s (lag %s bytes)", redact(replica.url), "healthy" if healthy else "lagging", replica.lag_bytes)
+        replica.healthy = healthy
+
+    # ---- writes ----------------------------------------------------------
+
+    async def write(self, users: uuid.UUID | Iterable[uuid.UUID] | None, query: Query[T], *args: Any) -> T:
+        """Run ``query(conn, *args)`` on the primary, then record the WAL
+        position for each user in ``users`` so their next reads see it."""
+        assert self.primary is not None
+        async with self.acquire_primary() as conn:
+            result = await query(conn, *args)
+            if users is not None:
+                lsn = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        if users is not None:
+            await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
+        return result
+
+    def acquire_primary(self):
+        assert self.primary is not None
+        return _Acquire(self.primary, self.config.db_command_timeout_s)
+
+    async def remember_write(self, users: list[uuid.UUID], lsn_text: str) -> None:
+        lsn = parse_lsn(lsn_text)
+        for u in users:
+            if self._local_lsn.get(u, 0) < lsn:
+                self._local_lsn[u] = lsn
+        if len(self._local_lsn) > 100_000:  # keep the local hint bounded
+            self._local_lsn.clear()
+            for u in users:
+                self._local_lsn[u] = lsn
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for u in users:
+                    # Keep the highest position; a plain SET could move it back.
+                    pipe.eval(_SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.config.ryw_ttl_s)
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("could not record write position in redis: %r", exc)
+
+    # ---- reads -----------------------------------------------------------
+
+    async def required_lsn(self, user: uuid.UUID | None) -> int:
+        if user is None:
+            return 0
+        local = self._local_lsn.get(user, 0)
+        try:
+            remote = await self.redis.get(f"ryw:{user}")
+        except (redis.exceptions.RedisError, OSError):
+            # Without Redis we cannot know what other processes wrote: be safe.
+            return -1
+        return max(local, int(remote) if remote else 0)
+
+    def pick_replica(self, required: int) -> Replica | None:
+        if required < 0:
+            return None
+        candidates = [r for r in self.replicas if r.healthy and r.pool is not None and r.replay_lsn >= required]
+        if not candidates:
+            return None
+        self._rr = (self._rr + 1) % len(candidates)
+        return candidates[self._rr]
+
+    async def read(self, user: uuid.UUID | None, query: Query[T], *args: Any) -> T:
+        """Run ``query(conn, *args)`` on a replica that has replayed
+        ``user``'s writes, or on the primary. Never fails because of a replica."""
+        replica = self.pick_replica(await self.required_lsn(user)) if self.replicas else None
+        if replica is not None:
+            try:
+                async with _Acquire(replica.pool, 2.0) as conn:  # type: ignore[arg-type]
+                    result = await query(conn, *args)
+                replica.served += 1
+                return result
+            except _REPLICA_FAILURES as exc:
+                log.warning("replica %s failed a read, using primary: %r", redact(replica.url), exc)
+                replica.healthy = False
+        self.primary_reads += 1
+        async with self.acquire_primary() as conn:
+            return await query(conn, *args)
+
+
+_SET_MAX_LUA = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
+class _Acquire:
+    """Pool acquire that turns 'no connection in time' into ``unavailable``."""
+
+    __slots__ = ("pool", "timeout", "conn")
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.conn = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            self.conn = await self.pool.acquire(timeout=self.timeout)
+        except (asyncio.TimeoutError, OSError, asyncpg.exceptions.PostgresConnectionError,
+                asyncpg.exceptions.CannotConnectNowError) as exc:
+            raise RpcError(ErrorCode.UNAVAILABLE, "database unavailable, retry") from exc
+        return self.conn
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.pool.release(self.conn)

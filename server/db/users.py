@@ -1,0 +1,116 @@
+"""SQL of users and hosts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+USER_COLUMNS = "id, email, name, gender, balance, kyc_status, price_per_hour, created_at"
+PUBLIC_COLUMNS = "id, name, gender, kyc_status, price_per_hour, created_at"
+
+
+async def insert_user(conn: asyncpg.Connection, email: str, password_hash: str, name: str, gender: str) -> asyncpg.Record | None:
+    """None when the email is taken."""
+    return await conn.fetchrow(
+        f"""INSERT INTO users (email, password_hash, name, gender) VALUES ($1, $2, $3, $4)
+            ON CONFLICT (email) DO NOTHING RETURNING {USER_COLUMNS}""",
+        email, password_hash, name, gender,
+    )
+
+
+async def credentials_by_email(conn: asyncpg.Connection, email: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE email = $1", email)
+
+
+async def get_own(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+
+
+async def get_public(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {PUBLIC_COLUMNS} FROM users WHERE id = $1", user_id)
+
+
+async def get_by_email(conn: asyncpg.Connection, email: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE email = $1", email)
+
+
+async def update_profile(conn: asyncpg.Connection, user_id: uuid.UUID, changes: dict[str, Any]) -> asyncpg.Record | None:
+    """Apply ``changes`` (name, gender, price_per_hour). A price needs the
+    user to be verified at the moment of the update: checked in the same
+    statement so a concurrent KYC downgrade cannot slip between.
+    Returns None for an unknown user; raises PermissionError for kyc."""
+    allowed = ("name", "gender", "price_per_hour")
+    cols = [c for c in allowed if c in changes]
+    if not cols:
+        return await get_own(conn, user_id)
+    sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(cols))
+    needs_kyc = changes.get("price_per_hour") is not None
+    row = await conn.fetchrow(
+        f"""UPDATE users SET {sets}, updated_at = now()
+            WHERE id = $1 {"AND kyc_status = 'verified'" if needs_kyc else ""}
+            RETURNING {USER_COLUMNS}""",
+        user_id, *(changes[c] for c in cols),
+    )
+    if row is None and needs_kyc and await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
+        raise PermissionError("kyc_required")
+    return row
+
+
+async def set_kyc_status(conn: asyncpg.Connection, user_id: uuid.UUID, status: str) -> tuple[asyncpg.Record | None, bool]:
+    """Returns (user, changed). (None, False) for an unknown user."""
+    row = await conn.fetchrow(
+        f"""UPDATE users SET kyc_status = $2, updated_at = now()
+            WHERE id = $1 AND kyc_status <> $2 RETURNING {USER_COLUMNS}""",
+        user_id, status,
+    )
+    if row is not None:
+        return row, True
+    return await get_own(conn, user_id), False
+
+
+async def search_hosts(
+    conn: asyncpg.Connection,
+    caller: uuid.UUID,
+    start_at: dt.datetime | None,
+    end_at: dt.datetime | None,
+    min_price: Decimal | None,
+    max_price: Decimal | None,
+    gender: str | None,
+    after: tuple[Decimal, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Bookable hosts in (price, id) order, after the keyset cursor. With a
+    range, only hosts with no active booking (as host or booker) touching it."""
+    return await conn.fetch(
+        f"""SELECT {PUBLIC_COLUMNS} FROM users u
+            WHERE u.price_per_hour IS NOT NULL AND u.kyc_status = 'verified'
+              AND u.id <> $1
+              AND ($4::numeric IS NULL OR u.price_per_hour >= $4)
+              AND ($5::numeric IS NULL OR u.price_per_hour <= $5)
+              AND ($6::text IS NULL OR u.gender = $6)
+              AND ($7::numeric IS NULL OR (u.price_per_hour, u.id) > ($7, $8::uuid))
+              AND ($2::timestamptz IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM booking_busy b
+                    WHERE b.user_id = u.id AND b.during && tstzrange($2, $3, '[)')))
+            ORDER BY u.price_per_hour, u.id
+            LIMIT $9""",
+        caller, start_at, end_at, min_price, max_price, gender,
+        after[0] if after else None, after[1] if after else None, limit,
+    )
+
+
+async def busy_intervals(conn: asyncpg.Connection, user_id: uuid.UUID, start: dt.datetime, end: dt.datetime) -> list[asyncpg.Record] | None:
+    """None for an unknown user."""
+    rows = await conn.fetch(
+        """SELECT lower(b.during) AS start_at, upper(b.during) AS end_at FROM booking_busy b
+           WHERE b.user_id = $1 AND b.during && tstzrange($2, $3, '[)')
+           ORDER BY lower(b.during)""",
+        user_id, start, end,
+    )
+    if not rows and not await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
+        return None
+    return rows

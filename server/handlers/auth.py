@@ -1,0 +1,87 @@
+"""auth.*: register, login, authenticate, refresh, logout."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from protocol.errors import ErrorCode, RpcError
+from protocol.models import auth as m
+from protocol.models.users import OwnUser
+from server import auth as tokens
+from server.db import auth as auth_db
+from server.db import users as users_db
+from server.limits import LoginLimiter
+from server.rpc import Call, rpc
+
+
+async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
+    cfg = call.services.config
+    refresh, refresh_hash = tokens.new_refresh_token()
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
+    family = await call.services.db.write(None, auth_db.start_family, user.id, refresh_hash, expires)
+    access = tokens.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user.id, family)
+    claims = tokens.decode_access_token(cfg.jwt_secret, access)
+    call.conn.bind(user.id, family, claims.expires_at)
+    return m.SessionResult(user=user, access_token=access, refresh_token=refresh)
+
+
+@rpc("auth.register", m.RegisterParams, auth=False)
+async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
+    password_hash = await tokens.hash_password(p.password)
+    row = await call.services.db.write(None, users_db.insert_user, p.email, password_hash, p.name, p.gender)
+    if row is None:
+        raise RpcError(ErrorCode.EMAIL_TAKEN)
+    return await _open_session(call, OwnUser.model_validate(dict(row)))
+
+
+@rpc("auth.login", m.LoginParams, auth=False)
+async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
+    cfg = call.services.config
+    limiter = LoginLimiter(call.services.redis, cfg.login_max_failures, cfg.login_window_s)
+    await limiter.check(p.email)
+    row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
+    if not await tokens.verify_password(row["password_hash"] if row else None, p.password):
+        await limiter.record_failure(p.email)
+        raise RpcError(ErrorCode.INVALID_CREDENTIALS, "wrong email or password")
+    user = dict(row)
+    del user["password_hash"]
+    return await _open_session(call, OwnUser.model_validate(user))
+
+
+@rpc("auth.authenticate", m.AuthenticateParams, auth=False)
+async def authenticate(call: Call, p: m.AuthenticateParams) -> m.AuthenticateResult:
+    claims = tokens.decode_access_token(call.services.config.jwt_secret, p.access_token)
+    row = await call.services.db.read(claims.user_id, users_db.get_own, claims.user_id)
+    if row is None:  # the user was deleted since the token was issued
+        raise RpcError(ErrorCode.UNAUTHENTICATED, "unknown user")
+    call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+    return m.AuthenticateResult(user=OwnUser.model_validate(dict(row)))
+
+
+@rpc("auth.refresh", m.RefreshParams, auth=False)
+async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
+    cfg = call.services.config
+    new_token, new_hash = tokens.new_refresh_token()
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
+    outcome, user_id, family = await call.services.db.write(
+        None, auth_db.rotate, tokens.hash_refresh_token(p.refresh_token), new_hash, expires
+    )
+    if outcome != "ok":
+        raise RpcError(ErrorCode.INVALID_CREDENTIALS, "refresh token is not valid")
+    assert user_id is not None and family is not None
+    access = tokens.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user_id, family)
+    return m.RefreshResult(access_token=access, refresh_token=new_token)
+
+
+# Logging out must work with an expired access token too, so the binding is
+# checked here instead of by the dispatcher.
+@rpc("auth.logout", m.LogoutParams, auth=False)
+async def logout(call: Call, p: m.LogoutParams) -> dict:
+    if call.conn.user_id is None:
+        raise RpcError(ErrorCode.UNAUTHENTICATED)
+    family: uuid.UUID | None = call.conn.token_family
+    if family is not None:
+        await call.services.db.write(None, auth_db.revoke_family, family, call.user_id)
+    call.conn.unbind()
+    return {}

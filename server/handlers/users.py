@@ -1,0 +1,93 @@
+"""users.* and hosts.*, and KYC status changes (webhook and operator CLI)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+from protocol.codec import encode
+from protocol.errors import ErrorCode, RpcError
+from protocol.models import users as m
+from server.cursors import decode_cursor, encode_cursor
+from server.db import users as users_db
+from server.rpc import Call, rpc
+from server.services import Services
+
+
+def _parse_time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+@rpc("users.me", m.MeParams)
+async def me(call: Call, p: m.MeParams) -> m.OwnUser:
+    row = await call.services.db.read(call.user_id, users_db.get_own, call.user_id)
+    if row is None:
+        raise RpcError(ErrorCode.NOT_FOUND)
+    return m.OwnUser.model_validate(dict(row))
+
+
+@rpc("users.update", m.UpdateParams)
+async def update(call: Call, p: m.UpdateParams) -> m.OwnUser:
+    changes = {f: getattr(p, f) for f in p.model_fields_set}
+    try:
+        row = await call.services.db.write(call.user_id, users_db.update_profile, call.user_id, changes)
+    except PermissionError:
+        raise RpcError(ErrorCode.KYC_REQUIRED, "set a price after identity verification") from None
+    if row is None:
+        raise RpcError(ErrorCode.NOT_FOUND)
+    user = m.OwnUser.model_validate(dict(row))
+    if changes:
+        await publish_user_updated(call.services, user)
+    return user
+
+
+@rpc("users.get", m.GetParams)
+async def get(call: Call, p: m.GetParams) -> m.PublicUser:
+    row = await call.services.db.read(call.user_id, users_db.get_public, p.user_id)
+    if row is None:
+        raise RpcError(ErrorCode.NOT_FOUND)
+    return m.PublicUser.model_validate(dict(row))
+
+
+@rpc("hosts.search", m.SearchParams)
+async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
+    if (p.start_at is None) != (p.end_at is None):
+        missing = "end_at" if p.end_at is None else "start_at"
+        raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": missing, "reason": "start_at and end_at go together"}]})
+    after = decode_cursor(p.cursor, Decimal, uuid.UUID)
+    rows = await call.services.db.read(
+        call.user_id, users_db.search_hosts, call.user_id, p.start_at, p.end_at,
+        p.min_price, p.max_price, p.gender, after, p.limit + 1,
+    )
+    hosts = [m.PublicUser.model_validate(dict(r)) for r in rows[: p.limit]]
+    next_cursor = encode_cursor(hosts[-1].price_per_hour, hosts[-1].id) if len(rows) > p.limit else None
+    return m.SearchResult(hosts=hosts, next_cursor=next_cursor)
+
+
+@rpc("hosts.availability", m.AvailabilityParams)
+async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityResult:
+    rows = await call.services.db.read(call.user_id, users_db.busy_intervals, p.host_id, p.from_, p.to)
+    if rows is None:
+        raise RpcError(ErrorCode.NOT_FOUND)
+    return m.AvailabilityResult(busy=[m.BusyInterval.model_validate(dict(r)) for r in rows])
+
+
+# ---- shared with the KYC webhook and the operator CLI ---------------------
+
+
+async def publish_user_updated(services: Services, user: m.OwnUser) -> None:
+    frame = encode({"event": "user.updated", "data": m.UserUpdatedEvent(user=user).model_dump(mode="python")})
+    await services.hub.publish(services.hub.user_channel(user.id), frame)
+
+
+async def set_kyc_status(services: Services, user_id: uuid.UUID, status: str) -> tuple[m.OwnUser | None, bool]:
+    """Set a user's KYC status; pushes ``user.updated`` only on a change.
+    Returns (user or None when unknown, changed)."""
+    row, changed = await services.db.write(user_id, users_db.set_kyc_status, user_id, status)
+    if row is None:
+        return None, False
+    user = m.OwnUser.model_validate(dict(row))
+    if changed:
+        await publish_user_updated(services, user)
+    return user, changed

@@ -1,0 +1,132 @@
+"""HTTP routes: the WebSocket endpoint, health checks and the KYC webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import uuid
+
+from aiohttp import web
+
+from protocol.errors import RpcError
+from server import auth as tokens
+from server.services import Services
+from server.socket import Connection
+
+SUBPROTOCOL = "hangout.v1"
+KYC_STATUSES = ("pending", "verified", "rejected")
+
+
+def _services(request: web.Request) -> Services:
+    from server.app import SERVICES
+
+    return request.app[SERVICES]
+
+
+def _upgrade_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+    return request.query.get("access_token")
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    services = _services(request)
+    cfg = services.config
+    token = _upgrade_token(request)
+    claims = None
+    if token is not None:
+        try:
+            claims = tokens.decode_access_token(cfg.jwt_secret, token)
+        except RpcError as err:
+            return web.json_response({"error": err.code.value}, status=401)
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        heartbeat=cfg.ping_interval_s,
+        max_msg_size=cfg.max_frame_bytes,
+        compress=False,
+    )
+    await ws.prepare(request)
+    conn = Connection(ws, services)
+    services.connections.add(conn)
+    try:
+        if claims is not None:
+            conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+        await conn.serve()
+    finally:
+        services.connections.discard(conn)
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = _services(request)
+    db = services.db
+
+    async def primary_ok() -> bool:
+        try:
+            await asyncio.wait_for(db.primary.fetchval("SELECT 1"), 2.0)  # type: ignore[union-attr]
+            return True
+        except Exception:
+            return False
+
+    async def redis_ok() -> bool:
+        try:
+            return bool(await asyncio.wait_for(services.redis.ping(), 2.0))
+        except Exception:
+            return False
+
+    primary, redis_up = await asyncio.gather(primary_ok(), redis_ok())
+    from server.db.pools import redact
+
+    body = {
+        "primary": {"ok": primary},
+        "replicas": [
+            {"url": redact(r.url), "ok": r.healthy, "lag_bytes": r.lag_bytes, "error": r.error}
+            for r in db.replicas
+        ],
+        "redis": {"ok": redis_up, "subscriber_connected": services.hub.connected.is_set()},
+        "sockets": len(services.connections),
+    }
+    body["ready"] = primary and redis_up
+    return web.json_response(body, status=200 if body["ready"] else 503)
+
+
+async def kyc_webhook(request: web.Request) -> web.Response:
+    from server.handlers.users import set_kyc_status
+
+    services = _services(request)
+    raw = await request.read()
+    expected = hmac.new(services.config.kyc_webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
+    given = request.headers.get("X-Signature", "")
+    if not (given.startswith("sha256=") and hmac.compare_digest(given[7:].lower(), expected)):
+        return web.json_response({"error": "bad signature"}, status=401)
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+        user_id = uuid.UUID(body["user_id"]) if isinstance(body.get("user_id"), str) else None
+        status = body.get("status")
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": "malformed body"}, status=400)
+    if user_id is None:
+        return web.json_response({"error": "user_id must be a UUID"}, status=400)
+    if status not in KYC_STATUSES:
+        return web.json_response({"error": "unknown status"}, status=400)
+    user, changed = await set_kyc_status(services, user_id, status)
+    if user is None:
+        return web.json_response({"error": "unknown user"}, status=404)
+    return web.json_response({"user_id": str(user_id), "status": status, "changed": changed})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/webhooks/kyc", kyc_webhook)

@@ -1,0 +1,5 @@
+"""Live fan-out between server processes (see hub.Hub)."""
+
+from server.rooms.hub import Hub
+
+__all__ = ["Hub"]

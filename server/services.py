@@ -1,0 +1,76 @@
+"""What a process shares between its sockets: config, pools, Redis, the hub,
+and the background tasks it owns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Coroutine
+
+import redis.asyncio as aioredis
+
+from server.config import Config
+from server.db.pools import Database
+from server.rooms import Hub
+
+if TYPE_CHECKING:
+    from server.socket import Connection
+
+log = logging.getLogger("hangout")
+
+
+@dataclass
+class Services:
+    config: Config
+    redis: aioredis.Redis
+    db: Database
+    hub: Hub
+    connections: set["Connection"] = field(default_factory=set)
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+    _workers: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: Config) -> "Services":
+        client = aioredis.from_url(
+            config.redis_url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            health_check_interval=0,
+            max_connections=256,
+        )
+        return cls(config=config, redis=client, db=Database(config, client), hub=Hub(config.redis_url, client))
+
+    async def start(self) -> None:
+        await self.db.start()
+        await self.hub.start()
+
+    def add_worker(self, worker: Any) -> None:
+        """A worker has ``start()`` and ``stop()``; stopped before the pools close."""
+        self._workers.append(worker)
+
+    async def start_workers(self) -> None:
+        for w in self._workers:
+            await w.start()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Run a short task owned by the process (cancelled at shutdown)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for w in reversed(self._workers):
+            await w.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hub.stop()
+        await self.db.close()
+        await self.redis.aclose()

@@ -1,0 +1,300 @@
+"""One WebSocket's lifecycle: reading frames, dispatching calls, writing.
+
+Each socket owns exactly two kinds of task: the writer (one, for the life of
+the socket) and one task per in-flight call. Both are cancelled and awaited
+when the socket ends. Replies and events share one outgoing queue drained by
+the writer; only event bytes count toward ``OUTGOING_QUEUE_MAX_BYTES``, since
+replies are already bounded by the in-flight limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import redis.exceptions
+from aiohttp import WSCloseCode, WSMsgType, web
+from pydantic import BaseModel, ValidationError
+
+from protocol.codec import DecodeError, decode, encode
+from protocol.errors import ErrorCode, RpcError
+from server.rpc import METHODS, Call
+
+if TYPE_CHECKING:
+    from server.services import Services
+
+log = logging.getLogger("hangout.socket")
+
+CLOSE_UNSUPPORTED = 1003  # text frame
+CLOSE_POLICY = 1008  # too many bad frames
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013  # outgoing queue overflow
+CLOSE_GOING_AWAY = 1001  # server shutdown
+MAX_UINT64 = 2**64 - 1
+
+_UNAVAILABLE_ERRORS = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    errors = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err["loc"]) or "params"
+        reason = err["msg"]
+        if reason.startswith("Value error, "):
+            reason = reason[len("Value error, "):]
+        errors.append({"field": field, "reason": reason})
+    return errors
+
+
+def dump_result(result: Any) -> Any:
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="python")
+    return result
+
+
+class Connection:
+    """A client socket: its auth binding, in-flight calls and outgoing queue."""
+
+    def __init__(self, ws: web.WebSocketResponse, services: "Services") -> None:
+        self.ws = ws
+        self.services = services
+        self.config = services.config
+        self.id = uuid.uuid4()
+        self.user_id: uuid.UUID | None = None
+        self.token_family: uuid.UUID | None = None
+        self.token_expires_at: dt.datetime | None = None
+        self.bad_frames = 0
+        self.closing = False
+        self.draining = False
+        self._calls: set[asyncio.Task] = set()
+        self._out: collections.deque[tuple[bytes, bool]] = collections.deque()
+        self._out_event_bytes = 0
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._close_code: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def serve(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        try:
+            await self._read_loop()
+        finally:
+            await self._teardown()
+
+    async def _read_loop(self) -> None:
+        ws = self.ws
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                if not self.draining:
+                    self._on_frame(msg.data)
+            elif msg.type is WSMsgType.TEXT:
+                await self.close(CLOSE_UNSUPPORTED, "binary frames only")
+                return
+            elif msg.type is WSMsgType.ERROR:
+                exc = ws.exception()
+                if getattr(exc, "code", None) == CLOSE_TOO_BIG or "too big" in str(exc).lower():
+                    await self.close(CLOSE_TOO_BIG, "frame too large")
+                return
+            if self.closing:
+                return
+
+    async def _teardown(self) -> None:
+        self.closing = True
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self.services.hub.forget(self)
+        for task in list(self._calls):
+            task.cancel()
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if not self.ws.closed:
+            try:
+                await asyncio.wait_for(self.ws.close(code=self._close_code or 1000), 1.0)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+
+    async def close(self, code: int, message: str = "") -> None:
+        """Close with ``code``; safe to call from any task, any number of times."""
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        self.closing = True
+        self._out.clear()
+        self._out_event_bytes = 0
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), 2.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            # A peer that reads nothing cannot take a close frame either.
+            transport = self.ws._req.transport if self.ws._req is not None else None
+            if transport is not None:
+                transport.abort()
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: take no new calls, let running ones finish, then 1001."""
+        self.draining = True
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=timeout)
+        # Let the writer flush the replies of the calls that just finished.
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while self._out and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await self.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    # ---- outgoing --------------------------------------------------------
+
+    def send_reply(self, frame: bytes) -> None:
+        if self.closing:
+            return
+        self._out.append((frame, False))
+        self._wake.set()
+
+    def send_event(self, frame: bytes) -> None:
+        """Queue an encoded event; never waits. Overflow closes with 1013."""
+        if self.closing:
+            return
+        self._out_event_bytes += len(frame)
+        if self._out_event_bytes > self.config.outgoing_queue_max_bytes:
+            log.info("socket %s: outgoing queue over bound, closing 1013", self.id)
+            self.services.spawn(self.close(CLOSE_TRY_AGAIN, "outgoing queue full"))
+            return
+        self._out.append((frame, True))
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        out = self._out
+        ws = self.ws
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while out:
+                frame, is_event = out.popleft()
+                if is_event:
+                    self._out_event_bytes -= len(frame)
+                try:
+                    await ws.send_bytes(frame)
+                except (ConnectionError, RuntimeError):
+                    return
+
+    # ---- incoming --------------------------------------------------------
+
+    def _bad_frame(self, req_id: int | None, reason: str) -> None:
+        self.bad_frames += 1
+        if self.bad_frames >= self.config.max_bad_frames:
+            self.services.spawn(self.close(CLOSE_POLICY, "too many bad frames"))
+            return
+        self.send_reply(encode({"id": req_id, "error": RpcError(ErrorCode.BAD_FRAME, reason).to_wire()}))
+
+    def _on_frame(self, data: bytes) -> None:
+        try:
+            frame = decode(data)
+        except DecodeError:
+            return self._bad_frame(None, "not a single MessagePack value")
+        if not isinstance(frame, dict):
+            return self._bad_frame(None, "frame is not a map")
+        req_id = frame.get("id")
+        if type(req_id) is not int or not 0 <= req_id <= MAX_UINT64:
+            return self._bad_frame(None, "missing or unusable id")
+        method = frame.get("method")
+        if type(method) is not str:
+            return self._bad_frame(req_id, "missing or unusable method")
+        params = frame.get("params", {})
+        if len(self._calls) >= self.config.max_in_flight:
+            return self._reply_error(req_id, RpcError(ErrorCode.TOO_MANY_REQUESTS))
+        task = asyncio.create_task(self._call(req_id, method, params))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def _reply_error(self, req_id: int, err: RpcError) -> None:
+        self.send_reply(encode({"id": req_id, "error": err.to_wire()}))
+
+    async def _call(self, req_id: int, name: str, raw_params: Any) -> None:
+        try:
+            result = await self.dispatch(name, raw_params)
+            frame = encode({"id": req_id, "result": dump_result(result)})
+        except RpcError as err:
+            frame = encode({"id": req_id, "error": err.to_wire()})
+        except asyncio.CancelledError:
+            raise
+        except _UNAVAILABLE_ERRORS as exc:
+            log.warning("call %s unavailable: %r", name, exc)
+            frame = encode({"id": req_id, "error": RpcError(ErrorCode.UNAVAILABLE).to_wire()})
+        except Exception:
+            ref = uuid.uuid4().hex
+            log.exception("internal error in %s ref=%s", name, ref)
+            frame = encode({"id": req_id, "error": RpcError(ErrorCode.INTERNAL, data={"ref": ref}).to_wire()})
+        self.send_reply(frame)
+
+    async def dispatch(self, name: str, raw_params: Any) -> Any:
+        method = METHODS.get(name)
+        if method is None:
+            raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no method named {name[:100]!r}")
+        if method.auth:
+            self.require_auth()
+        if raw_params is None:
+            raw_params = {}
+        if not isinstance(raw_params, dict):
+            raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "params", "reason": "must be a map"}]})
+        try:
+            params = method.params.model_validate(raw_params)
+        except ValidationError as exc:
+            raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": validation_errors(exc)}) from None
+        return await method.handler(Call(self.services, self), params)
+
+    # ---- authentication binding -----------------------------------------
+
+    def require_auth(self) -> uuid.UUID:
+        if self.user_id is None:
+            raise RpcError(ErrorCode.UNAUTHENTICATED)
+        if self.token_expires_at is not None and dt.datetime.now(dt.timezone.utc) >= self.token_expires_at:
+            raise RpcError(ErrorCode.TOKEN_EXPIRED)
+        return self.user_id
+
+    def bind(self, user_id: uuid.UUID, family: uuid.UUID | None, expires_at: dt.datetime) -> None:
+        """Bind (or re-bind) the socket to a user and schedule ``auth.expiring``."""
+        if self.user_id != user_id:
+            if self.user_id is not None:
+                self.services.hub.unfollow(self, self.services.hub.user_channel(self.user_id))
+            self.services.hub.follow(self, self.services.hub.user_channel(user_id))
+        self.user_id = user_id
+        self.token_family = family
+        self.token_expires_at = expires_at
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        loop = asyncio.get_running_loop()
+        lead = self.config.auth_expiring_lead_s
+        delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - lead)
+        self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
+
+    def unbind(self) -> None:
+        if self.user_id is not None:
+            self.services.hub.unfollow_all(self)
+        self.user_id = None
+        self.token_family = None
+        self.token_expires_at = None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+
+    def _warn_expiring(self, expires_at: dt.datetime) -> None:
+        if self.token_expires_at == expires_at:
+            self.send_event(encode({"event": "auth.expiring", "data": {"expires_at": expires_at}}))

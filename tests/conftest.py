@@ -1,0 +1,173 @@
+"""Fixtures: the real dev stack (PostgreSQL primary + replica, Redis) and
+real server processes started with ``python -m server``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from protocol.client import Client
+from server import devstack
+from server.config import DEV_KYC_SECRET
+from server.db.migrate import migrate
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSWORD = "correct horse battery"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One ``python -m server serve`` process on its own port."""
+
+    def __init__(self, stack: devstack.DevStack, **env: Any) -> None:
+        self.port = free_port()
+        self.env = dict(
+            os.environ,
+            DATABASE_URL=stack.database_url,
+            DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
+            REDIS_URL=stack.redis_url,
+            HOST="127.0.0.1",
+            PORT=str(self.port),
+            WORKERS="1",
+            HANGOUT_SKIP_MIGRATE="1",
+            LOG_LEVEL=os.environ.get("TEST_SERVER_LOG_LEVEL", "WARNING"),
+            PYTHONUNBUFFERED="1",
+        )
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> "ServerProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=self.env)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}")
+                try:
+                    async with s.get(self.http + "/healthz") as r:
+                        if r.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)  # polling a process that has no event to await
+        raise RuntimeError("server did not start")
+
+    async def stop(self, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return await asyncio.to_thread(self.proc.wait)
+
+    async def connect(self, **kw: Any) -> Client:
+        return await Client.connect(self.url, **kw)
+
+
+@pytest.fixture(scope="session")
+def stack() -> devstack.DevStack:
+    s = devstack.from_env()
+    s.start()
+    asyncio.run(migrate(s.database_url))
+    return s
+
+
+@pytest.fixture(scope="session")
+async def server(stack) -> AsyncIterator[ServerProcess]:
+    proc = await ServerProcess(stack, SETTLEMENT_INTERVAL_S="0.5").start()
+    yield proc
+    await proc.stop()
+
+
+@pytest.fixture(scope="session")
+async def server2(stack) -> AsyncIterator[ServerProcess]:
+    """A second process on the same database and Redis."""
+    proc = await ServerProcess(stack, SETTLEMENT_INTERVAL_S="0.5").start()
+    yield proc
+    await proc.stop()
+
+
+@pytest.fixture(scope="session")
+async def db(stack) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def replica_db(stack) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack.replica_urls[0], min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def redis(stack) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.from_url(stack.redis_url)
+    yield r
+    await r.aclose()
+
+
+def new_email() -> str:
+    return f"u{uuid.uuid4().hex[:16]}@example.test"
+
+
+async def register(client: Client, name: str = "Test User", gender: str = "female", email: str | None = None) -> dict:
+    """Register a fresh user on ``client``'s socket; returns the session result."""
+    return await client.call(
+        "auth.register", {"email": email or new_email(), "password": PASSWORD, "name": name, "gender": gender}
+    )
+
+
+def sign(body: bytes, secret: str = DEV_KYC_SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+async def post_kyc(server: ServerProcess, user_id: str, status: str, secret: str = DEV_KYC_SECRET) -> aiohttp.ClientResponse:
+    body = json.dumps({"user_id": user_id, "status": status}).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.http + "/webhooks/kyc", data=body, headers={"X-Signature": sign(body, secret)}) as r:
+            await r.read()
+            return r
+
+
+async def verified_user(server: ServerProcess, price: str | None = None, **kw: Any) -> tuple[Client, dict]:
+    """A connected, KYC-verified user (optionally a host with a price)."""
+    client = await server.connect()
+    session = await register(client, **kw)
+    uid = session["user"]["id"]
+    resp = await post_kyc(server, uid, "verified")
+    assert resp.status == 200
+    await client.next_event("user.updated")
+    if price is not None:
+        await client.call("users.update", {"price_per_hour": price})
+    return client, session

@@ -33,6 +33,7 @@ log = logging.getLogger("hangout.db")
 
 T = TypeVar("T")
 Query = Callable[..., Awaitable[T]]
+Writers = uuid.UUID | Iterable[uuid.UUID] | Callable[[Any], "uuid.UUID | Iterable[uuid.UUID] | None"] | None
 
 # Errors after which a replica is presumed dead and the read is retried on the primary.
 _REPLICA_FAILURES = (
@@ -152,12 +153,15 @@ class Database:
 
     # ---- writes ----------------------------------------------------------
 
-    async def write(self, users: uuid.UUID | Iterable[uuid.UUID] | None, query: Query[T], *args: Any) -> T:
+    async def write(self, users: Writers, query: Query[T], *args: Any) -> T:
         """Run ``query(conn, *args)`` on the primary, then record the WAL
-        position for each user in ``users`` so their next reads see it."""
+        position for each user in ``users`` so their next reads see it.
+        ``users`` may be a function of the result (for a user just created)."""
         assert self.primary is not None
         async with self.acquire_primary() as conn:
             result = await query(conn, *args)
+            if callable(users):
+                users = users(result)
             if users is not None:
                 lsn = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
         if users is not None:

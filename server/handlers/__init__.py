@@ -1,3 +1,7 @@
-"""One module per service; importing them registers their methods."""
+"""One module per service; importing this package registers every method."""
 
-from server.handlers import auth, users  # noqa: F401
+import importlib
+import pkgutil
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

@@ -19,7 +19,7 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
     cfg = call.services.config
     refresh, refresh_hash = tokens.new_refresh_token()
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
-    family = await call.services.db.write(None, auth_db.start_family, user.id, refresh_hash, expires)
+    family = await call.services.db.write(user.id, auth_db.start_family, user.id, refresh_hash, expires)
     access = tokens.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user.id, family)
     claims = tokens.decode_access_token(cfg.jwt_secret, access)
     call.conn.bind(user.id, family, claims.expires_at)
@@ -29,7 +29,7 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
 @rpc("auth.register", m.RegisterParams, auth=False)
 async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
     password_hash = await tokens.hash_password(p.password)
-    row = await call.services.db.write(None, users_db.insert_user, p.email, password_hash, p.name, p.gender)
+    row = await call.services.db.write(lambda r: r and r["id"], users_db.insert_user, p.email, password_hash, p.name, p.gender)
     if row is None:
         raise RpcError(ErrorCode.EMAIL_TAKEN)
     return await _open_session(call, OwnUser.model_validate(dict(row)))

@@ -6,9 +6,9 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 
-from protocol.codec import encode
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import users as m
+from server import events
 from server.cursors import decode_cursor, encode_cursor
 from server.db import users as users_db
 from server.rpc import Call, rpc
@@ -77,8 +77,7 @@ async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityRes
 
 
 async def publish_user_updated(services: Services, user: m.OwnUser) -> None:
-    frame = encode({"event": "user.updated", "data": m.UserUpdatedEvent(user=user).model_dump(mode="python")})
-    await services.hub.publish(services.hub.user_channel(user.id), frame)
+    await events.to_users(services, [user.id], "user.updated", m.UserUpdatedEvent(user=user))
 
 
 async def set_kyc_status(services: Services, user_id: uuid.UUID, status: str) -> tuple[m.OwnUser | None, bool]:

@@ -1,0 +1,33 @@
+"""Publishing events: encode once, publish after commit, never fail a call."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from protocol.codec import encode
+
+if TYPE_CHECKING:
+    from server.services import Services
+
+
+def event_frame(name: str, payload: BaseModel | dict) -> bytes:
+    data = payload.model_dump(mode="python") if isinstance(payload, BaseModel) else payload
+    return encode({"event": name, "data": data})
+
+
+async def to_users(services: "Services", users: "list[uuid.UUID] | tuple[uuid.UUID, ...]", name: str, payload: BaseModel | dict) -> None:
+    """Push an event to every socket of each user, on every process."""
+    frame = event_frame(name, payload)
+    for user in dict.fromkeys(users):
+        await services.hub.publish(services.hub.user_channel(user), frame)
+
+
+async def to_conversation(
+    services: "Services", conversation_id: uuid.UUID, name: str, payload: BaseModel | dict, skip_user: uuid.UUID | None = None
+) -> None:
+    """Push an event to every socket joined to a conversation, optionally
+    skipping the sockets of one user (typing is not echoed to its sender)."""
+    await services.hub.publish(services.hub.conversation_channel(conversation_id), event_frame(name, payload), skip_user)

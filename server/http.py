@@ -49,6 +49,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         max_msg_size=cfg.max_frame_bytes,
         compress=False,
     )
+    # The contract gives a client a whole ping interval to answer, where
+    # aiohttp would wait only half of one.
+    ws._pong_heartbeat = cfg.ping_interval_s
     await ws.prepare(request)
     conn = Connection(ws, services)
     services.connections.add(conn)

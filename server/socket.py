@@ -272,8 +272,8 @@ class Connection:
     def bind(self, user_id: uuid.UUID, family: uuid.UUID | None, expires_at: dt.datetime) -> None:
         """Bind (or re-bind) the socket to a user and schedule ``auth.expiring``."""
         if self.user_id != user_id:
-            if self.user_id is not None:
-                self.services.hub.unfollow(self, self.services.hub.user_channel(self.user_id))
+            # Another user's events and rooms must never reach this socket.
+            self.services.hub.unfollow_all(self)
             self.services.hub.follow(self, self.services.hub.user_channel(user_id))
         self.user_id = user_id
         self.token_family = family

@@ -57,7 +57,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     services.connections.add(conn)
     try:
         if claims is not None:
-            conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+            await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
         await conn.serve()
     finally:
         services.connections.discard(conn)

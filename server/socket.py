@@ -269,12 +269,17 @@ class Connection:
             raise RpcError(ErrorCode.TOKEN_EXPIRED)
         return self.user_id
 
-    def bind(self, user_id: uuid.UUID, family: uuid.UUID | None, expires_at: dt.datetime) -> None:
-        """Bind (or re-bind) the socket to a user and schedule ``auth.expiring``."""
+    async def bind(self, user_id: uuid.UUID, family: uuid.UUID | None, expires_at: dt.datetime) -> None:
+        """Bind (or re-bind) the socket to a user and schedule ``auth.expiring``.
+
+        Returns once the user's channel is subscribed, so that no event about
+        the user published after the reply can be missed (unless Redis is
+        down, in which case the subscription is made when it is back)."""
+        subscribed = None
         if self.user_id != user_id:
             # Another user's events and rooms must never reach this socket.
             self.services.hub.unfollow_all(self)
-            self.services.hub.follow(self, self.services.hub.user_channel(user_id))
+            subscribed = self.services.hub.follow(self, self.services.hub.user_channel(user_id))
         self.user_id = user_id
         self.token_family = family
         self.token_expires_at = expires_at
@@ -284,6 +289,8 @@ class Connection:
         lead = self.config.auth_expiring_lead_s
         delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - lead)
         self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
+        if subscribed is not None:
+            await asyncio.wait({subscribed}, timeout=2.0)
 
     def unbind(self) -> None:
         if self.user_id is not None:

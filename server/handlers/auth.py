@@ -22,7 +22,7 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
     family = await call.services.db.write(user.id, auth_db.start_family, user.id, refresh_hash, expires)
     access = tokens.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user.id, family)
     claims = tokens.decode_access_token(cfg.jwt_secret, access)
-    call.conn.bind(user.id, family, claims.expires_at)
+    await call.conn.bind(user.id, family, claims.expires_at)
     return m.SessionResult(user=user, access_token=access, refresh_token=refresh)
 
 
@@ -55,7 +55,7 @@ async def authenticate(call: Call, p: m.AuthenticateParams) -> m.AuthenticateRes
     row = await call.services.db.read(claims.user_id, users_db.get_own, claims.user_id)
     if row is None:  # the user was deleted since the token was issued
         raise RpcError(ErrorCode.UNAUTHENTICATED, "unknown user")
-    call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+    await call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
     return m.AuthenticateResult(user=OwnUser.model_validate(dict(row)))
 
 

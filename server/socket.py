@@ -88,6 +88,7 @@ class Connection:
         self._writer: asyncio.Task | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._close_code: int | None = None
+        self._flushed: asyncio.Future | None = None  # set by drain() at shutdown
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -155,9 +156,9 @@ class Connection:
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=timeout)
         # Let the writer flush the replies of the calls that just finished.
-        deadline = asyncio.get_running_loop().time() + 1.0
-        while self._out and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        if self._out:
+            self._flushed = asyncio.get_running_loop().create_future()
+            await asyncio.wait({self._flushed}, timeout=1.0)
         await self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     # ---- outgoing --------------------------------------------------------
@@ -194,6 +195,8 @@ class Connection:
                     await ws.send_bytes(frame)
                 except (ConnectionError, RuntimeError):
                     return
+            if self._flushed is not None and not self._flushed.done():
+                self._flushed.set_result(None)
 
     # ---- incoming --------------------------------------------------------
 

@@ -44,7 +44,10 @@ async def update(call: Call, p: m.UpdateParams) -> m.OwnUser:
 
 @rpc("users.get", m.GetParams)
 async def get(call: Call, p: m.GetParams) -> m.PublicUser:
-    row = await call.services.db.read(call.user_id, users_db.get_public, p.user_id)
+    # Only the user's own writes change their profile, so read-your-writes
+    # needs the caller's write position only when they look at themselves.
+    reader = call.user_id if p.user_id == call.user_id else None
+    row = await call.services.db.read(reader, users_db.get_public, p.user_id)
     if row is None:
         raise RpcError(ErrorCode.NOT_FOUND)
     return m.PublicUser.model_validate(dict(row))

@@ -1,0 +1,534 @@
+"""Locust users speaking the hangout protocol over real WebSockets.
+
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 --headless -u 500 -r 50 -t 60s
+
+(or ``make loadtest``, which starts a local server; see loadtests/run_locust.py).
+
+Every call is reported to locust as ``request_type="ws"`` named after its
+method, with the time from sending the request to receiving its reply.
+Business answers a real client expects (``slot_unavailable`` and
+``insufficient_funds`` from ``bookings.create``) count as successes; any
+other error reply, a timeout or a lost socket is a failure. Pushed events
+that a flow waits for are reported as ``request_type="event"``, timed from
+the call that caused them to their arrival.
+
+Two kinds of user, both signed up on start and verified through the signed
+KYC webhook (``KYC_WEBHOOK_SECRET``, the dev secret by default):
+
+- ``Host`` (1 in 4): sets a price, answers chat in the rooms of its bookings,
+  checks its calendar and bookings.
+- ``Booker`` (3 in 4): searches hosts (and looks a few up, pipelined), tops up
+  the wallet, books and sometimes cancels, chats in booked rooms, drops the
+  socket and resumes with ``since_seq``, refreshes tokens, logs out and in.
+
+Services that the server does not offer yet (answered ``unknown_method``) are
+probed once per process and their tasks skipped, so the file runs against
+any stage of the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from decimal import Decimal
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import gevent.lock
+import requests
+from locust import User, between, events, task
+
+from loadtests.wsclient import CallError, WsClient
+
+log = logging.getLogger("loadtest")
+
+PASSWORD = "loadtest password 1"
+DEV_KYC_SECRET = "dev-only-kyc-webhook-secret"  # server/config.py's default
+KYC_SECRET = os.environ.get("KYC_WEBHOOK_SECRET", DEV_KYC_SECRET)
+UTC = dt.timezone.utc
+
+# Answers a real client expects and handles; never counted as failures.
+BUSINESS_ANSWERS = ("slot_unavailable", "insufficient_funds")
+business_answers: collections.Counter[str] = collections.Counter()
+resume_checks: collections.Counter[str] = collections.Counter()
+
+MAX_JOINED_ROOMS = 4  # a phone shows a handful of live chats, not every past booking
+
+
+# ---- which services the server has ------------------------------------------
+
+_services: dict[str, bool] | None = None
+_probe_lock = gevent.lock.Semaphore()
+PROBES = {"wallet": "wallet.topup", "bookings": "bookings.create", "chat": "chat.send"}
+
+
+def services(ws_url: str) -> dict[str, bool]:
+    """Ask the server once per process which services exist: an unknown
+    method is answered ``unknown_method`` before authentication is checked."""
+    global _services
+    with _probe_lock:
+        if _services is None:
+            probe = WsClient.connect(ws_url)
+            try:
+                found = {}
+                for service, method in PROBES.items():
+                    try:
+                        probe.call(method, {}, timeout=10)
+                        found[service] = True
+                    except CallError as err:
+                        found[service] = err.code != "unknown_method"
+                _services = found
+            finally:
+                probe.close()
+            missing = [s for s, ok in _services.items() if not ok]
+            if missing:
+                log.warning("server has no %s methods yet: those flows are skipped", ", ".join(missing))
+    return _services
+
+
+# ---- helpers -----------------------------------------------------------------
+
+
+def ws_url_for(host: str) -> str:
+    parts = urlsplit(host if "://" in host else f"http://{host}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    return urlunsplit((scheme, parts.netloc, (path if path.endswith("/ws") else path + "/ws"), "", ""))
+
+
+def http_url_for(host: str) -> str:
+    parts = urlsplit(host if "://" in host else f"http://{host}")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    if path.endswith("/ws"):
+        path = path[:-3]
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def future_slot(max_hours: int = 3) -> tuple[dt.datetime, dt.datetime]:
+    """A whole-hour range 2 to 80 days ahead: spread wide, so overlaps are as
+    rare as they are between real people."""
+    base = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = base + dt.timedelta(hours=random.randint(48, 80 * 24))
+    return start, start + dt.timedelta(hours=random.randint(1, max_hours))
+
+
+class Session:
+    """One signed-in device: its socket, tokens and the rooms it follows."""
+
+    def __init__(self, user: "HangoutUser") -> None:
+        self.user = user
+        self.ws: WsClient | None = None
+        self.user_id: str | None = None
+        self.email: str | None = None
+        self.access_token: str | None = None
+        self.refresh_token: str | None = None
+        self.last_seq: dict[str, int] = {}  # joined conversation -> highest seq seen
+        self.sent_at: dict[str, float] = {}  # client_msg_id -> perf_counter at send
+
+    # reporting ---------------------------------------------------------------
+
+    def report(self, name: str, ms: float, length: int, err: Exception | None, kind: str = "ws") -> None:
+        self.user.environment.events.request.fire(
+            request_type=kind, name=name, response_time=ms, response_length=length,
+            exception=err, context={},
+        )
+
+    def _on_reply(self, method: str, ms: float, length: int, err: CallError | None) -> None:
+        self.report(method, ms, length, err)
+
+    def _on_event(self, name: str, data: Any) -> None:
+        """Runs in the reader greenlet, as the frame arrives."""
+        if name == "chat.message":
+            msg = data["message"]
+            conv = msg["conversation_id"]
+            if conv in self.last_seq and msg["seq"] > self.last_seq[conv]:
+                self.last_seq[conv] = msg["seq"]
+            sent = self.sent_at.pop(msg.get("client_msg_id") or "", None)
+            if sent is not None:
+                self.report("chat.message (own, delivered)", (time.perf_counter() - sent) * 1000.0, 0, None, "event")
+
+    # the socket ----------------------------------------------------------------
+
+    def connect(self, token: str | None = None) -> WsClient:
+        t0 = time.perf_counter()
+        try:
+            ws = WsClient.connect(self.user.ws_url, access_token=token, reporter=self._on_reply, on_event=self._on_event)
+        except Exception as exc:
+            self.report("connect", (time.perf_counter() - t0) * 1000.0, 0, exc)
+            raise
+        self.report("connect", (time.perf_counter() - t0) * 1000.0, 0, None)
+        self.ws = ws
+        return ws
+
+    def call(self, method: str, params: dict | None = None, expected: tuple[str, ...] = ()) -> Any:
+        assert self.ws is not None
+        return self.ws.call(method, params, expected)
+
+    def adopt(self, result: dict) -> None:
+        self.user_id = result["user"]["id"]
+        self.access_token = result["access_token"]
+        self.refresh_token = result["refresh_token"]
+
+    # flows -------------------------------------------------------------------------
+
+    def sign_up(self, name: str, gender: str) -> None:
+        self.connect()
+        self.email = f"lt-{uuid.uuid4().hex[:20]}@loadtest.example"
+        self.adopt(self.call("auth.register", {"email": self.email, "password": PASSWORD, "name": name, "gender": gender}))
+
+    def verify_kyc(self) -> None:
+        """The KYC provider's signed webhook, then the ``user.updated`` push."""
+        body = json.dumps({"user_id": self.user_id, "status": "verified"}).encode()
+        sig = "sha256=" + hmac.new(KYC_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        t0 = time.perf_counter()
+        err: Exception | None = None
+        try:
+            r = self.user.http.post(self.user.http_url + "/webhooks/kyc", data=body,
+                                    headers={"X-Signature": sig, "Content-Type": "application/json"}, timeout=30)
+            if r.status_code != 200:
+                err = RuntimeError(f"kyc webhook answered {r.status_code}: {r.text[:200]}")
+        except requests.RequestException as exc:
+            err = exc
+        self.report("/webhooks/kyc", (time.perf_counter() - t0) * 1000.0, 0, err, "http")
+        if err is not None:
+            raise err
+        self.wait_event("user.updated", t0)
+
+    def wait_event(self, name: str, since: float, timeout: float = 10.0) -> Any:
+        assert self.ws is not None
+        try:
+            data = self.ws.wait_event(name, timeout)
+        except CallError as err:
+            self.report(name, (time.perf_counter() - since) * 1000.0, 0, err, "event")
+            raise
+        self.report(name, (time.perf_counter() - since) * 1000.0, 0, None, "event")
+        return data
+
+    def ensure_connected(self) -> None:
+        """A socket the server closed (or the network lost) is reopened with
+        the access token, as the app would on its next action."""
+        if self.ws is None or self.ws.closed:
+            self.connect(self.access_token)
+            self.resume_rooms()
+
+    def refresh(self) -> None:
+        tokens = self.call("auth.refresh", {"refresh_token": self.refresh_token})
+        self.access_token, self.refresh_token = tokens["access_token"], tokens["refresh_token"]
+        self.call("auth.authenticate", {"access_token": self.access_token})
+
+    def handle_events(self) -> None:
+        """What the app does with pushes between user actions."""
+        if self.ws is None:
+            return
+        for name, data in self.ws.take_events():
+            if name == "auth.expiring":
+                self.refresh()
+            elif name == "booking.created" and self.user.has("chat"):
+                booking = data["booking"]
+                if booking.get("conversation_id") and booking["host_id"] == self.user_id:
+                    self.join(booking["conversation_id"])
+
+    # chat rooms -------------------------------------------------------------------
+
+    def join(self, conversation_id: str, since_seq: int | None = None) -> dict:
+        if conversation_id not in self.last_seq and len(self.last_seq) >= MAX_JOINED_ROOMS:
+            oldest = next(iter(self.last_seq))
+            self.call("chat.leave", {"conversation_id": oldest})
+            self.last_seq.pop(oldest, None)
+        params: dict[str, Any] = {"conversation_id": conversation_id}
+        if since_seq is not None:
+            params["since_seq"] = since_seq
+        self.last_seq.setdefault(conversation_id, since_seq or 0)
+        joined = self.call("chat.join", params)
+        seqs = [m["seq"] for m in joined["messages"]]
+        if since_seq is not None and not joined["truncated"]:
+            # Resuming must give every message after since_seq, without a gap.
+            want = list(range(since_seq + 1, joined["last_seq"] + 1))
+            resume_checks["ok" if seqs[: len(want)] == want else "gap"] += 1
+            if seqs[: len(want)] != want:
+                self.report("chat.join (resume without gap)", 0, 0,
+                            AssertionError(f"since_seq={since_seq} last_seq={joined['last_seq']} got {seqs[:10]}..."))
+        self.last_seq[conversation_id] = max([self.last_seq.get(conversation_id, 0), joined["last_seq"], *seqs])
+        return joined
+
+    def resume_rooms(self) -> None:
+        for conv, seq in list(self.last_seq.items()):
+            self.join(conv, since_seq=seq)
+
+    def send_message(self, conversation_id: str) -> None:
+        cmid = str(uuid.uuid4())
+        self.sent_at[cmid] = time.perf_counter()
+        if len(self.sent_at) > 200:  # never delivered (socket dropped): forget
+            self.sent_at.pop(next(iter(self.sent_at)))
+        text = random.choice(("hi!", "see you then", "running 5 min late", "where exactly?", "great, thanks"))
+        self.call("chat.send", {"conversation_id": conversation_id, "content": text, "client_msg_id": cmid})
+
+
+def flow(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A task: first what the app does between actions (reconnect a dropped
+    socket, handle pushes), then the action. A failed call was reported to
+    locust when its reply came; the flow just stops there, as the app would."""
+
+    @functools.wraps(fn)
+    def run(self: "HangoutUser") -> None:
+        try:
+            if not self.ready:
+                self.setup()
+                return
+            self.s.ensure_connected()
+            self.s.handle_events()
+            fn(self)
+        except (CallError, requests.RequestException, OSError, RuntimeError):
+            pass
+
+    return run
+
+
+class HangoutUser(User):
+    abstract = True
+
+    def on_start(self) -> None:
+        self.ws_url = ws_url_for(self.host)
+        self.http_url = http_url_for(self.host)
+        self.http = requests.Session()
+        self.ready = False
+        try:
+            self.setup()
+        except (CallError, requests.RequestException, OSError, RuntimeError):
+            pass  # reported; the next task tries again
+
+    def setup(self) -> None:
+        """Sign up on a new socket and get verified (then per kind of user)."""
+        self.services = services(self.ws_url)
+        if getattr(self, "s", None) is not None and self.s.ws is not None:
+            self.s.ws.close()
+        self.s = Session(self)
+        self.s.sign_up(f"{type(self).__name__} {random.randint(1, 9999)}", random.choice(("female", "male", "nonbinary")))
+        self.s.verify_kyc()
+        self.ready = True
+
+    def on_stop(self) -> None:
+        if getattr(self, "s", None) is not None and self.s.ws is not None:
+            self.s.ws.close()
+        self.http.close()
+
+    def has(self, service: str) -> bool:
+        return self.services.get(service, False)
+
+
+class Host(HangoutUser):
+    """Rents out time: sets a price, then mostly answers chats."""
+
+    weight = 1
+    wait_time = between(2, 5)
+
+    def setup(self) -> None:
+        super().setup()
+        self.ready = False
+        self.s.call("users.update", {"price_per_hour": f"{random.randint(10, 150)}.00"})
+        self.ready = True
+
+    @task(6)
+    @flow
+    def answer_chats(self) -> None:
+        if not self.has("chat") or not self.s.last_seq:
+            return
+        self.s.send_message(random.choice(list(self.s.last_seq)))
+
+    @task(2)
+    @flow
+    def check_calendar(self) -> None:
+        now = dt.datetime.now(UTC)
+        self.s.call("hosts.availability", {"host_id": self.s.user_id, "from": now, "to": now + dt.timedelta(days=30)})
+
+    @task(2)
+    @flow
+    def check_bookings(self) -> None:
+        if self.has("bookings"):
+            self.s.call("bookings.list", {"role": "host", "limit": 20})
+        else:
+            self.s.call("users.me")
+
+    @task(1)
+    @flow
+    def read_history(self) -> None:
+        if self.has("chat") and self.s.last_seq:
+            self.s.call("chat.history", {"conversation_id": random.choice(list(self.s.last_seq)), "limit": 20})
+
+
+class Booker(HangoutUser):
+    """Books people's time, pays from the wallet, chats with them."""
+
+    weight = 3
+    wait_time = between(1, 3)
+
+    def setup(self) -> None:
+        super().setup()
+        self.ready = False
+        self.bookings: dict[str, dict] = {}  # confirmed bookings this user made
+        self.topup_keys: list[tuple[str, str]] = []
+        if self.has("wallet"):
+            self.topup("1000.00")
+        self.ready = True
+
+    # wallet -------------------------------------------------------------------
+
+    def topup(self, amount: str) -> None:
+        key = str(uuid.uuid4())
+        self.s.call("wallet.topup", {"amount": amount, "idempotency_key": key})
+        self.topup_keys = (self.topup_keys + [(key, amount)])[-5:]
+
+    @task(2)
+    @flow
+    def wallet(self) -> None:
+        if not self.has("wallet"):
+            return
+        if self.topup_keys and random.random() < 0.2:
+            # The app retries a top-up whose reply it lost: must not credit twice.
+            key, amount = random.choice(self.topup_keys)
+            if not self.s.call("wallet.topup", {"amount": amount, "idempotency_key": key})["replayed"]:
+                self.s.report("wallet.topup (replay)", 0, 0, AssertionError("a replayed top-up credited again"))
+        else:
+            self.topup(random.choice(("50.00", "100.00", "250.00")))
+        self.s.call("wallet.transactions", {"limit": 10})
+
+    # search and look-ups ------------------------------------------------------------
+
+    def search(self, with_range: bool) -> list[dict]:
+        params: dict[str, Any] = {"limit": 20}
+        if random.random() < 0.5:
+            low = random.randint(1, 120)
+            params["min_price"] = f"{low}.00"
+            params["max_price"] = f"{low + random.randint(10, 60)}.00"
+        if random.random() < 0.3:
+            params["gender"] = random.choice(("female", "male", "nonbinary"))
+        if with_range:
+            params["start_at"], params["end_at"] = future_slot()
+        return self.s.call("hosts.search", params)["hosts"]
+
+    @task(10)
+    @flow
+    def browse(self) -> None:
+        """Search, then open a few profiles at once (pipelined on one socket)."""
+        hosts = self.search(with_range=random.random() < 0.4)
+        assert self.s.ws is not None
+        pending = [self.s.ws.send("users.get", {"user_id": h["id"]}) for h in random.sample(hosts, min(3, len(hosts)))]
+        for p in pending:
+            try:
+                p.wait(30)
+            except CallError:
+                pass  # already reported as a failure
+
+    # bookings --------------------------------------------------------------------------
+
+    @task(4)
+    @flow
+    def book(self) -> None:
+        if not self.has("bookings"):
+            return
+        start, end = future_slot()
+        hosts = self.s.call("hosts.search", {"start_at": start, "end_at": end, "limit": 20,
+                                             "min_price": f"{random.randint(1, 100)}.00"})["hosts"]
+        if not hosts:
+            return
+        host = random.choice(hosts)
+        t0 = time.perf_counter()
+        try:
+            result = self.s.call(
+                "bookings.create",
+                {"host_id": host["id"], "start_at": start, "end_at": end, "idempotency_key": str(uuid.uuid4())},
+                expected=BUSINESS_ANSWERS,
+            )
+        except CallError as err:
+            if err.code in BUSINESS_ANSWERS:
+                business_answers[err.code] += 1
+                if err.code == "insufficient_funds" and self.has("wallet"):
+                    self.topup("500.00")
+            return
+        business_answers["confirmed"] += 1
+        booking = result["booking"]
+        self.bookings[booking["id"]] = booking
+        if len(self.bookings) > 50:
+            self.bookings.pop(next(iter(self.bookings)))
+        self.s.wait_event("booking.created", t0)
+        if self.has("chat") and booking.get("conversation_id"):
+            self.s.join(booking["conversation_id"])
+            self.s.send_message(booking["conversation_id"])
+
+    @task(1)
+    @flow
+    def cancel(self) -> None:
+        if not self.bookings:
+            return
+        booking_id = random.choice(list(self.bookings))
+        self.s.call("bookings.cancel", {"booking_id": booking_id})
+        self.bookings.pop(booking_id)
+
+    @task(1)
+    @flow
+    def my_bookings(self) -> None:
+        if self.has("bookings"):
+            self.s.call("bookings.list", {"role": "booker", "limit": 20})
+            if self.bookings:
+                self.s.call("bookings.get", {"booking_id": random.choice(list(self.bookings))})
+
+    # chat -----------------------------------------------------------------------------
+
+    @task(6)
+    @flow
+    def chat(self) -> None:
+        if not self.has("chat") or not self.s.last_seq:
+            return
+        conv = random.choice(list(self.s.last_seq))
+        self.s.send_message(conv)
+        if random.random() < 0.3:
+            self.s.call("chat.history", {"conversation_id": conv, "limit": 20})
+        if random.random() < 0.1:
+            self.s.call("chat.conversations", {"limit": 20})
+
+    # the device ---------------------------------------------------------------------
+
+    @task(1)
+    @flow
+    def reconnect(self) -> None:
+        """The phone loses its network: reconnect with the access token at the
+        upgrade and resume every room with since_seq."""
+        assert self.s.ws is not None
+        self.s.ws.close()
+        self.s.connect(self.s.access_token)
+        self.s.resume_rooms()
+        self.s.call("users.me")
+
+    @task(1)
+    @flow
+    def refresh_tokens(self) -> None:
+        self.s.refresh()
+
+    @task(1)
+    @flow
+    def sign_out_and_in(self) -> None:
+        """Rare (argon2 is deliberately expensive): log out, log back in."""
+        if random.random() < 0.3:
+            self.s.call("auth.logout", {})
+            self.s.adopt(self.s.call("auth.login", {"email": self.s.email, "password": PASSWORD}))
+            self.s.resume_rooms()  # logging out left every room
+        else:
+            self.s.call("users.me")
+
+
+@events.quitting.add_listener
+def _summary(environment: Any, **_kw: Any) -> None:
+    if business_answers:
+        log.info("bookings.create outcomes: %s", dict(business_answers))
+    if resume_checks:
+        log.info("resume with since_seq: %s", dict(resume_checks))

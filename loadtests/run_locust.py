@@ -1,0 +1,159 @@
+"""``make loadtest``: the mixed locust load against a local server, or any deployment.
+
+    python -m loadtests.run_locust                       # 500 users, 60 s, local server
+    python -m loadtests.run_locust -u 100 -t 30s -r 20
+    python -m loadtests.run_locust --host https://staging.example   # no local server
+    LOADTEST_USERS=1000 LOADTEST_TIME=5m make loadtest
+
+Locally it starts the dev stack (server/devstack.py), migrates, runs
+``python -m server`` with WORKERS=2 on a free port, runs locust headless
+against it, stops the server and prints one line per method. Reports go to
+``loadtests/reports/`` (``locust_stats.csv`` and the others, ``locust.html``).
+The exit code is locust's: non-zero when any call failed.
+
+Settings (argument, then environment, then default):
+  -u/--users LOADTEST_USERS 500, -r/--rate LOADTEST_RATE 50 (users started a
+  second), -t/--time LOADTEST_TIME 60s, --host LOADTEST_HOST (none: local),
+  --processes LOADTEST_PROCESSES 1 (locust worker processes; -1 = one per core),
+  --workers LOADTEST_SERVER_WORKERS 2 (local server processes).
+Against another deployment also set KYC_WEBHOOK_SECRET to its webhook secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = ROOT / "loadtests" / "reports"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
+    """Dev stack + ``python -m server`` (WORKERS processes) on a free port."""
+    from server import devstack
+
+    stack = devstack.from_env()
+    stack.start()
+    port = free_port()
+    env = dict(
+        os.environ,
+        DATABASE_URL=stack.database_url,
+        DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
+        REDIS_URL=stack.redis_url,
+        HOST="127.0.0.1",
+        PORT=str(port),
+        WORKERS=str(workers),
+        LOG_LEVEL=os.environ.get("LOADTEST_SERVER_LOG_LEVEL", "WARNING"),
+        PYTHONUNBUFFERED="1",
+    )
+    # Its own session, so that stopping it reaches the worker processes too.
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120  # the first start migrates
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise SystemExit("server did not become ready in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the parent forwards it to its workers
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _ms(value: str) -> str:
+    try:
+        return f"{float(value):.0f}"
+    except ValueError:
+        return value
+
+
+def print_table(stats_csv: Path) -> None:
+    """One line per method from locust's ``*_stats.csv``."""
+    if not stats_csv.exists():
+        print(f"no stats at {stats_csv}")
+        return
+    with stats_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    print()
+    print(f"{'type':<6} {'name':<34} {'calls':>8} {'fails':>6} {'rps':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}")
+    for r in rows:
+        kind = r["Type"] or ""
+        print(
+            f"{kind:<6} {r['Name']:<34} {r['Request Count']:>8} {r['Failure Count']:>6} "
+            f"{float(r['Requests/s']):>8.1f} {_ms(r['50%']):>7} {_ms(r['90%']):>7} {_ms(r['99%']):>7} {_ms(r['Max Response Time']):>7}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = os.environ.get
+    ap = argparse.ArgumentParser(prog="python -m loadtests.run_locust", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-u", "--users", type=int, default=int(env("LOADTEST_USERS", "500")))
+    ap.add_argument("-r", "--rate", type=float, default=float(env("LOADTEST_RATE", "50")))
+    ap.add_argument("-t", "--time", default=env("LOADTEST_TIME", "60s"))
+    ap.add_argument("--host", default=env("LOADTEST_HOST") or None,
+                    help="base URL of a running deployment (http[s]://host[:port]); none = start one here")
+    ap.add_argument("--processes", type=int, default=int(env("LOADTEST_PROCESSES", "1")),
+                    help="locust processes (-1: one per core); 1 = no forking")
+    ap.add_argument("--workers", type=int, default=int(env("LOADTEST_SERVER_WORKERS", "2")),
+                    help="server processes when running locally")
+    ap.add_argument("locust_args", nargs="*", help="passed to locust as they are (after --)")
+    args = ap.parse_args(argv)
+
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    server = None
+    host = args.host
+    if host is None:
+        server, host = start_local_server(args.workers)
+        print(f"local server ({args.workers} workers) at {host}", flush=True)
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
+        "--headless", "-u", str(args.users), "-r", str(args.rate), "-t", args.time,
+        "--host", host, "--stop-timeout", "5",
+        "--csv", str(REPORTS / "locust"), "--html", str(REPORTS / "locust.html"),
+        "--only-summary",
+    ]
+    if args.processes != 1:
+        cmd += ["--processes", str(args.processes)]
+    cmd += args.locust_args
+    print(" ".join(cmd), flush=True)
+    try:
+        code = subprocess.call(cmd, cwd=ROOT)
+    finally:
+        if server is not None:
+            stop_server(server)
+    print_table(REPORTS / "locust_stats.csv")
+    print(f"\nreports: {REPORTS}/locust_stats.csv, {REPORTS}/locust.html; locust exit code {code}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

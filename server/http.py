@@ -46,7 +46,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         heartbeat=cfg.ping_interval_s,
-        max_msg_size=cfg.max_frame_bytes,
+        # aiohttp refuses a message of max_msg_size bytes or more; the
+        # contract accepts one of exactly MAX_FRAME_BYTES.
+        max_msg_size=cfg.max_frame_bytes + 1,
         compress=False,
     )
     # The contract gives a client a whole ping interval to answer, where

@@ -43,7 +43,10 @@ def _parse_money(value: Any) -> Decimal:
         raise ValueError("must be a finite amount")
     if amount.as_tuple().exponent < -2:  # type: ignore[operator]
         raise ValueError("at most two decimal places")
-    return amount.quantize(CENT)
+    try:
+        return amount.quantize(CENT)
+    except InvalidOperation:  # more digits than the decimal context holds
+        raise ValueError("amount out of range") from None
 
 
 def _parse_time(value: Any) -> dt.datetime:

@@ -1,0 +1,195 @@
+"""What the benchmark scripts share: the dev stack, a server process, bench
+users with access tokens, and reading a process's memory.
+
+Benchmarks run here on a shared 2-core machine, so each one measures its
+target and its yardstick in the same run and reports the ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_PASSWORD = "bench password 1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by child processes)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Stack:
+    database_url: str
+    replica_urls: list[str]
+    redis_url: str
+
+    @classmethod
+    def dev(cls) -> "Stack":
+        """The embedded dev stack (started if needed) with migrations applied."""
+        from server import devstack
+        from server.db.migrate import migrate
+
+        stack = devstack.from_env()
+        stack.start()
+        asyncio.run(migrate(stack.database_url))
+        return cls(stack.database_url, list(stack.replica_urls), stack.redis_url)
+
+    @property
+    def primary_port(self) -> int:
+        from urllib.parse import urlparse
+
+        return urlparse(self.database_url).port or 5432
+
+
+@dataclass
+class Server:
+    """One ``python -m server serve`` process (WORKERS=1) on a free port."""
+
+    stack: Stack
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> "Server":
+        env = dict(
+            os.environ,
+            DATABASE_URL=self.stack.database_url,
+            DATABASE_REPLICA_URLS=",".join(self.stack.replica_urls),
+            REDIS_URL=self.stack.redis_url,
+            HOST="127.0.0.1",
+            PORT=str(self.port),
+            WORKERS="1",
+            HANGOUT_SKIP_MIGRATE="1",
+            LOG_LEVEL=os.environ.get("BENCH_SERVER_LOG_LEVEL", "WARNING"),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env)
+        wait_http(self.http + "/healthz", self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def bench_users(database_url: str, count: int, prefix: str) -> list[uuid.UUID]:
+    """``count`` real users (made once, reused by later runs), verified, each
+    with a refresh-token family of its own. Made in SQL because registering
+    10,000 users through argon2 would take minutes and measure nothing here."""
+    from server.auth import _hasher
+
+    password_hash = _hasher.hash(BENCH_PASSWORD)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO users (email, password_hash, name, gender, kyc_status)
+               SELECT $1 || i || '@bench.example', $2, 'Bench ' || i, 'female', 'verified'
+               FROM generate_series(1, $3) AS i
+               ON CONFLICT (email) DO NOTHING""",
+            prefix, password_hash, count,
+        )
+        rows = await conn.fetch(
+            """SELECT id FROM users WHERE email = ANY(
+                 SELECT $1 || i || '@bench.example' FROM generate_series(1, $2) AS i)""",
+            prefix, count,
+        )
+    finally:
+        await conn.close()
+    return [r["id"] for r in rows]
+
+
+async def access_tokens(database_url: str, users: list[uuid.UUID], ttl_s: int = 3600) -> list[str]:
+    """A fresh token family per user and an access token in it, signed with
+    the server's JWT secret (JWT_SECRET, the dev secret by default)."""
+    from server.auth import issue_access_token
+    from server.config import Config
+
+    secret = Config.from_env().jwt_secret
+    conn = await asyncpg.connect(database_url)
+    try:
+        families = await conn.fetch(
+            "INSERT INTO refresh_token_families (user_id) SELECT unnest($1::uuid[]) RETURNING id, user_id", users
+        )
+    finally:
+        await conn.close()
+    family_of = {r["user_id"]: r["id"] for r in families}
+    return [issue_access_token(secret, ttl_s, u, family_of[u]) for u in users]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import functools
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,32 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
             reason = reason[len("Value error, "):]
         errors.append({"field": field, "reason": reason})
     return errors
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+@functools.cache
+def _wire_names(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(f.alias or name for name, f in model.model_fields.items())
+
+
+def nul_errors(model: type[BaseModel], raw: dict[Any, Any], named: set[str]) -> list[dict[str, str]]:
+    """Known params holding a NUL character: PostgreSQL text cannot store
+    one, so letting it through would fail later as an internal error."""
+    known = _wire_names(model)
+    return [
+        {"field": key, "reason": "must not contain NUL characters"}
+        for key, value in raw.items()
+        if key in known and key not in named and _holds_nul(value)
+    ]
 
 
 def dump_result(result: Any) -> Any:
@@ -257,10 +284,14 @@ class Connection:
             raw_params = {}
         if not isinstance(raw_params, dict):
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "params", "reason": "must be a map"}]})
+        errors: list[dict[str, str]] = []
         try:
             params = method.params.model_validate(raw_params)
         except ValidationError as exc:
-            raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": validation_errors(exc)}) from None
+            errors = validation_errors(exc)
+        errors += nul_errors(method.params, raw_params, {e["field"] for e in errors})
+        if errors:
+            raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
         return await method.handler(Call(self.services, self), params)
 
     # ---- authentication binding -----------------------------------------

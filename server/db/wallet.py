@@ -1,0 +1,62 @@
+"""SQL of the wallet: top-ups and the ledger."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+import asyncpg
+
+TRANSACTION_COLUMNS = "id, amount, type, reference_id, created_at"
+
+
+async def topup(
+    conn: asyncpg.Connection, user_id: uuid.UUID, amount: Decimal, key: str, request_hash: bytes
+) -> tuple[str, asyncpg.Record | None, Decimal | None]:
+    """Credit a sandbox top-up once per key.
+
+    Returns (outcome, transaction, balance); outcome is ``created``,
+    ``replayed`` (same user, same request) or ``conflict``."""
+    async with conn.transaction():
+        # A call racing with the same key waits here for the first to commit.
+        topup_id = await conn.fetchval(
+            """INSERT INTO topups (user_id, amount, idempotency_key, request_hash) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
+            user_id, amount, key, request_hash,
+        )
+        if topup_id is None:
+            first = await conn.fetchrow("SELECT id, user_id, request_hash FROM topups WHERE idempotency_key = $1", key)
+            if first["user_id"] != user_id or first["request_hash"] != request_hash:
+                return "conflict", None, None
+            transaction = await conn.fetchrow(
+                f"SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE reference_id = $1 AND type = 'topup'", first["id"]
+            )
+            balance = await conn.fetchval("SELECT balance FROM users WHERE id = $1", user_id)
+            return "replayed", transaction, balance
+        balance = await conn.fetchval(
+            "UPDATE users SET balance = balance + $2 WHERE id = $1 RETURNING balance", user_id, amount
+        )
+        transaction = await conn.fetchrow(
+            f"""INSERT INTO transactions (user_id, amount, type, reference_id) VALUES ($1, $2, 'topup', $3)
+                RETURNING {TRANSACTION_COLUMNS}""",
+            user_id, amount, topup_id,
+        )
+        return "created", transaction, balance
+
+
+async def transactions(
+    conn: asyncpg.Connection, user_id: uuid.UUID, after: tuple[dt.datetime, uuid.UUID] | None, limit: int
+) -> list[asyncpg.Record]:
+    """The user's ledger, newest first, after the keyset cursor."""
+    if after is None:
+        return await conn.fetch(
+            f"""SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE user_id = $1
+                ORDER BY created_at DESC, id DESC LIMIT $2""",
+            user_id, limit,
+        )
+    return await conn.fetch(
+        f"""SELECT {TRANSACTION_COLUMNS} FROM transactions WHERE user_id = $1 AND (created_at, id) < ($3, $4)
+            ORDER BY created_at DESC, id DESC LIMIT $2""",
+        user_id, limit, *after,
+    )

@@ -1,0 +1,59 @@
+"""wallet.*: sandbox top-ups and the ledger."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+
+import asyncpg
+
+from protocol.errors import ErrorCode, RpcError
+from protocol.models import wallet as m
+from server import events
+from server.cursors import decode_cursor, encode_cursor
+from server.db import wallet as wallet_db
+from server.rpc import Call, rpc
+
+
+def request_hash(p: m.TopupParams) -> bytes:
+    """What makes two top-ups with one key the same request (the user is
+    compared separately)."""
+    return hashlib.sha256(f"topup|{p.amount:.2f}".encode()).digest()
+
+
+@rpc("wallet.topup", m.TopupParams)
+async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
+    try:
+        outcome, transaction, balance = await call.services.db.write(
+            lambda r: call.user_id if r[0] == "created" else None,
+            wallet_db.topup, call.user_id, p.amount, p.idempotency_key, request_hash(p),
+        )
+    except asyncpg.exceptions.NumericValueOutOfRangeError:
+        raise RpcError(
+            ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "amount", "reason": "the balance would exceed its limit"}]}
+        ) from None
+    if outcome == "conflict":
+        raise RpcError(ErrorCode.IDEMPOTENCY_CONFLICT)
+    if outcome == "created":
+        await events.to_users(call.services, [call.user_id], "wallet.updated", m.WalletUpdatedEvent(balance=balance))
+    return m.TopupResult(
+        balance=balance, transaction=m.Transaction.model_validate(dict(transaction)), replayed=outcome == "replayed"
+    )
+
+
+def _aware(text: str) -> dt.datetime:
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError("naive time in cursor")
+    return when
+
+
+@rpc("wallet.transactions", m.TransactionsParams)
+async def transactions(call: Call, p: m.TransactionsParams) -> m.TransactionsResult:
+    after = decode_cursor(p.cursor, _aware, uuid.UUID)
+    rows = await call.services.db.read(call.user_id, wallet_db.transactions, call.user_id, after, p.limit + 1)
+    items = [m.Transaction.model_validate(dict(r)) for r in rows[: p.limit]]
+    last = items[-1] if items else None
+    next_cursor = encode_cursor(last.created_at.isoformat(), last.id) if last and len(rows) > p.limit else None
+    return m.TransactionsResult(transactions=items, next_cursor=next_cursor)

@@ -1,0 +1,186 @@
+"""SQL of bookings: create (one call of booking_create, sql/006), cancel,
+reads, and settlement.
+
+Lock order, the same everywhere a booking's money moves, so that none of
+these transactions can deadlock with another: the booking row, then wallet
+rows (users) in id order, then booking_busy rows. bookings.create has no
+booking row yet and starts at the booker's wallet (see sql/006).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+BOOKING_COLUMNS = (
+    "b.id, b.user_id, b.host_id, b.start_at, b.end_at, b.status, b.amount, b.created_at, b.updated_at"
+)
+# A failed booking has no conversation; the join keeps it.
+BOOKING_SELECT = f"""SELECT {BOOKING_COLUMNS}, c.id AS conversation_id
+    FROM bookings b LEFT JOIN conversations c ON c.booking_id = b.id"""
+
+# The index behind "no two active bookings of a host start together"; the
+# exclusion constraint on booking_busy catches every other overlap.
+_ACTIVE_START_INDEX = "uq_bookings_host_start_active"
+
+
+async def create(
+    conn: asyncpg.Connection,
+    booker: uuid.UUID,
+    host: uuid.UUID,
+    start_at: dt.datetime,
+    end_at: dt.datetime,
+    key: str,
+    request_hash: bytes,
+) -> dict[str, Any]:
+    """Returns the booking columns plus ``outcome`` and the booker's
+    ``balance`` (see sql/006 for the outcomes), or ``{"outcome":
+    "slot_unavailable"}`` when the host or the booker is busy then."""
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM booking_create($1, $2, $3, $4, $5, $6)",
+            booker, host, start_at, end_at, key, request_hash,
+        )
+    except asyncpg.exceptions.ExclusionViolationError:
+        return {"outcome": "slot_unavailable"}
+    except asyncpg.exceptions.UniqueViolationError as exc:
+        if exc.constraint_name != _ACTIVE_START_INDEX:
+            raise
+        return {"outcome": "slot_unavailable"}
+    return dict(row)
+
+
+async def get_for(conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.UUID) -> asyncpg.Record | None:
+    """The booking if ``party`` is its booker or host; None otherwise."""
+    return await conn.fetchrow(
+        f"{BOOKING_SELECT} WHERE b.id = $1 AND (b.user_id = $2 OR b.host_id = $2)", booking_id, party
+    )
+
+
+async def cancel(
+    conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.UUID
+) -> tuple[str, asyncpg.Record | None, Decimal | None]:
+    """Cancel a confirmed booking before its start and refund the booker.
+
+    Returns (outcome, booking, booker balance); outcome is ``cancelled``,
+    ``unchanged`` (it already was), ``invalid_state`` or ``not_found``."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """SELECT user_id, status, start_at > now() AS before_start FROM bookings
+               WHERE id = $1 AND (user_id = $2 OR host_id = $2) FOR UPDATE""",
+            booking_id, party,
+        )
+        if row is None:
+            return "not_found", None, None
+        if row["status"] == "cancelled":
+            return "unchanged", await get_for(conn, booking_id, party), None
+        if row["status"] != "confirmed" or not row["before_start"]:
+            return "invalid_state", None, None
+        booker = row["user_id"]
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker)
+        await conn.execute(
+            "UPDATE bookings SET status = 'cancelled', updated_at = now() WHERE id = $1", booking_id
+        )
+        await conn.execute("DELETE FROM booking_busy WHERE booking_id = $1", booking_id)
+        # The refund's key is unique per booking: refunded at most once, whatever happens above.
+        await conn.execute(
+            """INSERT INTO payments (booking_id, user_id, amount, type, status, idempotency_key)
+               SELECT id, user_id, amount, 'refund', 'completed', 'refund:' || id FROM bookings WHERE id = $1""",
+            booking_id,
+        )
+        await conn.execute(
+            """INSERT INTO transactions (user_id, amount, type, reference_id)
+               SELECT user_id, amount, 'booking_refund', id FROM bookings WHERE id = $1""",
+            booking_id,
+        )
+        balance = await conn.fetchval(
+            """UPDATE users u SET balance = u.balance + b.amount FROM bookings b
+               WHERE b.id = $1 AND u.id = b.user_id RETURNING u.balance""",
+            booking_id,
+        )
+        return "cancelled", await get_for(conn, booking_id, party), balance
+
+
+async def list_for(
+    conn: asyncpg.Connection,
+    party: uuid.UUID,
+    role: str,
+    status: str | None,
+    after: tuple[dt.datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The party's bookings, newest start first, after the keyset cursor.
+
+    Each role is one walk of its (user, start_at desc, id desc) index; "any"
+    merges both walks (a booking never has the same user on both sides)."""
+    args: list[Any] = [party, limit]
+    filters = ""
+    if status is not None:
+        args.append(status)
+        filters += f" AND b.status = ${len(args)}"
+    if after is not None:
+        args.extend(after)
+        filters += f" AND (b.start_at, b.id) < (${len(args) - 1}, ${len(args)})"
+
+    def walk(column: str) -> str:
+        return f"""(SELECT {BOOKING_COLUMNS} FROM bookings b WHERE b.{column} = $1{filters}
+                    ORDER BY b.start_at DESC, b.id DESC LIMIT $2)"""
+
+    walks = {"booker": [walk("user_id")], "host": [walk("host_id")]}.get(role, [walk("user_id"), walk("host_id")])
+    return await conn.fetch(
+        f"""SELECT b.*, c.id AS conversation_id FROM ({" UNION ALL ".join(walks)}) b
+            LEFT JOIN conversations c ON c.booking_id = b.id
+            ORDER BY b.start_at DESC, b.id DESC LIMIT $2""",
+        *args,
+    )
+
+
+async def settle_due(conn: asyncpg.Connection, batch: int) -> tuple[list[asyncpg.Record], dict[uuid.UUID, Decimal]]:
+    """Complete up to ``batch`` confirmed bookings whose end has passed and
+    pay their hosts. Returns (completed bookings, new balance per host).
+
+    SKIP LOCKED lets any number of processes settle side by side, each
+    booking by exactly one; the payout key, unique per booking, makes a
+    second payout impossible even so."""
+    async with conn.transaction():
+        due = await conn.fetch(
+            """SELECT id, host_id FROM bookings
+               WHERE status = 'confirmed' AND end_at <= now()
+               ORDER BY end_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
+            batch,
+        )
+        if not due:
+            return [], {}
+        ids = [r["id"] for r in due]
+        await conn.execute(
+            "SELECT 1 FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE",
+            sorted({r["host_id"] for r in due}),
+        )
+        await conn.execute(
+            "UPDATE bookings SET status = 'completed', updated_at = now() WHERE id = ANY($1::uuid[])", ids
+        )
+        await conn.execute("DELETE FROM booking_busy WHERE booking_id = ANY($1::uuid[])", ids)
+        await conn.execute(
+            """INSERT INTO payments (booking_id, user_id, amount, type, status, idempotency_key)
+               SELECT id, host_id, amount, 'payout', 'completed', 'payout:' || id
+               FROM bookings WHERE id = ANY($1::uuid[])""",
+            ids,
+        )
+        await conn.execute(
+            """INSERT INTO transactions (user_id, amount, type, reference_id)
+               SELECT host_id, amount, 'booking_payout', id FROM bookings WHERE id = ANY($1::uuid[])""",
+            ids,
+        )
+        balances = await conn.fetch(
+            """UPDATE users u SET balance = u.balance + paid.total
+               FROM (SELECT host_id, sum(amount) AS total FROM bookings
+                     WHERE id = ANY($1::uuid[]) GROUP BY host_id) paid
+               WHERE u.id = paid.host_id RETURNING u.id, u.balance""",
+            ids,
+        )
+        completed = await conn.fetch(f"{BOOKING_SELECT} WHERE b.id = ANY($1::uuid[]) ORDER BY b.end_at", ids)
+        return completed, {r["id"]: r["balance"] for r in balances}

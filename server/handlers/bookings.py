@@ -1,0 +1,119 @@
+"""bookings.*: create, cancel, get, list."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import uuid
+from typing import Any
+
+from protocol.errors import ErrorCode, RpcError
+from protocol.models import bookings as m
+from protocol.models.wallet import WalletUpdatedEvent
+from server import events
+from server.cursors import decode_cursor, encode_cursor
+from server.db import bookings as bookings_db
+from server.rpc import Call, rpc
+
+# Outcomes of bookings_db.create that refuse the call.
+_REFUSED = {
+    "kyc_required": ErrorCode.KYC_REQUIRED,
+    "host_not_bookable": ErrorCode.HOST_NOT_BOOKABLE,
+    "not_found": ErrorCode.NOT_FOUND,
+    "conflict": ErrorCode.IDEMPOTENCY_CONFLICT,
+    "slot_unavailable": ErrorCode.SLOT_UNAVAILABLE,
+    "booker_unknown": ErrorCode.UNAUTHENTICATED,
+}
+
+
+def request_hash(p: m.CreateParams) -> bytes:
+    """What makes two calls with one key the same request (the user is
+    compared separately)."""
+    canonical = f"{p.host_id}|{p.start_at.isoformat()}|{p.end_at.isoformat()}"
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def _parties_written(row: dict[str, Any]) -> list[uuid.UUID] | None:
+    """Whose reads must see this call's write."""
+    if row["outcome"] == "created":
+        return [row["user_id"], row["host_id"]]
+    if row["outcome"] == "failed":
+        return [row["user_id"]]
+    return None
+
+
+def _booking(row: Any) -> m.Booking:
+    return m.Booking.model_validate(dict(row))
+
+
+@rpc("bookings.create", m.CreateParams)
+async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
+    services = call.services
+    row = await services.db.write(
+        _parties_written, bookings_db.create,
+        call.user_id, p.host_id, p.start_at, p.end_at, p.idempotency_key, request_hash(p),
+    )
+    outcome = row["outcome"]
+    if outcome in _REFUSED:
+        raise RpcError(_REFUSED[outcome])
+    if outcome in ("failed", "failed_replayed"):
+        raise RpcError(
+            ErrorCode.INSUFFICIENT_FUNDS,
+            data={"booking_id": str(row["id"]), "replayed": outcome == "failed_replayed"},
+        )
+    booking = _booking(row)
+    if outcome == "created":
+        await asyncio.gather(
+            events.to_users(services, [booking.user_id, booking.host_id], "booking.created", m.BookingEvent(booking=booking)),
+            events.to_users(services, [booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=row["balance"])),
+        )
+    return m.CreateResult(booking=booking, replayed=outcome == "replayed")
+
+
+@rpc("bookings.cancel", m.BookingIdParams)
+async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
+    services = call.services
+    outcome, row, balance = await services.db.write(
+        lambda r: [r[1]["user_id"], r[1]["host_id"]] if r[0] == "cancelled" else None,
+        bookings_db.cancel, p.booking_id, call.user_id,
+    )
+    if outcome == "not_found":
+        raise RpcError(ErrorCode.NOT_FOUND)
+    if outcome == "invalid_state":
+        raise RpcError(ErrorCode.INVALID_STATE, "only a confirmed booking can be cancelled, before it starts")
+    booking = _booking(row)
+    if outcome == "cancelled":
+        await asyncio.gather(
+            events.to_users(services, [booking.user_id, booking.host_id], "booking.cancelled", m.BookingEvent(booking=booking)),
+            events.to_users(services, [booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=balance)),
+        )
+    return m.CancelResult(booking=booking)
+
+
+@rpc("bookings.get", m.BookingIdParams)
+async def get(call: Call, p: m.BookingIdParams) -> m.Booking:
+    async with call.services.db.acquire_primary() as conn:
+        row = await bookings_db.get_for(conn, p.booking_id, call.user_id)
+    if row is None:
+        raise RpcError(ErrorCode.NOT_FOUND)
+    return _booking(row)
+
+
+def _aware(text: str) -> dt.datetime:
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError("naive time in cursor")
+    return when
+
+
+@rpc("bookings.list", m.ListParams)
+async def list_(call: Call, p: m.ListParams) -> m.ListResult:
+    after = decode_cursor(p.cursor, _aware, uuid.UUID)
+    rows = await call.services.db.read(
+        call.user_id, bookings_db.list_for, call.user_id, p.role, p.status, after, p.limit + 1
+    )
+    bookings = [_booking(r) for r in rows[: p.limit]]
+    last = bookings[-1] if bookings else None
+    next_cursor = encode_cursor(last.start_at.isoformat(), last.id) if last and len(rows) > p.limit else None
+    return m.ListResult(bookings=bookings, next_cursor=next_cursor)

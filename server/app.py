@@ -9,6 +9,7 @@ from aiohttp import web
 
 from server.config import Config
 from server.services import Services
+from server.settlement import Settlement
 
 log = logging.getLogger("hangout")
 
@@ -32,6 +33,7 @@ def create_app(config: Config) -> web.Application:
 async def _startup(app: web.Application) -> None:
     services = app[SERVICES]
     await services.start()
+    services.add_worker(Settlement(services))
     await services.start_workers()
 
 

@@ -72,6 +72,50 @@ async def set_kyc_status(conn: asyncpg.Connection, user_id: uuid.UUID, status: s
     return await get_own(conn, user_id), False
 
 
+def search_hosts_query(
+    caller: uuid.UUID,
+    start_at: dt.datetime | None,
+    end_at: dt.datetime | None,
+    min_price: Decimal | None,
+    max_price: Decimal | None,
+    gender: str | None,
+    after: tuple[Decimal, uuid.UUID] | None,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """The SQL and arguments of ``search_hosts`` (loadtests/explain_search.py
+    explains exactly this). Only the filters given appear in the statement:
+    a ``$n IS NULL OR ...`` form would stop a generic plan from using the
+    keyset and price bounds as index conditions."""
+    args: list[Any] = [caller, limit]
+    where = ["u.price_per_hour IS NOT NULL", "u.kyc_status = 'verified'", "u.id <> $1"]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if min_price is not None:
+        where.append(f"u.price_per_hour >= {arg(min_price)}")
+    if max_price is not None:
+        where.append(f"u.price_per_hour <= {arg(max_price)}")
+    if gender is not None:
+        where.append(f"u.gender = {arg(gender)}")
+    if after is not None:
+        where.append(f"(u.price_per_hour, u.id) > ({arg(after[0])}, {arg(after[1])})")
+    if start_at is not None and end_at is not None:
+        # Free for the whole range: no busy row of theirs (host or booker) touches it.
+        where.append(
+            f"""NOT EXISTS (SELECT 1 FROM booking_busy b WHERE b.user_id = u.id
+                    AND b.during && tstzrange({arg(start_at)}, {arg(end_at)}, '[)'))"""
+        )
+    # The first two conditions are the predicate of idx_users_bookable_price_id,
+    # which also yields rows in (price, id) order.
+    sql = f"""SELECT {PUBLIC_COLUMNS} FROM users u
+              WHERE {" AND ".join(where)}
+              ORDER BY u.price_per_hour, u.id
+              LIMIT $2"""
+    return sql, args
+
+
 async def search_hosts(
     conn: asyncpg.Connection,
     caller: uuid.UUID,
@@ -85,22 +129,8 @@ async def search_hosts(
 ) -> list[asyncpg.Record]:
     """Bookable hosts in (price, id) order, after the keyset cursor. With a
     range, only hosts with no active booking (as host or booker) touching it."""
-    return await conn.fetch(
-        f"""SELECT {PUBLIC_COLUMNS} FROM users u
-            WHERE u.price_per_hour IS NOT NULL AND u.kyc_status = 'verified'
-              AND u.id <> $1
-              AND ($4::numeric IS NULL OR u.price_per_hour >= $4)
-              AND ($5::numeric IS NULL OR u.price_per_hour <= $5)
-              AND ($6::text IS NULL OR u.gender = $6)
-              AND ($7::numeric IS NULL OR (u.price_per_hour, u.id) > ($7, $8::uuid))
-              AND ($2::timestamptz IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM booking_busy b
-                    WHERE b.user_id = u.id AND b.during && tstzrange($2, $3, '[)')))
-            ORDER BY u.price_per_hour, u.id
-            LIMIT $9""",
-        caller, start_at, end_at, min_price, max_price, gender,
-        after[0] if after else None, after[1] if after else None, limit,
-    )
+    sql, args = search_hosts_query(caller, start_at, end_at, min_price, max_price, gender, after, limit)
+    return await conn.fetch(sql, *args)
 
 
 async def busy_intervals(conn: asyncpg.Connection, user_id: uuid.UUID, start: dt.datetime, end: dt.datetime) -> list[asyncpg.Record] | None:

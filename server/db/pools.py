@@ -38,13 +38,21 @@ Writers = uuid.UUID | Iterable[uuid.UUID] | Callable[[Any], "uuid.UUID | Iterabl
 # Errors after which a replica is presumed dead and the read is retried on the primary.
 _REPLICA_FAILURES = (
     asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.QueryCanceledError,  # e.g. recovery conflict on the standby
+    # shutting down, cannot connect now, query canceled (e.g. a recovery
+    # conflict on the standby)
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.SerializationError,
     OSError,
     asyncio.TimeoutError,
 )
+
+# The contract promises a write an answer within 5 s even when the primary
+# does not answer at all (then ``unavailable``): every use of the primary by
+# ``write``/``read`` is cut off after this long. A replica that does not
+# answer a read within REPLICA_DEADLINE_S is skipped for the primary.
+PRIMARY_DEADLINE_S = 4.0
+REPLICA_DEADLINE_S = 2.0
 
 
 def parse_lsn(text: str | None) -> int:
@@ -119,8 +127,8 @@ class Database:
                 log.exception("replica health check failed")
 
     async def primary_lsn(self) -> int:
-        assert self.primary is not None
-        return parse_lsn(await self.primary.fetchval("SELECT pg_current_wal_lsn()::text", timeout=2))
+        async with self.acquire_primary(deadline=REPLICA_DEADLINE_S) as conn:
+            return parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
 
     async def check_replicas(self) -> None:
         if not self.replicas:
@@ -135,12 +143,13 @@ class Database:
         try:
             if replica.pool is None:
                 replica.pool = await asyncpg.create_pool(replica.url, **{**self._pool_args(), "min_size": 1, "timeout": 2})
-            lsn = await replica.pool.fetchval("SELECT pg_last_wal_replay_lsn()::text", timeout=2)
+            async with _Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:
+                lsn = await conn.fetchval("SELECT pg_last_wal_replay_lsn()::text")
         except Exception as exc:
             if replica.healthy:
                 log.warning("replica %s down: %r", redact(replica.url), exc)
             replica.healthy = False
-            replica.error = repr(exc)
+            replica.error = repr(exc.__cause__ or exc)
             replica.lag_bytes = None
             return
         replica.replay_lsn = parse_lsn(lsn)
@@ -158,7 +167,7 @@ class Database:
         position for each user in ``users`` so their next reads see it.
         ``users`` may be a function of the result (for a user just created)."""
         assert self.primary is not None
-        async with self.acquire_primary() as conn:
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             result = await query(conn, *args)
             if callable(users):
                 users = users(result)
@@ -168,9 +177,11 @@ class Database:
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
 
-    def acquire_primary(self):
+    def acquire_primary(self, deadline: float | None = None) -> "_Acquire":
+        """A primary connection; with ``deadline``, the whole use of it is cut
+        off (``unavailable``) after that many seconds (see ``_Acquire``)."""
         assert self.primary is not None
-        return _Acquire(self.primary, self.config.db_command_timeout_s)
+        return _Acquire(self.primary, self.config.db_command_timeout_s, deadline)
 
     async def remember_write(self, users: list[uuid.UUID], lsn_text: str) -> None:
         lsn = parse_lsn(lsn_text)
@@ -218,15 +229,19 @@ class Database:
         replica = self.pick_replica(await self.required_lsn(user)) if self.replicas else None
         if replica is not None:
             try:
-                async with _Acquire(replica.pool, 2.0) as conn:  # type: ignore[arg-type]
+                async with _Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:  # type: ignore[arg-type]
                     result = await query(conn, *args)
                 replica.served += 1
                 return result
-            except _REPLICA_FAILURES as exc:
-                log.warning("replica %s failed a read, using primary: %r", redact(replica.url), exc)
+            except (*_REPLICA_FAILURES, RpcError) as exc:
+                # RpcError: no connection could be had (see _Acquire); a dead
+                # replica must never fail a read that the primary can serve.
+                if isinstance(exc, RpcError) and exc.code is not ErrorCode.UNAVAILABLE:
+                    raise
+                log.warning("replica %s failed a read, using primary: %r", redact(replica.url), exc.__cause__ or exc)
                 replica.healthy = False
         self.primary_reads += 1
-        async with self.acquire_primary() as conn:
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             return await query(conn, *args)
 
 
@@ -242,22 +257,48 @@ return 1
 
 
 class _Acquire:
-    """Pool acquire that turns 'no connection in time' into ``unavailable``."""
+    """A pooled connection for one operation, bounded in time.
 
-    __slots__ = ("pool", "timeout", "conn")
+    Getting a connection waits at most ``timeout``; failing to get one is
+    ``unavailable``. With a ``deadline`` (seconds, counted from the acquire),
+    a connection still held when it passes is terminated: whatever awaits it
+    fails at once, and the operation ends ``unavailable``. asyncpg's own
+    timeouts bound each step (connect, each statement, the reset on release)
+    but not their sum, and a release after a cancelled statement waits for
+    a server that may never answer.
+    """
 
-    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+    __slots__ = ("pool", "timeout", "deadline", "conn", "expired", "_watchdog")
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float, deadline: float | None = None) -> None:
         self.pool = pool
-        self.timeout = timeout
+        self.timeout = timeout if deadline is None else min(timeout, deadline)
+        self.deadline = deadline
         self.conn = None
+        self.expired = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> asyncpg.Connection:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             self.conn = await self.pool.acquire(timeout=self.timeout)
         except (asyncio.TimeoutError, OSError, asyncpg.exceptions.PostgresConnectionError,
                 asyncpg.exceptions.CannotConnectNowError) as exc:
             raise RpcError(ErrorCode.UNAVAILABLE, "database unavailable, retry") from exc
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - (loop.time() - started))
+            self._watchdog = loop.call_later(left, self._expire)
         return self.conn
 
-    async def __aexit__(self, *exc: Any) -> None:
+    def _expire(self) -> None:
+        self.expired = True
+        log.warning("database did not answer within %.1fs, dropping the connection", self.deadline)
+        self.conn.terminate()  # type: ignore[union-attr]
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.pool.release(self.conn)
+        if self.expired and isinstance(exc, Exception) and not isinstance(exc, RpcError):
+            raise RpcError(ErrorCode.UNAVAILABLE, "database did not answer in time, retry") from exc

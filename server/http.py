@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import uuid
 
 from aiohttp import web
@@ -76,7 +77,8 @@ async def readyz(request: web.Request) -> web.Response:
 
     async def primary_ok() -> bool:
         try:
-            await asyncio.wait_for(db.primary.fetchval("SELECT 1"), 2.0)  # type: ignore[union-attr]
+            async with db.acquire_primary(deadline=2.0) as conn:
+                await conn.fetchval("SELECT 1")
             return True
         except Exception:
             return False
@@ -93,11 +95,15 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "primary": {"ok": primary},
         "replicas": [
-            {"url": redact(r.url), "ok": r.healthy, "lag_bytes": r.lag_bytes, "error": r.error}
+            {
+                "url": redact(r.url), "ok": r.healthy, "lag_bytes": r.lag_bytes, "error": r.error,
+                "replay_lsn": r.replay_lsn, "reads_served": r.served,
+            }
             for r in db.replicas
         ],
         "redis": {"ok": redis_up, "subscriber_connected": services.hub.connected.is_set()},
         "sockets": len(services.connections),
+        "pid": os.getpid(),  # tells the processes of WORKERS=N apart
     }
     body["ready"] = primary and redis_up
     return web.json_response(body, status=200 if body["ready"] else 503)

@@ -1,0 +1,148 @@
+"""Reads marked "Replica": read-your-writes across sockets and processes,
+reads by others served by the replica, and no read ever failing because a
+replica is behind or dead.
+
+Replay on the replica is paused with ``pg_wal_replay_pause()`` to make it lag
+on purpose (and always resumed), or the replica is stopped outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiohttp
+import pytest
+
+from server.db.pools import parse_lsn
+from tests.conftest import ServerProcess, register
+
+
+async def readyz(server: ServerProcess) -> dict:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(server.http + "/readyz") as r:
+            return await r.json()
+
+
+async def write_position(redis, *user_ids: str) -> int:
+    """The highest WAL position recorded for these users' writes."""
+    values = [await redis.get(f"ryw:{u}") for u in user_ids]
+    return max(int(v) for v in values if v is not None)
+
+
+async def until_replica_has_replayed(server: ServerProcess, position: int, timeout: float = 15.0) -> None:
+    """Bounded poll of the server's own view of the replica (its health loop
+    polls the replay position): nothing to await."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (replica,) = (await readyz(server))["replicas"]
+        if replica["ok"] and replica["replay_lsn"] >= position:
+            return
+        assert time.monotonic() < deadline, f"replica never replayed {position}: {replica}"
+        await asyncio.sleep(0.05)
+
+
+async def reads_served_by_replica(server: ServerProcess) -> int:
+    (replica,) = (await readyz(server))["replicas"]
+    return replica["reads_served"]
+
+
+@contextlib.asynccontextmanager
+async def replay_paused(replica_db):
+    await replica_db.execute("SELECT pg_wal_replay_pause()")
+    try:
+        yield
+    finally:
+        await replica_db.execute("SELECT pg_wal_replay_resume()")
+
+
+@pytest.fixture
+async def x_and_y(server, server2, redis):
+    """User X on both processes, user Y on process 2; the replica (as process
+    2 sees it) has replayed both registrations."""
+    x1 = await server.connect()
+    x = await register(x1, name="Old Name")
+    x2 = await server2.connect(access_token=x["access_token"])
+    y2 = await server2.connect()
+    y = await register(y2)
+    await until_replica_has_replayed(server2, await write_position(redis, x["user"]["id"], y["user"]["id"]))
+    yield x1, x2, y2, x["user"]["id"]
+    for c in (x1, x2, y2):
+        await c.close()
+
+
+async def test_a_user_reads_their_own_write_on_another_process_while_the_replica_lags(x_and_y, replica_db):
+    x1, x2, _, x_id = x_and_y
+    async with replay_paused(replica_db):
+        await x1.call("users.update", {"name": "New Name"})
+        assert (await x2.call("users.me"))["name"] == "New Name"
+        assert (await x2.call("users.get", {"user_id": x_id}))["name"] == "New Name"
+
+
+async def test_another_user_is_served_by_the_replica_and_may_see_the_old_value(x_and_y, replica_db, server2):
+    x1, _, y2, x_id = x_and_y
+    async with replay_paused(replica_db):
+        await x1.call("users.update", {"name": "New Name"})
+        served = await reads_served_by_replica(server2)
+        # Only a replica that has not replayed the update can still say this.
+        assert (await y2.call("users.get", {"user_id": x_id}))["name"] == "Old Name"
+        assert await reads_served_by_replica(server2) == served + 1
+    # Others see it "a little later": once replay resumes.
+    deadline = time.monotonic() + 10
+    while (await y2.call("users.get", {"user_id": x_id}))["name"] != "New Name":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_replica_lag_is_reported_in_readyz(server, replica_db):
+    async with await server.connect() as c:
+        await register(c)
+        async with replay_paused(replica_db):
+            await c.call("users.update", {"name": "Lagging"})
+            deadline = time.monotonic() + 10
+            while not ((replica := (await readyz(server))["replicas"][0])["lag_bytes"] or 0) > 0:
+                assert time.monotonic() < deadline, replica
+                await asyncio.sleep(0.05)
+            assert replica["ok"] is True  # a little lag is not a reason to skip it
+
+
+async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redis):
+    async with await server.connect() as x_client, await server.connect() as y_client:
+        x = await register(x_client, name="Host X")
+        y = await register(y_client, name="Reader Y")
+        x_id, y_id = x["user"]["id"], y["user"]["id"]
+        await until_replica_has_replayed(server, await write_position(redis, x_id, y_id))
+        # A process whose health loop will not look at the replica again for a
+        # minute after start: its reads keep going to the dead replica and
+        # must fall back to the primary.
+        blind = await ServerProcess(stack, REPLICA_CHECK_INTERVAL_S="60").start()
+        try:
+            async with await blind.connect(access_token=y["access_token"]) as y_blind:
+                assert (await y_blind.call("users.get", {"user_id": x_id}))["name"] == "Host X"
+                assert await reads_served_by_replica(blind) == 1
+
+                await asyncio.to_thread(stack.stop_replica)
+                try:
+                    for _ in range(3):
+                        assert (await y_blind.call("users.get", {"user_id": x_id}))["name"] == "Host X"
+                        assert (await y_blind.call("users.me"))["id"] == y_id
+                        assert (await y_client.call("users.get", {"user_id": x_id}))["name"] == "Host X"
+                        assert (await y_client.call("users.me"))["id"] == y_id
+                    (replica,) = (await readyz(blind))["replicas"]
+                    assert replica["ok"] is False
+                    # The process with a working health loop reports it down, and why.
+                    deadline = time.monotonic() + 10
+                    while not (replica := (await readyz(server))["replicas"][0])["error"]:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.05)
+                    assert replica["ok"] is False
+                    assert replica["lag_bytes"] is None
+                finally:
+                    await asyncio.to_thread(stack.start_replica)
+        finally:
+            await blind.stop()
+    deadline = time.monotonic() + 15
+    while not (await readyz(server))["replicas"][0]["ok"]:
+        assert time.monotonic() < deadline, "replica never came back"
+        await asyncio.sleep(0.1)

@@ -39,11 +39,16 @@ async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
 async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     cfg = call.services.config
     limiter = LoginLimiter(call.services.redis, cfg.login_max_failures, cfg.login_window_s)
-    await limiter.check(p.email)
-    row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
-    if not await tokens.verify_password(row["password_hash"] if row else None, p.password):
-        await limiter.record_failure(p.email)
+    await limiter.reserve(p.email)  # counted as a failure until proven otherwise
+    try:
+        row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
+        good = await tokens.verify_password(row["password_hash"] if row else None, p.password)
+    except Exception:
+        await limiter.release(p.email)  # not a wrong guess: we could not tell
+        raise
+    if not good:
         raise RpcError(ErrorCode.INVALID_CREDENTIALS, "wrong email or password")
+    await limiter.release(p.email)
     user = dict(row)
     del user["password_hash"]
     return await _open_session(call, OwnUser.model_validate(user))

@@ -1,0 +1,437 @@
+"""auth.*: register, login (and its rate limit), authenticate, refresh
+rotation, logout, tokens at the upgrade, and access-token expiry on a live
+socket."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+
+import aiohttp
+import jwt
+import pytest
+
+from protocol.client import Client
+from protocol.errors import RpcError
+from server.auth import issue_access_token
+from server.config import DEV_JWT_SECRET
+from tests.conftest import PASSWORD, ServerProcess, new_email, post_kyc, register
+
+UTC = dt.timezone.utc
+
+
+async def error_of(client: Client, method: str, params: dict | None = None) -> dict:
+    reply = await client.call_raw(method, params)
+    assert "error" in reply, reply
+    return reply["error"]
+
+
+def mint_access_token(user_id: str, ttl_s: int, family: str | None = None) -> str:
+    """A token exactly as the server issues them, with a chosen lifetime."""
+    return issue_access_token(DEV_JWT_SECRET, ttl_s, uuid.UUID(user_id), uuid.UUID(family or str(uuid.uuid4())))
+
+
+async def upgrade_status(server: ServerProcess, **kw) -> int:
+    async with aiohttp.ClientSession() as s:
+        try:
+            async with s.ws_connect(server.url, **kw):
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+# ---- register --------------------------------------------------------------
+
+
+async def test_register_trims_and_lowercases_the_email(server):
+    local = uuid.uuid4().hex[:12]
+    async with await server.connect() as c:
+        s = await c.call(
+            "auth.register",
+            {"email": f"  {local.upper()}@Example.TEST \n", "password": PASSWORD, "name": "Ann", "gender": "female"},
+        )
+        assert s["user"]["email"] == f"{local}@example.test"
+    async with await server.connect() as c:
+        s = await c.call("auth.login", {"email": f" {local}@EXAMPLE.test ", "password": PASSWORD})
+        assert s["user"]["email"] == f"{local}@example.test"
+
+
+async def test_a_new_user_is_kyc_pending_and_the_socket_is_authenticated(server):
+    async with await server.connect() as c:
+        s = await register(c, name="Bea", gender="f")
+        assert s["user"]["kyc_status"] == "pending"
+        assert s["user"]["balance"] == "0.00"
+        assert s["user"]["price_per_hour"] is None
+        assert s["access_token"] and s["refresh_token"]
+        me = await c.call("users.me")  # no further auth call needed
+        assert me["id"] == s["user"]["id"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("email", "not-an-email"),
+        ("email", "two@@example.test"),
+        ("email", "no-dot@example"),
+        ("email", "sp ace@example.test"),
+        ("email", ""),
+        ("password", "x" * 7),
+        ("password", "x" * 257),
+        ("name", ""),
+        ("name", "n" * 256),
+        ("gender", ""),
+        ("gender", "g" * 21),
+        ("password", 12345678),
+    ],
+)
+async def test_register_refuses_an_invalid_field(server, field, value):
+    params = {"email": new_email(), "password": PASSWORD, "name": "Ann", "gender": "female", field: value}
+    async with await server.connect() as c:
+        err = await error_of(c, "auth.register", params)
+        assert err["code"] == "invalid_params"
+        assert [e["field"] for e in err["data"]["errors"]] == [field]
+
+
+async def test_register_accepts_the_bounds_of_every_field(server):
+    async with await server.connect() as c:
+        s = await c.call(
+            "auth.register",
+            {"email": new_email(), "password": "p" * 8, "name": "n", "gender": "g" * 20},
+        )
+        assert s["user"]["gender"] == "g" * 20
+    async with await server.connect() as c:
+        s = await c.call(
+            "auth.register",
+            {"email": new_email(), "password": "p" * 256, "name": "n" * 255, "gender": "g"},
+        )
+        assert s["user"]["name"] == "n" * 255
+
+
+async def test_register_names_every_failing_field(server):
+    async with await server.connect() as c:
+        err = await error_of(c, "auth.register", {"email": "nope", "password": "short", "name": "", "gender": "g" * 21})
+        assert err["code"] == "invalid_params"
+        assert sorted(e["field"] for e in err["data"]["errors"]) == ["email", "gender", "name", "password"]
+
+
+async def test_register_with_an_email_in_use_is_email_taken_whatever_its_case(server):
+    email = new_email()
+    async with await server.connect() as c:
+        await register(c, email=email)
+    async with await server.connect() as c:
+        for taken in (email, email.upper(), f"  {email} "):
+            err = await error_of(c, "auth.register", {"email": taken, "password": PASSWORD, "name": "B", "gender": "m"})
+            assert err["code"] == "email_taken"
+        err = await error_of(c, "users.me")  # the failed registration did not authenticate
+        assert err["code"] == "unauthenticated"
+
+
+# ---- login -----------------------------------------------------------------
+
+
+async def test_login_returns_a_session_and_authenticates_the_socket(server):
+    email = new_email()
+    async with await server.connect() as c:
+        s = await register(c, email=email)
+    async with await server.connect() as c:
+        again = await c.call("auth.login", {"email": email, "password": PASSWORD})
+        assert again["user"] == s["user"]
+        assert again["refresh_token"] != s["refresh_token"]
+        assert (await c.call("users.me"))["id"] == s["user"]["id"]
+
+
+async def test_invalid_credentials_are_identical_for_an_unknown_email_and_a_wrong_password(server):
+    email = new_email()
+    async with await server.connect() as c:
+        await register(c, email=email)
+    async with await server.connect() as c:
+        wrong_password = await error_of(c, "auth.login", {"email": email, "password": "wrong password"})
+        unknown_email = await error_of(c, "auth.login", {"email": new_email(), "password": "wrong password"})
+        assert wrong_password["code"] == "invalid_credentials"
+        assert wrong_password == unknown_email  # same code, message and data
+        assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
+
+
+async def test_failed_logins_are_limited_per_email_across_processes(server, server2):
+    email = new_email()
+    async with await server.connect() as c:
+        await register(c, email=email)
+    async with await server.connect() as one, await server2.connect() as two:
+        started = time.monotonic()
+        for client in (one, two, one, two, one):  # 5 failures, on both processes
+            assert (await error_of(client, "auth.login", {"email": email, "password": "bad password"}))["code"] == (
+                "invalid_credentials"
+            )
+        for client, password in ((two, PASSWORD), (one, PASSWORD), (two, "bad password")):
+            err = await error_of(client, "auth.login", {"email": email.upper(), "password": password})
+            assert err["code"] == "rate_limited"
+            left = 60 - (time.monotonic() - started)
+            assert left - 1 <= err["data"]["retry_after"] <= 60
+        # Another email is not affected.
+        other = new_email()
+        await register(two, email=other)
+        assert (await two.call("auth.login", {"email": other, "password": PASSWORD}))["user"]["email"] == other
+
+
+async def test_concurrent_wrong_guesses_cannot_slip_under_the_limit(server, server2):
+    email = new_email()
+    async with await server.connect() as c:
+        await register(c, email=email)
+    async with await server.connect() as one, await server2.connect() as two:
+        replies = await asyncio.gather(
+            *(
+                client.call_raw("auth.login", {"email": email, "password": f"guess {i}"})
+                for i in range(15)
+                for client in (one, two)
+            )
+        )
+    codes = [r["error"]["code"] for r in replies]
+    assert codes.count("invalid_credentials") <= 5  # LOGIN_MAX_FAILURES
+    assert set(codes) == {"invalid_credentials", "rate_limited"}
+
+
+@pytest.fixture(scope="module")
+async def short_window_server(stack):
+    proc = await ServerProcess(stack, LOGIN_MAX_FAILURES="2", LOGIN_WINDOW_S="3").start()
+    yield proc
+    await proc.stop()
+
+
+async def test_the_login_window_is_fixed_from_the_first_failure_and_a_success_does_not_reset_it(short_window_server):
+    email = new_email()
+    async with await short_window_server.connect() as c:
+        await register(c, email=email)
+        first_failure = time.monotonic()
+        assert (await error_of(c, "auth.login", {"email": email, "password": "bad password"}))["code"] == (
+            "invalid_credentials"
+        )
+        await c.call("auth.login", {"email": email, "password": PASSWORD})  # does not reset the count
+        await asyncio.sleep(1.2)  # let part of the window pass: a sliding window would restart here
+        assert (await error_of(c, "auth.login", {"email": email, "password": "bad password"}))["code"] == (
+            "invalid_credentials"
+        )
+        limited = await error_of(c, "auth.login", {"email": email, "password": PASSWORD})
+        assert limited["code"] == "rate_limited"
+        retry_after = limited["data"]["retry_after"]
+        left = 3 - (time.monotonic() - first_failure)
+        assert left <= retry_after <= left + 1  # seconds left in the window, rounded up
+        await asyncio.sleep(retry_after)  # waiting out the window is the point
+        s = await c.call("auth.login", {"email": email, "password": PASSWORD})
+        assert s["user"]["email"] == email
+
+
+# ---- authenticate ----------------------------------------------------------
+
+
+async def test_authenticate_binds_a_socket(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    async with await server.connect() as c:
+        assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
+        result = await c.call("auth.authenticate", {"access_token": s["access_token"]})
+        assert result["user"]["id"] == s["user"]["id"]
+        assert result["user"]["email"] == s["user"]["email"]
+        assert (await c.call("users.me"))["id"] == s["user"]["id"]
+
+
+async def test_authenticate_rebinds_a_socket_to_another_user(server):
+    async with await server.connect() as c:
+        a = await register(c, name="A")
+        b = await register(c, name="B")  # registering again rebinds too
+        assert (await c.call("users.me"))["id"] == b["user"]["id"]
+        await c.call("auth.authenticate", {"access_token": a["access_token"]})
+        assert (await c.call("users.me"))["id"] == a["user"]["id"]
+        # Events about B no longer reach it; events about A do.
+        assert (await post_kyc(server, b["user"]["id"], "verified")).status == 200
+        assert (await post_kyc(server, a["user"]["id"], "rejected")).status == 200
+        event = await c.next_event("user.updated")
+        assert event["user"]["id"] == a["user"]["id"]
+
+
+async def test_an_expired_token_is_token_expired(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        expired = mint_access_token(s["user"]["id"], -5)
+        assert (await error_of(c, "auth.authenticate", {"access_token": expired}))["code"] == "token_expired"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "garbage",
+        "a.b.c",
+        jwt.encode({"sub": str(uuid.uuid4()), "exp": int(time.time()) + 600, "typ": "access"}, "another-secret-of-the-same-length-as-ours", "HS256"),
+        jwt.encode({"sub": str(uuid.uuid4()), "exp": int(time.time()) + 600, "typ": "refresh"}, DEV_JWT_SECRET, "HS256"),
+        jwt.encode({"sub": "not-a-uuid", "exp": int(time.time()) + 600, "typ": "access"}, DEV_JWT_SECRET, "HS256"),
+        jwt.encode({"sub": str(uuid.uuid4()), "typ": "access"}, DEV_JWT_SECRET, "HS256"),  # no exp
+    ],
+    ids=["empty", "garbage", "three-parts", "wrong-secret", "not-access", "bad-subject", "no-exp"],
+)
+async def test_an_invalid_token_is_unauthenticated(server, token):
+    async with await server.connect() as c:
+        err = await error_of(c, "auth.authenticate", {"access_token": token})
+        assert err["code"] == "unauthenticated"
+
+
+async def test_a_refresh_token_is_not_an_access_token(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        err = await error_of(c, "auth.authenticate", {"access_token": s["refresh_token"]})
+        assert err["code"] == "unauthenticated"
+
+
+async def test_a_token_of_an_unknown_user_is_unauthenticated(server):
+    async with await server.connect() as c:
+        err = await error_of(c, "auth.authenticate", {"access_token": mint_access_token(str(uuid.uuid4()), 600)})
+        assert err["code"] == "unauthenticated"
+
+
+async def test_a_failed_authenticate_keeps_the_earlier_binding(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        for token in ("", "garbage", mint_access_token(s["user"]["id"], -5)):
+            await error_of(c, "auth.authenticate", {"access_token": token})
+            assert (await c.call("users.me"))["id"] == s["user"]["id"]
+
+
+# ---- refresh and logout ----------------------------------------------------
+
+
+async def test_refresh_rotates_the_refresh_token_and_issues_a_working_access_token(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    async with await server.connect() as c:
+        fresh = await c.call("auth.refresh", {"refresh_token": s["refresh_token"]})
+        assert fresh["refresh_token"] != s["refresh_token"]
+        assert (await c.call("auth.authenticate", {"access_token": fresh["access_token"]}))["user"]["id"] == s["user"]["id"]
+        newer = await c.call("auth.refresh", {"refresh_token": fresh["refresh_token"]})
+        assert newer["refresh_token"] not in (s["refresh_token"], fresh["refresh_token"])
+
+
+async def test_a_reused_refresh_token_is_refused_and_revokes_its_whole_family(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        r1 = (await c.call("auth.refresh", {"refresh_token": s["refresh_token"]}))["refresh_token"]
+        reuse = await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]})
+        assert reuse["code"] == "invalid_credentials"
+        # The newest token of the family, never used, is refused too.
+        assert (await error_of(c, "auth.refresh", {"refresh_token": r1}))["code"] == "invalid_credentials"
+        # Another session (another family) of the same user is unaffected.
+        other = await c.call("auth.login", {"email": s["user"]["email"], "password": PASSWORD})
+        assert await c.call("auth.refresh", {"refresh_token": other["refresh_token"]})
+
+
+async def test_an_unknown_refresh_token_is_invalid_credentials(server):
+    async with await server.connect() as c:
+        for token in ("", "made-up", "x" * 512):
+            assert (await error_of(c, "auth.refresh", {"refresh_token": token}))["code"] == "invalid_credentials"
+
+
+async def test_logout_revokes_the_family_and_unauthenticates_the_socket(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        other = await c.call("auth.login", {"email": s["user"]["email"], "password": PASSWORD})
+        await c.call("auth.authenticate", {"access_token": s["access_token"]})
+        assert await c.call("auth.logout") == {}
+        assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
+        assert (await error_of(c, "auth.logout"))["code"] == "unauthenticated"
+        assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
+        # Only the family of the socket's token is revoked.
+        assert await c.call("auth.refresh", {"refresh_token": other["refresh_token"]})
+
+
+async def test_logout_leaves_the_users_events(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        await c.call("auth.logout")
+        other = await register(c)  # same socket, now someone else
+        assert (await post_kyc(server, s["user"]["id"], "verified")).status == 200
+        assert (await post_kyc(server, other["user"]["id"], "verified")).status == 200
+        assert (await c.next_event("user.updated"))["user"]["id"] == other["user"]["id"]
+
+
+# ---- tokens at the upgrade -------------------------------------------------
+
+
+async def test_a_token_at_the_upgrade_authenticates_by_header_or_query(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    async with await server.connect(access_token=s["access_token"]) as c:
+        assert (await c.call("users.me"))["id"] == s["user"]["id"]
+    async with await server.connect(access_token=s["access_token"], token_in_query=True) as c:
+        assert (await c.call("users.me"))["id"] == s["user"]["id"]
+
+
+async def test_a_bad_or_expired_token_at_the_upgrade_is_401_before_upgrading(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    expired = mint_access_token(s["user"]["id"], -5)
+    for kw in (
+        {"headers": {"Authorization": "Bearer garbage"}},
+        {"headers": {"Authorization": f"Bearer {expired}"}},
+        {"headers": {"Authorization": f"Basic {s['access_token']}"}},
+        {"headers": {"Authorization": "Bearer "}},
+        {"params": {"access_token": "garbage"}},
+        {"params": {"access_token": expired}},
+        {"params": {"access_token": ""}},
+    ):
+        assert await upgrade_status(server, **kw) == 401, kw
+    assert await upgrade_status(server, headers={"Authorization": f"Bearer {s['access_token']}"}) == 101
+
+
+async def test_a_protected_call_without_authentication_is_unauthenticated(server):
+    async with await server.connect() as c:
+        for method, params in (("users.me", {}), ("users.update", {"name": "X"}), ("users.get", {"user_id": str(uuid.uuid4())})):
+            assert (await error_of(c, method, params))["code"] == "unauthenticated"
+
+
+# ---- access-token expiry on a live socket ----------------------------------
+
+
+@pytest.fixture(scope="module")
+async def short_token_server(stack):
+    proc = await ServerProcess(stack, ACCESS_TOKEN_TTL_S="2").start()
+    yield proc
+    await proc.stop()
+
+
+async def test_an_expiring_token_is_announced_then_calls_get_token_expired_until_reauthentication(short_token_server):
+    async with await short_token_server.connect() as c:
+        s = await register(c)
+        # Less than 60 s left when bound: announced at once.
+        expiring = await c.next_event("auth.expiring", timeout=1.5)
+        expires_at = expiring["expires_at"]
+        assert isinstance(expires_at, dt.datetime)
+        assert 0 < (expires_at - dt.datetime.now(UTC)).total_seconds() <= 2
+        # Nothing is pushed at expiry: wait for the moment itself.
+        await asyncio.sleep((expires_at - dt.datetime.now(UTC)).total_seconds() + 0.05)
+        assert (await error_of(c, "users.me"))["code"] == "token_expired"
+        assert (await error_of(c, "users.update", {"name": "Late"}))["code"] == "token_expired"
+        assert not c.closed.is_set()  # the socket stays open
+        fresh = await c.call("auth.refresh", {"refresh_token": s["refresh_token"]})
+        await c.call("auth.authenticate", {"access_token": fresh["access_token"]})
+        assert (await c.call("users.me"))["id"] == s["user"]["id"]
+
+
+async def test_a_token_bound_at_the_upgrade_is_announced_too(short_token_server):
+    async with await short_token_server.connect() as c:
+        s = await register(c)
+    async with await short_token_server.connect(access_token=s["access_token"]) as c:
+        assert (await c.next_event("auth.expiring", timeout=1.5))["expires_at"]
+
+
+async def test_auth_expiring_comes_60_seconds_before_expiry(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        # A 15-minute token was bound at registration: nothing is announced.
+        token = mint_access_token(s["user"]["id"], 62)
+        bound = time.monotonic()
+        await c.call("auth.authenticate", {"access_token": token})
+        expiring = await c.next_event("auth.expiring", timeout=5)
+        waited = time.monotonic() - bound
+        assert 0.5 <= waited <= 3.5, waited  # 62 s - 60 s, give or take the second-granular exp
+        assert expiring["expires_at"] == dt.datetime.fromtimestamp(jwt.decode(token, options={"verify_signature": False})["exp"], UTC)
+        assert c.drain_events() == []  # one announcement, not one for the first binding

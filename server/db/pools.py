@@ -67,6 +67,15 @@ def redact(url: str) -> str:
     return f"{u.hostname}:{u.port or 5432}{u.path}"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset on release. asyncpg has already rolled back any open
+    transaction; its default would then send ``SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`` - a second round trip per query. Pooled
+    connections never hold session state here (no SET, LISTEN, cursors or
+    session advisory locks; migrations use a connection of their own), so
+    there is nothing to undo."""
+
+
 @dataclass
 class Replica:
     url: str
@@ -98,6 +107,7 @@ class Database:
             command_timeout=c.db_command_timeout_s,
             timeout=c.db_command_timeout_s,  # connect timeout
             max_inactive_connection_lifetime=300,
+            reset=_keep_session,
         )
 
     async def start(self) -> None:

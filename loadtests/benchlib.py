@@ -87,6 +87,7 @@ class Server:
 
     stack: Stack
     env: dict[str, str] = field(default_factory=dict)
+    root: Path = ROOT  # another checkout (git worktree) runs that code instead, for A/B runs
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -117,7 +118,9 @@ class Server:
             PYTHONUNBUFFERED="1",
         )
         env.update(self.env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env)
+        # ``-m`` puts the working directory first on sys.path, so ``root``'s
+        # code is the code that runs, whatever the venv has installed.
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=self.root, env=env)
         wait_http(self.http + "/healthz", self.proc)
         return self
 

@@ -116,7 +116,10 @@ async def kyc_webhook(request: web.Request) -> web.Response:
     raw = await request.read()
     expected = hmac.new(services.config.kyc_webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
     given = request.headers.get("X-Signature", "")
-    if not (given.startswith("sha256=") and hmac.compare_digest(given[7:].lower(), expected)):
+    # Compared as bytes: compare_digest refuses str with non-ASCII characters
+    # (a 500), and header values may hold any byte.
+    given_digest = given[7:].lower().encode("utf-8", "surrogateescape")
+    if not (given.startswith("sha256=") and hmac.compare_digest(given_digest, expected.encode())):
         return web.json_response({"error": "bad signature"}, status=401)
     try:
         body = json.loads(raw)

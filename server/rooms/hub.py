@@ -3,8 +3,15 @@
 Channels: ``u:<user id>`` for events about a user, ``c:<conversation id>``
 for a chat room. Local sockets follow channels; the process subscribes on a
 channel's first local follower and unsubscribes after its last. A published
-payload is a 16-byte envelope (the user to skip, or zeros) followed by the
-already-encoded event frame, so receiving processes forward bytes as they are.
+payload is a 24-byte envelope (the user to skip or zeros, then the message
+``seq`` or zero, big-endian) followed by the already-encoded event frame, so
+receiving processes forward bytes as they are.
+
+Sockets in a chat room follow it through a ``Membership`` that drops what the
+socket already has (by seq). Messages that live delivery lost (Redis away,
+a publish that failed after commit) are fetched back from PostgreSQL through
+``backfill``: for every room after its subscription is made again, and for a
+room whose seq hole stays open for ``GAP_GRACE_S``.
 
 The subscriber speaks RESP directly over one asyncio stream: subscribing is
 then a non-blocking write, and reconnecting (which re-subscribes every
@@ -17,18 +24,25 @@ import asyncio
 import collections
 import logging
 import uuid
-from typing import TYPE_CHECKING, Protocol
+from typing import Awaitable, Callable, Protocol
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-if TYPE_CHECKING:
-    pass
+from server.rooms.membership import Membership
 
 log = logging.getLogger("hangout.rooms")
 
 NO_ONE = bytes(16)
+ENVELOPE = 24  # skip user (16) + seq (8)
+GAP_GRACE_S = 0.5  # a seq hole open this long is filled from PostgreSQL
+REPAIR_PAGE = 200
+REPAIR_RETRY_S = 1.0
+PING_INTERVAL_S = 5.0  # the subscriber pings Redis; silence for 3 intervals = dead link
+
+# (channel, after_seq, limit) -> [(seq, encoded chat.message frame)] in seq order
+Backfill = Callable[[str, int, int], Awaitable[list[tuple[int, bytes]]]]
 
 
 class Follower(Protocol):
@@ -52,13 +66,18 @@ class Hub:
         self._password = url.password
         self._username = url.username
         self.publisher = publisher
-        self._followers: dict[str, set[Follower]] = {}
+        # channel -> its local followers; a room member maps to its Membership
+        self._followers: dict[str, dict[Follower, Membership | None]] = {}
         self._channels_of: dict[Follower, set[str]] = {}
         self._pending: dict[str, collections.deque[asyncio.Future]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
         self.delivered = 0
+        self.backfill: Backfill | None = None
+        self._stale: set[str] = set()  # rooms to repair once subscribed again
+        self._repairs: dict[str, asyncio.TimerHandle | asyncio.Task] = {}
+        self.repaired = 0  # messages given from PostgreSQL, for tests and /readyz
 
     # ---- naming ----------------------------------------------------------
 
@@ -74,15 +93,49 @@ class Hub:
 
     def follow(self, follower: Follower, channel: str) -> asyncio.Future | None:
         """Add a follower. Returns a future that resolves once Redis has
-        confirmed the subscription (None when it already was in effect)."""
+        confirmed the subscription (None when it already was in effect, or
+        Redis is down: it is made on reconnect)."""
+        return self._add(follower, channel, None)
+
+    def join(self, follower: Follower, channel: str, user_id: uuid.UUID) -> tuple[Membership, asyncio.Future | None]:
+        """Make ``follower`` a member of a room, holding its events until the
+        join's read is done (``Membership.end_join`` then ``release``)."""
+        followers = self._followers.get(channel)
+        member = followers.get(follower) if followers is not None else None
+        if member is None or not member.current:
+            member = Membership(follower, channel, user_id)
+        member.begin_join()
+        return member, self._add(follower, channel, member)
+
+    def _add(self, follower: Follower, channel: str, member: Membership | None) -> asyncio.Future | None:
         self._channels_of.setdefault(follower, set()).add(channel)
         followers = self._followers.get(channel)
         if followers is not None:
-            followers.add(follower)
+            followers[follower] = member
             pending = self._pending.get(channel)
             return pending[-1] if pending else None
-        self._followers[channel] = {follower}
+        self._followers[channel] = {follower: member}
         return self._send_subscribe(channel)
+
+    def membership(self, follower: Follower, channel: str) -> Membership | None:
+        followers = self._followers.get(channel)
+        member = followers.get(follower) if followers is not None else None
+        return member if member is not None and member.current else None
+
+    def release(self, member: Membership, held: list[tuple[int, bytes]]) -> None:
+        """Give a member the events held during its join (after its reply)."""
+        if self._followers.get(member.channel, {}).get(member.follower) is not member:
+            return  # left (or the socket closed) meanwhile
+        for seq, frame in held:
+            member.offer(seq, frame)
+        self._watch_gap(member)
+
+    def mark_stale(self, channel: str) -> None:
+        """The subscription of ``channel`` may have missed messages: repair
+        the room from PostgreSQL once it is confirmed."""
+        self._stale.add(channel)
+        if self._writer is not None and channel not in self._pending:
+            self._schedule_repair(channel, 0)
 
     def unfollow(self, follower: Follower, channel: str) -> None:
         chans = self._channels_of.get(follower)
@@ -93,9 +146,11 @@ class Hub:
         followers = self._followers.get(channel)
         if followers is None:
             return
-        followers.discard(follower)
+        followers.pop(follower, None)
         if not followers:
             del self._followers[channel]
+            self._stale.discard(channel)
+            self._cancel_repair(channel)
             self._write(_cmd(b"UNSUBSCRIBE", channel.encode()))
 
     def unfollow_all(self, follower: Follower) -> None:
@@ -113,10 +168,10 @@ class Hub:
 
     # ---- publishing ------------------------------------------------------
 
-    async def publish(self, channel: str, frame: bytes, skip_user: uuid.UUID | None = None) -> bool:
+    async def publish(self, channel: str, frame: bytes, skip_user: uuid.UUID | None = None, seq: int = 0) -> bool:
         """Publish after commit. Never raises: with Redis down the change is
         already durable and clients recover it from PostgreSQL."""
-        envelope = (skip_user.bytes if skip_user is not None else NO_ONE) + frame
+        envelope = (skip_user.bytes if skip_user is not None else NO_ONE) + seq.to_bytes(8, "big") + frame
         try:
             await self.publisher.publish(channel, envelope)
             return True
@@ -135,7 +190,8 @@ class Hub:
 
     def _send_subscribe(self, channel: str) -> asyncio.Future | None:
         if self._writer is None:
-            return None  # subscribed on (re)connect
+            self._stale.add(channel)  # subscribed, then repaired, on reconnect
+            return None
         fut = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, collections.deque()).append(fut)
         self._write(_cmd(b"SUBSCRIBE", channel.encode()))
@@ -149,6 +205,8 @@ class Hub:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for channel in list(self._repairs):
+            self._cancel_repair(channel)
         self._drop_connection()
 
     def _drop_connection(self) -> None:
@@ -156,6 +214,8 @@ class Hub:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        # Whatever was published while we are away is fetched back later.
+        self._stale.update(self._followers)
         for futs in self._pending.values():
             for fut in futs:
                 if not fut.done():
@@ -179,6 +239,10 @@ class Hub:
                 await self._session(reader, writer)
             except (OSError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
                 log.warning("redis subscriber connection lost: %r", exc)
+            except Exception:
+                # Never let live delivery die silently: log and reconnect.
+                log.exception("redis subscriber failed")
+                await asyncio.sleep(backoff)
             finally:
                 if self._writer is writer:
                     self._drop_connection()
@@ -198,21 +262,41 @@ class Hub:
         for channel in channels:
             fut = loop.create_future()
             self._pending.setdefault(channel, collections.deque()).append(fut)
-        # Even with no channels, a PING proves the link before we call it up.
-        if channels:
-            for i in range(0, len(channels), 1000):
-                writer.write(_cmd(b"SUBSCRIBE", *(c.encode() for c in channels[i : i + 1000])))
+        for i in range(0, len(channels), 1000):
+            writer.write(_cmd(b"SUBSCRIBE", *(c.encode() for c in channels[i : i + 1000])))
         self.connected.set()
         log.info("redis subscriber connected, %d channels", len(channels))
-        await self._read_pushes(reader)
+        self._last_rx = loop.time()
+        pinger = asyncio.create_task(self._keepalive(writer), name="rooms-subscriber-ping")
+        try:
+            await self._read_pushes(reader)
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+
+    async def _keepalive(self, writer: asyncio.StreamWriter) -> None:
+        """A Redis that vanished without closing the TCP connection would
+        leave us subscribed to nothing, forever: ping it, and drop the link
+        when it stays silent."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PING_INTERVAL_S)
+            if loop.time() - self._last_rx > 3 * PING_INTERVAL_S:
+                log.warning("redis subscriber silent for %.0f s, reconnecting", loop.time() - self._last_rx)
+                writer.transport.abort()
+                return
+            if not writer.is_closing():
+                writer.write(_cmd(b"PING"))
 
     async def _read_pushes(self, reader: asyncio.StreamReader) -> None:
         readline = reader.readline
         readexactly = reader.readexactly
+        loop = asyncio.get_running_loop()
         while True:
             header = await readline()
             if not header:
                 raise ConnectionError("redis closed the connection")
+            self._last_rx = loop.time()
             if header[:1] != b"*":
                 if header[:1] == b"-":
                     log.error("redis subscriber error: %r", header)
@@ -233,26 +317,127 @@ class Hub:
             if kind == b"message":
                 self._deliver(parts[1].decode(), parts[2])  # type: ignore[union-attr,arg-type]
             elif kind == b"subscribe":
-                futs = self._pending.get(parts[1].decode())  # type: ignore[union-attr]
-                if futs:
-                    fut = futs.popleft()
-                    if not fut.done():
-                        fut.set_result(True)
-                    if not futs:
-                        del self._pending[parts[1].decode()]  # type: ignore[union-attr]
+                self._confirmed(parts[1].decode())  # type: ignore[union-attr]
+
+    def _confirmed(self, channel: str) -> None:
+        futs = self._pending.get(channel)
+        if futs:
+            fut = futs.popleft()
+            if not fut.done():
+                fut.set_result(True)
+            if not futs:
+                del self._pending[channel]
+        if channel in self._stale and channel not in self._pending:
+            self._stale.discard(channel)
+            self._schedule_repair(channel, 0)
 
     def _deliver(self, channel: str, payload: bytes) -> None:
         followers = self._followers.get(channel)
         if not followers:
             return
         skip = payload[:16]
-        frame = payload[16:]
-        if skip == NO_ONE:
-            for f in list(followers):
-                f.send_event(frame)
-        else:
-            skip_user = uuid.UUID(bytes=skip)
-            for f in list(followers):
-                if f.user_id != skip_user:
+        seq = int.from_bytes(payload[16:ENVELOPE], "big")
+        frame = payload[ENVELOPE:]
+        skip_user = None if skip == NO_ONE else uuid.UUID(bytes=skip)
+        for f, member in list(followers.items()):
+            if skip_user is not None and f.user_id == skip_user:
+                continue
+            try:
+                if member is None:
                     f.send_event(frame)
+                elif not member.current:
+                    # The socket was bound to another user since it joined.
+                    self.unfollow(f, channel)
+                else:
+                    member.offer(seq, frame)
+                    if member.ahead:
+                        self._watch_gap(member)
+            except Exception:
+                log.exception("delivery on %s failed", channel)
         self.delivered += 1
+
+    # ---- repair from PostgreSQL --------------------------------------------
+
+    def _watch_gap(self, member: Membership) -> None:
+        """A hole below ``member.ahead``: give the missing publish a moment,
+        then fetch whatever is still missing."""
+        if member.ahead and member.waiting_for is None and member.done is not None:
+            member.waiting_for = member.done + 1
+            if member.channel not in self._repairs:
+                self._schedule_repair(member.channel, GAP_GRACE_S)
+
+    def _schedule_repair(self, channel: str, delay: float) -> None:
+        if channel in self._repairs or self.backfill is None:
+            return
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            self._repairs[channel] = loop.call_later(delay, self._gap_due, channel)
+        else:
+            self._repairs[channel] = loop.create_task(self._repair(channel), name=f"rooms-repair-{channel}")
+
+    def _cancel_repair(self, channel: str) -> None:
+        pending = self._repairs.pop(channel, None)
+        if pending is not None:
+            pending.cancel()
+
+    def _gap_due(self, channel: str) -> None:
+        self._repairs.pop(channel, None)
+        members = self._members(channel)
+        missing = False
+        for m in members:
+            if m.waiting_for is not None and m.done is not None and m.done < m.waiting_for:
+                missing = True
+            m.waiting_for = None
+        if missing:
+            self._schedule_repair(channel, 0)
+        else:
+            for m in members:  # holes that opened after the first one
+                self._watch_gap(m)
+
+    def _members(self, channel: str) -> list[Membership]:
+        return [m for m in self._followers.get(channel, {}).values() if m is not None and m.live and m.current]
+
+    async def _repair(self, channel: str, attempt: int = 0) -> None:
+        try:
+            assert self.backfill is not None
+            last_low = None
+            while True:
+                members = self._members(channel)
+                if not members:
+                    return
+                low = min(m.done for m in members)  # type: ignore[type-var]
+                if low == last_low:
+                    return
+                last_low = low
+                batch = await self.backfill(channel, low, REPAIR_PAGE)  # type: ignore[arg-type]
+                for seq, frame in batch:
+                    for m in self._members(channel):
+                        before = m.done
+                        m.offer(seq, frame)
+                        if m.done != before:
+                            self.repaired += 1
+                if len(batch) < REPAIR_PAGE:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("repair of %s failed (attempt %d): %r", channel, attempt + 1, exc)
+            if attempt < 10:
+                self._repairs.pop(channel, None)
+                loop = asyncio.get_running_loop()
+                self._repairs[channel] = loop.call_later(
+                    REPAIR_RETRY_S, lambda: self._retry_repair(channel, attempt + 1)
+                )
+                return
+        finally:
+            if self._repairs.get(channel) is asyncio.current_task():
+                del self._repairs[channel]
+                # Holes that opened while we were reading are watched afresh.
+                for m in self._members(channel):
+                    m.waiting_for = None
+                    self._watch_gap(m)
+
+    def _retry_repair(self, channel: str, attempt: int) -> None:
+        self._repairs.pop(channel, None)
+        if channel in self._followers:
+            self._repairs[channel] = asyncio.get_running_loop().create_task(self._repair(channel, attempt))

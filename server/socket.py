@@ -36,6 +36,7 @@ CLOSE_POLICY = 1008  # too many bad frames
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013  # outgoing queue overflow
 CLOSE_GOING_AWAY = 1001  # server shutdown
+SLOW_PEER_CLOSE_S = 10.0  # how long a 1013 close frame may wait for a stalled peer
 MAX_UINT64 = 2**64 - 1
 
 _UNAVAILABLE_ERRORS = (
@@ -116,6 +117,7 @@ class Connection:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._close_code: int | None = None
         self._flushed: asyncio.Future | None = None  # set by drain() at shutdown
+        self._sending = False  # the writer is inside send_bytes
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -165,12 +167,25 @@ class Connection:
         """Close with ``code``; safe to call from any task, any number of times."""
         if self._close_code is not None:
             return
+        self._stop_output(code)
+        await self._send_close(code, message)
+
+    def _stop_output(self, code: int) -> None:
+        """From now on nothing more is queued for this socket, and it leaves
+        every channel at once rather than when its reader notices."""
         self._close_code = code
         self.closing = True
         self._out.clear()
         self._out_event_bytes = 0
+        self.services.hub.forget(self)
+
+    async def _send_close(self, code: int, message: str) -> None:
+        # The close frame goes behind what the transport and the kernel
+        # already hold. A peer that stopped reading sees it only once it reads
+        # all that, so it gets longer before the connection is cut.
+        timeout = SLOW_PEER_CLOSE_S if code == CLOSE_TRY_AGAIN else 2.0
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), 2.0)
+            await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), timeout)
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
             # A peer that reads nothing cannot take a close frame either.
             transport = self.ws._req.transport if self.ws._req is not None else None
@@ -201,9 +216,13 @@ class Connection:
         if self.closing:
             return
         self._out_event_bytes += len(frame)
-        if self._out_event_bytes > self.config.outgoing_queue_max_bytes:
+        # Over the bound while the writer waits for the peer to take bytes: the
+        # peer is not reading. (A burst delivered within one loop turn, before
+        # the writer has run at all, is not the peer's doing.)
+        if self._sending and self._out_event_bytes > self.config.outgoing_queue_max_bytes:
             log.info("socket %s: outgoing queue over bound, closing 1013", self.id)
-            self.services.spawn(self.close(CLOSE_TRY_AGAIN, "outgoing queue full"))
+            self._stop_output(CLOSE_TRY_AGAIN)  # at once: a burst must not queue more
+            self.services.spawn(self._send_close(CLOSE_TRY_AGAIN, "outgoing queue full"))
             return
         self._out.append((frame, True))
         self._wake.set()
@@ -218,10 +237,15 @@ class Connection:
                 frame, is_event = out.popleft()
                 if is_event:
                     self._out_event_bytes -= len(frame)
+                # Only observable by others while send_bytes is suspended,
+                # i.e. waiting for the transport to drain.
+                self._sending = True
                 try:
                     await ws.send_bytes(frame)
                 except (ConnectionError, RuntimeError):
                     return
+                finally:
+                    self._sending = False
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(None)
 

@@ -1,0 +1,149 @@
+"""SQL of chat: conversations, messages, the inbox.
+
+Every query that serves a caller checks in SQL that the caller is one of the
+conversation's two parties; None means "not found" to the handler, whether
+the conversation does not exist or belongs to others.
+
+A message's ``seq`` comes from ``conversations.last_seq``, bumped in the
+statement that inserts the message: the row lock serialises senders of one
+conversation, and the statement commits or fails whole, so seqs have no gaps.
+Because they have none, "the latest 50" or "the 500 after since_seq" are seq
+ranges read straight from the (conversation_id, seq) index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import asyncpg
+
+CONVERSATION_COLUMNS = "id, booking_id, user_id, host_id, created_at, last_seq"
+MESSAGE_COLUMNS = "id, conversation_id, seq, sender_id, content, created_at, client_msg_id"
+_PARTY = "(user_id = $2 OR host_id = $2)"
+
+
+async def get_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, user_id: uuid.UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND {_PARTY}",
+        conversation_id, user_id,
+    )
+
+
+# One statement, so one round trip and an atomic bump + insert. With a
+# client_msg_id already stored by this sender nothing is bumped or inserted.
+_SEND = f"""
+WITH bumped AS (
+  UPDATE conversations
+     SET last_seq = last_seq + 1, last_activity_at = greatest(last_activity_at, now())
+   WHERE id = $1 AND {_PARTY}
+     AND ($4::uuid IS NULL OR NOT EXISTS (
+           SELECT 1 FROM messages WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $4))
+  RETURNING id, last_seq
+)
+INSERT INTO messages (conversation_id, sender_id, content, seq, client_msg_id)
+SELECT id, $2, $3, last_seq, $4 FROM bumped
+RETURNING {MESSAGE_COLUMNS}
+"""
+
+
+async def send_message(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, sender_id: uuid.UUID, content: str, client_msg_id: uuid.UUID | None
+) -> tuple[asyncpg.Record, bool] | None:
+    """Store a message. Returns (message, stored_now): stored_now is False
+    when ``client_msg_id`` names a message this sender already stored here.
+    None when the sender is not a party (or there is no such conversation)."""
+    try:
+        row = await conn.fetchrow(_SEND, conversation_id, sender_id, content, client_msg_id)
+    except asyncpg.UniqueViolationError:
+        # Two sends with one client_msg_id at once: both saw no such message,
+        # the second waited on the first's row lock and then hit the unique
+        # index. Its statement rolled back whole (no seq spent); the first won.
+        row = None
+    if row is not None:
+        return row, True
+    if client_msg_id is not None:
+        stored = await conn.fetchrow(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $3",
+            conversation_id, sender_id, client_msg_id,
+        )
+        if stored is not None:
+            return stored, False
+    return None
+
+
+async def join_snapshot(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, user_id: uuid.UUID, since_seq: int | None, latest: int, max_missed: int
+) -> tuple[asyncpg.Record, list[asyncpg.Record], bool] | None:
+    """(conversation, messages oldest first, truncated) as of now.
+
+    Every message up to the ``last_seq`` read here is committed (each seq's
+    transaction held the row lock until it committed), so the second read
+    sees all of them; the upper bound keeps out anything newer, which the
+    caller's live subscription will carry instead."""
+    conv = await get_conversation(conn, conversation_id, user_id)
+    if conv is None:
+        return None
+    last = conv["last_seq"]
+    if since_seq is None:
+        low, truncated = max(0, last - latest), False
+    else:
+        low, truncated = max(since_seq, last - max_missed), last - since_seq > max_missed
+    if low >= last:
+        return conv, [], truncated
+    rows = await conn.fetch(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        conversation_id, low, last,
+    )
+    return conv, rows, truncated
+
+
+async def history(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, user_id: uuid.UUID, before_seq: int | None, limit: int
+) -> list[asyncpg.Record] | None:
+    """Up to ``limit`` messages before ``before_seq``, newest first; None
+    for a non-party."""
+    rows = await conn.fetch(
+        f"""SELECT {MESSAGE_COLUMNS} FROM messages
+            WHERE conversation_id = $1 AND ($3::bigint IS NULL OR seq < $3)
+              AND EXISTS (SELECT 1 FROM conversations WHERE id = $1 AND {_PARTY})
+            ORDER BY seq DESC LIMIT $4""",
+        conversation_id, user_id, before_seq, limit,
+    )
+    if not rows and await get_conversation(conn, conversation_id, user_id) is None:
+        return None
+    return rows
+
+
+async def messages_after(conn: asyncpg.Connection, conversation_id: uuid.UUID, after_seq: int, limit: int) -> list[asyncpg.Record]:
+    """For repairing live delivery; the caller has checked access."""
+    return await conn.fetch(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        conversation_id, after_seq, limit,
+    )
+
+
+async def inbox(
+    conn: asyncpg.Connection, user_id: uuid.UUID, after: tuple[dt.datetime, uuid.UUID] | None, limit: int
+) -> list[asyncpg.Record]:
+    """The user's conversations (as booker or host), most recent activity
+    first, after the keyset cursor, each with its last message's columns
+    prefixed ``m_`` (NULL when there is none). Each role's index is walked
+    separately and the two short lists merged."""
+    where = "AND (last_activity_at, id) < ($2::timestamptz, $3::uuid)" if after else "AND $2::timestamptz IS NULL AND $3::uuid IS NULL"
+    return await conn.fetch(
+        f"""SELECT c.id, c.booking_id, c.user_id, c.host_id, c.created_at, c.last_seq, c.last_activity_at,
+                   m.id AS m_id, m.seq AS m_seq, m.sender_id AS m_sender_id, m.content AS m_content,
+                   m.created_at AS m_created_at, m.client_msg_id AS m_client_msg_id
+            FROM (
+              (SELECT * FROM conversations WHERE user_id = $1 {where}
+                ORDER BY last_activity_at DESC, id DESC LIMIT $4)
+              UNION ALL
+              (SELECT * FROM conversations WHERE host_id = $1 {where}
+                ORDER BY last_activity_at DESC, id DESC LIMIT $4)
+            ) c
+            LEFT JOIN messages m ON m.conversation_id = c.id AND m.seq = c.last_seq
+            ORDER BY c.last_activity_at DESC, c.id DESC
+            LIMIT $4""",
+        user_id, after[0] if after else None, after[1] if after else None, limit,
+    )

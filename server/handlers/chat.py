@@ -1,0 +1,189 @@
+"""chat.*: the inbox, joining a room, sending, history, typing.
+
+Only a booking's two parties may see or touch its conversation; anyone else,
+and any unknown id, gets ``not_found``.
+
+Joining is where "no gap, no duplicate" is made: the socket follows the room
+first and waits until Redis confirmed the subscription, so every message
+committed after that is delivered live; then it reads from the primary (a
+lagging replica could miss a message committed, and published, before the
+subscription). Messages in both the read and the live stream are dropped from
+the stream by the room membership (server/rooms/membership.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import uuid
+from typing import Any
+
+import asyncpg
+
+from protocol.errors import ErrorCode, RpcError
+from protocol.models import chat as m
+from server import events
+from server.cursors import decode_cursor, encode_cursor
+from server.db import chat as chat_db
+from server.db.pools import PRIMARY_DEADLINE_S
+from server.rpc import Call, rpc
+from server.services import Services
+
+# How long chat.join waits for Redis to confirm the room's subscription. If
+# it does not, the join still answers; the room is repaired from PostgreSQL
+# once the subscription is confirmed (Hub.mark_stale).
+SUBSCRIBE_WAIT_S = 2.0
+
+_MESSAGE_FIELDS = ("id", "seq", "sender_id", "content", "created_at", "client_msg_id")
+
+
+def _not_found() -> RpcError:
+    return RpcError(ErrorCode.NOT_FOUND, "no such conversation")
+
+
+def _message(row: Any) -> m.Message:
+    return m.Message.model_validate(dict(row))
+
+
+def message_frame(message: m.Message) -> bytes:
+    return events.event_frame("chat.message", m.MessageEvent(message=message))
+
+
+async def _on_primary(services: Services, query: Any, *args: Any) -> Any:
+    async with services.db.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+        return await query(conn, *args)
+
+
+async def _party_conversation(services: Services, user_id: uuid.UUID, conversation_id: uuid.UUID) -> asyncpg.Record:
+    """The conversation if ``user_id`` is a party. A replica that has not
+    replayed the booking yet (the host did not write it) falls back to the
+    primary, so a party is never told not_found because of lag."""
+    row = await services.db.read(user_id, chat_db.get_conversation, conversation_id, user_id)
+    if row is None:
+        row = await _on_primary(services, chat_db.get_conversation, conversation_id, user_id)
+    if row is None:
+        raise _not_found()
+    return row
+
+
+async def _backfill(services: Services, channel: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+    """Messages live delivery lost, for Hub repairs. From the primary: the
+    hole is already committed there, maybe not yet on a replica."""
+    conversation_id = uuid.UUID(channel[2:])
+    rows = await _on_primary(services, chat_db.messages_after, conversation_id, after_seq, limit)
+    return [(r["seq"], message_frame(_message(r))) for r in rows]
+
+
+@rpc("chat.conversations", m.ConversationsParams)
+async def conversations(call: Call, p: m.ConversationsParams) -> m.ConversationsResult:
+    after = decode_cursor(p.cursor, dt.datetime.fromisoformat, uuid.UUID)
+    rows = await call.services.db.read(call.user_id, chat_db.inbox, call.user_id, after, p.limit + 1)
+    items = []
+    for r in rows[: p.limit]:
+        last = None
+        if r["m_id"] is not None:
+            last = m.Message(conversation_id=r["id"], **{f: r[f"m_{f}"] for f in _MESSAGE_FIELDS})
+        items.append(m.InboxConversation(
+            id=r["id"], booking_id=r["booking_id"], user_id=r["user_id"], host_id=r["host_id"],
+            created_at=r["created_at"], last_seq=r["last_seq"], last_message=last,
+        ))
+    next_cursor = None
+    if len(rows) > p.limit:
+        tail = rows[p.limit - 1]
+        next_cursor = encode_cursor(tail["last_activity_at"].isoformat(), tail["id"])
+    return m.ConversationsResult(conversations=items, next_cursor=next_cursor)
+
+
+@rpc("chat.join", m.JoinParams)
+async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
+    services, hub, user = call.services, call.services.hub, call.user_id
+    if hub.backfill is None:
+        hub.backfill = functools.partial(_backfill, services)
+    if await _on_primary(services, chat_db.get_conversation, p.conversation_id, user) is None:
+        raise _not_found()  # checked before subscribing: only parties ever follow a room
+
+    channel = hub.conversation_channel(p.conversation_id)
+    member, subscribed = hub.join(call.conn, channel, user)
+    last_seq: int | None = None
+    try:
+        if subscribed is not None:
+            done, _ = await asyncio.wait({subscribed}, timeout=SUBSCRIBE_WAIT_S)
+            if not done or not subscribed.result():
+                hub.mark_stale(channel)  # Redis away or slow: repaired once subscribed
+        snap = await _on_primary(
+            services, chat_db.join_snapshot, p.conversation_id, user, p.since_seq, m.JOIN_DEFAULT, m.JOIN_MAX_MISSED
+        )
+        if snap is None:
+            raise _not_found()
+        conv, rows, truncated = snap
+        result = m.JoinResult(
+            conversation=m.Conversation.model_validate(dict(conv)),
+            messages=[_message(r) for r in rows],
+            last_seq=conv["last_seq"],
+            truncated=truncated,
+        )
+        last_seq = conv["last_seq"]
+    finally:
+        held = member.end_join(last_seq)
+        if member.done is None and not member.holds:
+            hub.unfollow(call.conn, channel)  # never joined: no position to deliver from
+        else:
+            # The dispatcher queues this call's reply in the same step as our
+            # return, before any callback runs: events held during the read
+            # therefore follow the reply, filtered by what it carried.
+            asyncio.get_running_loop().call_soon(hub.release, member, held)
+    return result
+
+
+@rpc("chat.leave", m.LeaveParams)
+async def leave(call: Call, p: m.LeaveParams) -> dict:
+    hub = call.services.hub
+    channel = hub.conversation_channel(p.conversation_id)
+    if hub.membership(call.conn, channel) is None:
+        await _party_conversation(call.services, call.user_id, p.conversation_id)
+    hub.unfollow(call.conn, channel)
+    return {}
+
+
+@rpc("chat.send", m.SendParams)
+async def send(call: Call, p: m.SendParams) -> m.SendResult:
+    services = call.services
+    stored = await services.db.write(
+        call.user_id, chat_db.send_message, p.conversation_id, call.user_id, p.content, p.client_msg_id
+    )
+    if stored is None:
+        raise _not_found()
+    message = _message(stored[0])
+    # Published again on a client_msg_id replay too: if the first publish was
+    # lost the room gets it now, and sockets that had it drop it by seq.
+    await services.hub.publish(
+        services.hub.conversation_channel(p.conversation_id), message_frame(message), seq=message.seq
+    )
+    return m.SendResult(message=message)
+
+
+@rpc("chat.history", m.HistoryParams)
+async def history(call: Call, p: m.HistoryParams) -> m.HistoryResult:
+    services, user = call.services, call.user_id
+    args = (p.conversation_id, user, p.before_seq, p.limit + 1)
+    rows = await services.db.read(user, chat_db.history, *args)
+    if rows is None:  # maybe a replica that has not seen the booking yet
+        rows = await _on_primary(services, chat_db.history, *args)
+    if rows is None:
+        raise _not_found()
+    return m.HistoryResult(messages=[_message(r) for r in rows[: p.limit]], has_more=len(rows) > p.limit)
+
+
+@rpc("chat.typing", m.TypingParams)
+async def typing(call: Call, p: m.TypingParams) -> dict:
+    services, user = call.services, call.user_id
+    # A socket that joined was checked then; typing is too frequent to ask
+    # the database every time.
+    if services.hub.membership(call.conn, services.hub.conversation_channel(p.conversation_id)) is None:
+        await _party_conversation(services, user, p.conversation_id)
+    await events.to_conversation(
+        services, p.conversation_id, "chat.typing", m.TypingEvent(conversation_id=p.conversation_id, user_id=user),
+        skip_user=user,
+    )
+    return {}

@@ -1,0 +1,177 @@
+"""Live fan-out across server processes: every joined socket gets every
+message exactly once, joins neither miss nor repeat, Redis can restart, and a
+socket that stops reading is closed without slowing anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import aiohttp
+import pytest
+
+from tests.chat_helpers import RawSocket, collect_messages, messages_until, open_room, send_many
+from tests.conftest import ServerProcess
+
+STORM = 200
+
+
+def exactly_once(seqs: list[int], n: int) -> None:
+    dupes = [s for s, k in collections.Counter(seqs).items() if k > 1]
+    assert not dupes, f"duplicates: {dupes[:10]}"
+    missing = sorted(set(range(1, n + 1)) - set(seqs))
+    assert not missing, f"missing: {missing[:10]}"
+    assert len(seqs) == n
+
+
+async def readyz(server: ServerProcess) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(server.http + "/readyz") as r:
+            return r.status, await r.json()
+
+
+async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0) -> None:
+    """The hub's reconnection is visible in /readyz; poll it, bounded."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status, body = await readyz(server)
+        if status == 200 and body["redis"]["subscriber_connected"]:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"hub did not reconnect: {body}")
+        await asyncio.sleep(0.05)
+
+
+async def test_concurrent_sends_reach_every_joined_socket_exactly_once(db, server, server2):
+    room = await open_room(db, server, server2)  # booker on process 1, host on process 2
+    try:
+        conv = room.conversation_id
+        booker, host = room.booker.client, room.host.client
+        booker2 = await room.booker.socket(server2)
+        sockets = [booker, host, booker2]
+        for c in sockets:
+            await c.call("chat.join", {"conversation_id": conv})
+        receiving = [asyncio.create_task(collect_messages(c, STORM)) for c in sockets]
+        sent = await asyncio.gather(
+            send_many(booker, conv, STORM // 2, prefix="b"), send_many(host, conv, STORM // 2, prefix="h")
+        )
+        assert sorted(m["seq"] for part in sent for m in part) == list(range(1, STORM + 1))
+        got = await asyncio.gather(*receiving)
+        # Nothing more is on its way: a last message arrives right after.
+        marker = (await host.call("chat.send", {"conversation_id": conv, "content": "end"}))["message"]
+        for c, seqs in zip(sockets, got):
+            exactly_once(seqs, STORM)
+            assert await messages_until(c, marker["seq"]) == [marker["seq"]]
+    finally:
+        await room.close()
+
+
+async def test_join_during_a_send_storm_neither_misses_nor_repeats(db, server, server2):
+    room = await open_room(db, server, server2)
+    try:
+        conv = room.conversation_id
+        booker, host = room.booker.client, room.host.client
+        # Keep the room subscribed on process 1 throughout, so joins there
+        # find the subscription already in effect; process 2 has no follower.
+        await booker.call("chat.join", {"conversation_id": conv})
+        total = 300
+        storm = asyncio.gather(
+            send_many(booker, conv, total // 2, prefix="b", in_flight=8),
+            send_many(host, conv, total // 2, prefix="h", in_flight=8),
+        )
+        joiners = []
+        for i in range(6):
+            c = await (room.host if i % 2 else room.booker).socket(server2 if i % 3 else server)
+            joined = await c.call("chat.join", {"conversation_id": conv, "since_seq": 0})
+            joiners.append((c, joined))
+            await collect_messages(booker, 30)  # spread the joins over the storm
+        await storm
+        for c, joined in joiners:
+            returned = [m["seq"] for m in joined["messages"]]
+            assert returned == list(range(1, joined["last_seq"] + 1))
+            live = await collect_messages(c, total - joined["last_seq"])
+            exactly_once(returned + live, total)
+        marker = (await host.call("chat.send", {"conversation_id": conv, "content": "end"}))["message"]
+        for c, _ in joiners:
+            assert await messages_until(c, marker["seq"]) == [marker["seq"]]
+    finally:
+        await room.close()
+
+
+async def test_redis_restart_loses_no_acknowledged_message(db, stack, server, server2):
+    room = await open_room(db, server, server2)
+    try:
+        conv = room.conversation_id
+        booker, host = room.booker.client, room.host.client
+        booker2 = await room.booker.socket(server2)
+        sockets = [booker, host, booker2]
+        for c in sockets:
+            await c.call("chat.join", {"conversation_id": conv})
+        acked: list[dict] = []
+        acked += await send_many(booker, conv, 20, prefix="before")
+        try:
+            await asyncio.to_thread(stack.stop_redis)
+            status, body = await readyz(server)
+            assert status == 503 and body["redis"]["ok"] is False
+            # Calls still commit and answer while Redis is down.
+            acked += await send_many(booker, conv, 10, prefix="during-b", in_flight=4)
+            acked += await send_many(host, conv, 10, prefix="during-h", in_flight=4)
+            history = await host.call("chat.history", {"conversation_id": conv, "limit": 100})
+            assert len(history["messages"]) == 40
+        finally:
+            await asyncio.to_thread(stack.start_redis)
+        for s in (server, server2):
+            await wait_subscriber_connected(s)
+        acked += await send_many(host, conv, 20, prefix="after")
+        seqs = sorted(m["seq"] for m in acked)
+        assert seqs == list(range(1, 61))
+        # Every acknowledged message can be fetched again...
+        fresh = await room.booker.socket(server2)
+        joined = await fresh.call("chat.join", {"conversation_id": conv, "since_seq": 0})
+        assert [m["seq"] for m in joined["messages"]] == seqs
+        # ...and live delivery works again. The rooms were repaired from
+        # PostgreSQL after resubscribing, so every socket even has them all.
+        for c in sockets:
+            exactly_once(await collect_messages(c, 60), 60)
+        last = (await booker.call("chat.send", {"conversation_id": conv, "content": "live"}))["message"]
+        for c in [*sockets, fresh]:
+            assert await messages_until(c, last["seq"]) == [last["seq"]]
+    finally:
+        await room.close()
+
+
+@pytest.fixture
+async def small_queue_server(stack):
+    proc = await ServerProcess(stack, OUTGOING_QUEUE_MAX_BYTES=65536, PING_INTERVAL_S=120).start()
+    yield proc
+    await proc.stop()
+
+
+async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everything(db, small_queue_server, server2):
+    room = await open_room(db, small_queue_server, server2)
+    try:
+        conv = room.conversation_id
+        booker, host = room.booker.client, room.host.client
+        slow = await RawSocket.connect(small_queue_server, room.booker.access_token)
+        reply = await slow.call("chat.join", {"conversation_id": conv})
+        assert reply["result"]["last_seq"] == 0
+        # From now on the slow socket reads nothing. Its neighbours on the same
+        # process and on the other one keep receiving every message.
+        for c in (booker, host):
+            await c.call("chat.join", {"conversation_id": conv})
+        # 4000 four-byte characters a message: ~5 MB of events, past the bound
+        # and everything the kernel buffers (its send buffer grows to 4 MB).
+        count = 320
+        receiving = [asyncio.create_task(collect_messages(c, count)) for c in (booker, host)]
+        await asyncio.gather(
+            send_many(booker, conv, count // 2, prefix="b", size=4000, fill="🙂"),
+            send_many(host, conv, count // 2, prefix="h", size=4000, fill="🙂"),
+        )
+        for seqs in await asyncio.gather(*receiving):
+            exactly_once(seqs, count)
+        # The slow socket, when it finally reads, finds the 1013 close after
+        # what had been written to it before the bound was passed.
+        assert await slow.close_code() == 1013
+        slow.close()
+    finally:
+        await room.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 
 import aiohttp
 import pytest
@@ -173,5 +174,35 @@ async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everythin
         # what had been written to it before the bound was passed.
         assert await slow.close_code() == 1013
         slow.close()
+    finally:
+        await room.close()
+
+
+async def test_a_message_whose_publish_was_lost_is_repaired_from_postgres(db, server, server2):
+    """A publish can be lost after its commit (the process dies in between,
+    or Redis refuses it). The next message reveals the hole; the rooms fill
+    it from PostgreSQL, so joined sockets still get every seq once."""
+    room = await open_room(db, server, server2)
+    try:
+        conv = room.conversation_id
+        booker, host = room.booker.client, room.host.client
+        for c in (booker, host):
+            await c.call("chat.join", {"conversation_id": conv})
+        await booker.call("chat.send", {"conversation_id": conv, "content": "one"})
+        async with db.acquire() as c:  # committed, never published
+            await c.execute(
+                """WITH bumped AS (UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING id, last_seq, user_id)
+                   INSERT INTO messages (conversation_id, sender_id, content, seq) SELECT id, user_id, 'lost', last_seq FROM bumped""",
+                uuid.UUID(conv),
+            )
+        await host.call("chat.send", {"conversation_id": conv, "content": "three"})
+        for c in (booker, host):
+            events = []
+            while len(events) < 3:
+                name, data = await asyncio.wait_for(c.events.get(), 10)
+                if name == "chat.message":
+                    events.append(data["message"])
+            assert sorted(m["seq"] for m in events) == [1, 2, 3]
+            assert [m["content"] for m in sorted(events, key=lambda m: m["seq"])] == ["one", "lost", "three"]
     finally:
         await room.close()

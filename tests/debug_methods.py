@@ -1,0 +1,19 @@
+"""Methods that exist only in test servers: ``server/app.py`` imports this
+module when ``HANGOUT_TEST_METHODS=1`` (never set in production). They reach
+dispatcher paths that no real method may reach on purpose."""
+
+from __future__ import annotations
+
+from protocol.models.common import Params
+from server.rpc import Call, rpc
+
+
+class CrashParams(Params):
+    pass
+
+
+@rpc("test.crash", CrashParams, auth=False)
+async def crash(call: Call, p: CrashParams) -> dict:
+    """A handler with a bug: the dispatcher must answer ``internal`` with a
+    correlation id, log it, and keep the socket."""
+    raise RuntimeError("deliberate bug for the internal-error test")

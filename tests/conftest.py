@@ -55,6 +55,9 @@ class ServerProcess:
         )
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
+        # Where the process's log goes (a file object to capture it; None
+        # = this test run's own stderr).
+        self.stderr: Any = None
 
     @property
     def url(self) -> str:
@@ -65,7 +68,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> "ServerProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=self.env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=self.env, stderr=self.stderr)
         async with aiohttp.ClientSession() as s:
             for _ in range(300):
                 if self.proc.poll() is not None:
@@ -171,3 +174,17 @@ async def verified_user(server: ServerProcess, price: str | None = None, **kw: A
     if price is not None:
         await client.call("users.update", {"price_per_hour": price})
     return client, session
+
+
+async def get_when_replicated(client: Client, user_id: str, timeout: float = 10.0) -> dict:
+    """``users.get`` of another user, who may have registered a moment ago:
+    that read is served by a replica that may not have the user yet ("other
+    users may see it a little later"). A bounded poll, nothing to await."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        reply = await client.call_raw("users.get", {"user_id": user_id})
+        if "result" in reply:
+            return reply["result"]
+        assert reply["error"]["code"] == "not_found", reply
+        assert asyncio.get_running_loop().time() < deadline, f"{user_id} never became visible"
+        await asyncio.sleep(0.02)

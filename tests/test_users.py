@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import time
 import uuid
 
 import pytest
 
 from protocol.client import Client
-from tests.conftest import post_kyc, register, verified_user
+from tests.conftest import get_when_replicated, post_kyc, register, verified_user
 
 PUBLIC_FIELDS = {"id", "name", "gender", "kyc_status", "price_per_hour", "created_at"}
 OWN_FIELDS = PUBLIC_FIELDS | {"email", "balance"}
@@ -123,18 +121,6 @@ async def test_update_names_every_invalid_field(server, params, fields):
         assert err["code"] == "invalid_params"
         assert sorted(e["field"] for e in err["data"]["errors"]) == fields
         assert await c.call("users.me") == s["user"]  # nothing changed
-
-
-async def get_when_replicated(client: Client, user_id: str) -> dict:
-    """users.get by another user is served by a replica that may not have the
-    user yet ("other users may see it a little later"): a bounded poll."""
-    deadline = time.monotonic() + 10
-    while True:
-        reply = await client.call_raw("users.get", {"user_id": user_id})
-        if "result" in reply:
-            return reply["result"]
-        assert reply["error"]["code"] == "not_found" and time.monotonic() < deadline, reply
-        await asyncio.sleep(0.02)
 
 
 async def test_get_returns_only_public_fields_never_email_or_balance(server):

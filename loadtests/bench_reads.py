@@ -5,15 +5,15 @@
 Starts the dev stack and one hangout server process (WORKERS=1). Measures:
 - ``pgbench -S`` (select-only) on its own database ``pgbench_reads`` on the
   dev stack primary (made with ``pgbench -i`` on first use), with
-  ``--concurrency`` clients, before and after the hangout runs (the mean is
-  the yardstick: the machine is shared and noisy);
+  ``--concurrency`` clients, in turns with the hangout runs, ``--rounds``
+  times (the mean is the yardstick: the machine is shared and noisy);
 - ``users.get`` (another user's public profile) and ``hosts.search``
   (default filters, 20 hosts a page) calls per second, ``--concurrency``
   calls in flight at all times, pipelined over ``--sockets`` authenticated
   sockets, from this process.
 
-Prints calls/s, p50/p99 latency, the server's CPU use, and each ratio to
-pgbench -S. Target: users.get >= 0.2 x pgbench -S.
+Prints calls/s, p50/p99 latency, CPU use (the server process, this load
+generator, the whole 2-core machine), and each ratio to pgbench -S. Target: users.get >= 0.2 x pgbench -S.
 
 Before/after figures for a change, from one run on a noisy machine:
 ``--baseline DIR`` runs a second server from another checkout (e.g.
@@ -38,7 +38,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from loadtests.benchlib import ROOT, Server, Stack, access_tokens, bench_users, cpu_seconds
+from loadtests.benchlib import ROOT, Server, Stack, access_tokens, bench_users, cpu_seconds, machine_busy
 from protocol.codec import decode, encode
 
 PGBENCH_DB = "pgbench_reads"
@@ -100,6 +100,8 @@ class Tally:
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     counting: bool = False
+    client_cpu: float = 0.0  # share of a core this load generator used
+    machine_cpu: float = 0.0  # share of the whole machine in use (all processes)
 
 
 async def drive_socket(ws: aiohttp.ClientWebSocketResponse, frames: list[list[bytes]], tally: Tally,
@@ -165,11 +167,14 @@ async def run_calls(server: Server, tokens: list[str], make_params, method: str,
         tasks = [asyncio.create_task(drive_socket(ws, frames[i], tally, stop)) for i, ws in enumerate(conns) if depth[i]]
         await asyncio.sleep(warmup)
         profiler = start_profiler(server.pid, seconds, profile) if profile else None
-        cpu0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        cpu0, t0, own0, (busy0, all0) = cpu_seconds(server.pid), time.perf_counter(), time.process_time(), machine_busy()
         tally.counting = True
         await asyncio.sleep(seconds)
         tally.counting = False
         elapsed, cpu = time.perf_counter() - t0, cpu_seconds(server.pid) - cpu0
+        busy1, all1 = machine_busy()
+        tally.client_cpu = (time.process_time() - own0) / elapsed
+        tally.machine_cpu = (busy1 - busy0) / max(all1 - all0, 1e-9)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
         for ws in conns:
@@ -194,6 +199,8 @@ class Figures:
     replies: int = 0
     seconds: float = 0.0
     cpu: float = 0.0
+    client_cpu: float = 0.0
+    machine_cpu: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
 
@@ -202,6 +209,8 @@ class Figures:
         self.replies += tally.replies
         self.seconds += seconds
         self.cpu += cpu_share * seconds
+        self.client_cpu += tally.client_cpu * seconds
+        self.machine_cpu += tally.machine_cpu * seconds
         for code, n in tally.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
         self.latencies_ms += tally.latencies_ms
@@ -211,10 +220,11 @@ class Figures:
         return self.replies / self.seconds if self.seconds else 0.0
 
     def line(self, label: str) -> str:
-        cpu = self.cpu / self.seconds if self.seconds else 0.0
+        n = self.seconds or 1.0
         errors = f", errors {self.errors}" if self.errors else ""
         return (f"{label:<24} {self.rate:9,.0f} calls/s  p50 {pct(self.latencies_ms, 0.5):5.1f} ms  "
-                f"p99 {pct(self.latencies_ms, 0.99):5.1f} ms  server CPU {cpu:4.0%}{errors}")
+                f"p99 {pct(self.latencies_ms, 0.99):5.1f} ms  CPU: server {self.cpu / n:4.0%} "
+                f"client {self.client_cpu / n:4.0%} machine {self.machine_cpu / n:4.0%}{errors}")
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -242,14 +252,15 @@ async def amain(args: argparse.Namespace) -> int:
         "hosts.search": lambda: {},
     }
     figures = {(m, name): Figures() for m in args.methods for name in servers}
+    pg_runs: list[float] = []
     try:
-        pg_before = pg_after = float("nan")
-        if not args.skip_pgbench:
-            print(f"pgbench -S, {args.concurrency} clients, {args.seconds}s ...", flush=True)
-            pg_before = await asyncio.to_thread(pgbench_select_only, stack, args.concurrency, args.seconds)
-            print(f"  {pg_before:,.0f} tps", flush=True)
-        for method in args.methods:
-            for rnd in range(args.rounds):
+        # In turns, round after round, so that a burst of someone else's load
+        # on this shared machine falls on both sides of the ratio alike.
+        for rnd in range(args.rounds):
+            if not args.skip_pgbench:
+                pg_runs.append(await asyncio.to_thread(pgbench_select_only, stack, args.concurrency, args.seconds))
+                print(f"pgbench -S, {args.concurrency} clients: {pg_runs[-1]:,.0f} tps", flush=True)
+            for method in args.methods:
                 for name, server in servers.items():
                     profile = None
                     if args.profile and name == "hangout" and rnd == 0:
@@ -258,16 +269,13 @@ async def amain(args: argparse.Namespace) -> int:
                                                        args.sockets, args.seconds, profile=profile)
                     figures[method, name].add(tally, rate, cpu)
                     print(f"{method} on {name}, {args.concurrency} in flight over {args.sockets} sockets: "
-                          f"{rate:,.0f} calls/s", flush=True)
-        if not args.skip_pgbench:
-            print("pgbench -S again ...", flush=True)
-            pg_after = await asyncio.to_thread(pgbench_select_only, stack, args.concurrency, args.seconds)
-            print(f"  {pg_after:,.0f} tps", flush=True)
+                          f"{rate:,.0f} calls/s (server CPU {cpu:.0%}, machine {tally.machine_cpu:.0%})", flush=True)
     finally:
         for server in servers.values():
             await asyncio.to_thread(server.stop)
-    pg = statistics.mean([pg_before, pg_after])
-    print(f"\npgbench -S ({args.concurrency} clients): {pg_before:,.0f} / {pg_after:,.0f} tps, mean {pg:,.0f}")
+    pg = statistics.mean(pg_runs) if pg_runs else float("nan")
+    if pg_runs:
+        print(f"\npgbench -S ({args.concurrency} clients): {' / '.join(f'{v:,.0f}' for v in pg_runs)} tps, mean {pg:,.0f}")
     ok = True
     for method in args.methods:
         for name in servers:
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="calls in flight = pgbench clients")
     ap.add_argument("--sockets", type=int, default=4, help="sockets the calls are pipelined over")
     ap.add_argument("--seconds", type=int, default=10, help="length of each measurement")
-    ap.add_argument("--rounds", type=int, default=1, help="measurements of each method (per server)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of pgbench and each method (per server), in turns")
     ap.add_argument("--methods", nargs="+", default=["users.get", "hosts.search"], choices=["users.get", "hosts.search"])
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run a server from this checkout (e.g. a git worktree of main), in turns with "

@@ -4,6 +4,7 @@ real server processes started with ``python -m server``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -188,3 +189,27 @@ async def get_when_replicated(client: Client, user_id: str, timeout: float = 10.
         assert reply["error"]["code"] == "not_found", reply
         assert asyncio.get_running_loop().time() < deadline, f"{user_id} never became visible"
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def row_locked(db: asyncpg.Pool, user_id: str) -> AsyncIterator[None]:
+    """Hold a user's row lock: their writes (users.update...) wait until the
+    block ends. A way to keep a real call in flight for as long as a test needs."""
+    async with db.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user_id))
+            yield
+        finally:
+            await tx.rollback()
+
+
+async def until_writes_wait_on_the_lock(db: asyncpg.Pool, count: int, timeout: float = 5.0) -> None:
+    """Until ``count`` updates of users wait on a lock (a bounded poll of
+    pg_stat_activity: the waiting happens inside PostgreSQL)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE users%'"
+    while await db.fetchval(query) < count:
+        assert asyncio.get_running_loop().time() < deadline, "the writes never reached the lock"
+        await asyncio.sleep(0.01)

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from protocol.codec import decode, encode
-from tests.conftest import ServerProcess, get_when_replicated, register
+from tests.conftest import ServerProcess, get_when_replicated, register, row_locked, until_writes_wait_on_the_lock
 
 MAX_FRAME_BYTES = 65536
 MAX_IN_FLIGHT = 32
@@ -73,32 +73,6 @@ def frame_of_size(size: int, req_id: int = 1) -> bytes:
         if len(data) == size:
             return data
         pad -= len(data) - size if len(data) > size else -1
-
-
-@contextlib.asynccontextmanager
-async def row_locked(db, user_id: str) -> AsyncIterator[None]:
-    """Hold the user's row lock: a write of theirs waits until release."""
-    async with db.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user_id))
-            yield
-        finally:
-            await tx.rollback()
-
-
-async def until_writes_wait_on_the_lock(db, count: int) -> None:
-    """Bounded poll of pg_stat_activity: the waiting is inside PostgreSQL."""
-    deadline = time.monotonic() + 5
-    while (
-        await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE users%'"
-        )
-        < count
-    ):
-        assert time.monotonic() < deadline, "the writes never reached the lock"
-        await asyncio.sleep(0.01)
 
 
 # ---- frames on the wire ----------------------------------------------------

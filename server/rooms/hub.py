@@ -36,7 +36,7 @@ log = logging.getLogger("hangout.rooms")
 
 NO_ONE = bytes(16)
 ENVELOPE = 24  # skip user (16) + seq (8)
-GAP_GRACE_S = 0.5  # a seq hole open this long is filled from PostgreSQL
+GAP_GRACE_S = 1.0  # a seq hole open this long is filled from PostgreSQL
 REPAIR_PAGE = 200
 REPAIR_RETRY_S = 1.0
 PING_INTERVAL_S = 5.0  # the subscriber pings Redis; silence for 3 intervals = dead link
@@ -410,12 +410,16 @@ class Hub:
                     return
                 last_low = low
                 batch = await self.backfill(channel, low, REPAIR_PAGE)  # type: ignore[arg-type]
+                given = 0
                 for seq, frame in batch:
                     for m in self._members(channel):
-                        before = m.done
+                        before = (m.done, len(m.ahead))
                         m.offer(seq, frame)
-                        if m.done != before:
-                            self.repaired += 1
+                        if (m.done, len(m.ahead)) != before:
+                            given += 1
+                if given:
+                    self.repaired += given
+                    log.info("repaired %s: %d messages given from PostgreSQL", channel, given)
                 if len(batch) < REPAIR_PAGE:
                     return
         except asyncio.CancelledError:

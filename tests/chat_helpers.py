@@ -1,11 +1,7 @@
-"""Chat test helpers: a conversation between two fresh users, and collecting
-``chat.message`` events by seq.
-
-A conversation exists for every confirmed booking. ``open_room`` books
-through the API when ``bookings.create`` is served (verified booker with a
-top-up, verified host with a price); before it landed it inserted a confirmed
-booking and its conversation directly. Both paths give the same ``Room``.
-"""
+"""Chat test helpers: a conversation between two fresh users (a confirmed
+booking made through the API: a conversation exists for every one), sending
+and collecting ``chat.message`` events by seq, Redis subscriber counts, and a
+raw WebSocket that can stop reading."""
 
 from __future__ import annotations
 
@@ -20,12 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
 from protocol.client import Client
 from protocol.codec import decode, encode
-from protocol.errors import ErrorCode, RpcError
-from tests.conftest import ServerProcess, register, verified_user
+from tests.conftest import ServerProcess, verified_user
 
 PRICE = "10.00"
 
@@ -60,9 +53,6 @@ class Room:
         await self.host.close()
 
 
-_booking_api: bool | None = None  # learnt on first use
-
-
 def _next_slot() -> dt.datetime:
     """A whole hour in the coming weeks that no earlier room of this run used
     (a booker may book several hosts)."""
@@ -73,75 +63,28 @@ def _next_slot() -> dt.datetime:
 _hours = itertools.count(int.from_bytes(os.urandom(2), "big") % 2000)
 
 
-async def _book_through_api(booker_server: ServerProcess, host_server: ServerProcess, booker: Party | None) -> Room | None:
-    """None when this server has no bookings.create yet."""
-    host_client, host_session = await verified_user(host_server, price=PRICE, name="Host")
+async def open_room(booker_server: ServerProcess, host_server: ServerProcess | None = None, booker: Party | None = None) -> Room:
+    """A confirmed booking's conversation, booked through the API: a fresh
+    verified host with a price (socket on ``host_server``) booked by
+    ``booker`` or a fresh verified booker with a top-up (on ``booker_server``)."""
+    host_client, host_session = await verified_user(host_server or booker_server, price=PRICE, name="Host")
     if booker is None:
         booker_client, booker_session = await verified_user(booker_server, name="Booker")
         booker = Party(booker_client, booker_session["user"]["id"], booker_session["access_token"])
         await booker_client.call("wallet.topup", {"amount": "100.00", "idempotency_key": uuid.uuid4().hex})
-    try:
-        start = _next_slot()
-        result = await booker.client.call("bookings.create", {
-            "host_id": host_session["user"]["id"], "start_at": start.isoformat(),
-            "end_at": (start + dt.timedelta(hours=1)).isoformat(), "idempotency_key": uuid.uuid4().hex,
-        })
-    except RpcError as err:
-        if err.code in (ErrorCode.UNKNOWN_METHOD,):
-            await booker.close()
-            await host_client.close()
-            return None
-        raise
+    start = _next_slot()
+    result = await booker.client.call("bookings.create", {
+        "host_id": host_session["user"]["id"], "start_at": start.isoformat(),
+        "end_at": (start + dt.timedelta(hours=1)).isoformat(), "idempotency_key": uuid.uuid4().hex,
+    })
     booking = result["booking"]
+    assert booking["status"] == "confirmed" and booking["conversation_id"], booking
     return Room(
         conversation_id=booking["conversation_id"],
         booking_id=booking["id"],
         booker=booker,
         host=Party(host_client, host_session["user"]["id"], host_session["access_token"]),
     )
-
-
-async def _book_in_database(db: asyncpg.Pool, booker_server: ServerProcess, host_server: ServerProcess, booker: Party | None) -> Room:
-    if booker is None:
-        booker_client = await booker_server.connect()
-        session = await register(booker_client, name="Booker")
-        booker = Party(booker_client, session["user"]["id"], session["access_token"])
-    host_client = await host_server.connect()
-    host = await register(host_client, name="Host")
-    start = _next_slot()
-    async with db.acquire() as conn, conn.transaction():
-        booking_id = await conn.fetchval(
-            """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
-               VALUES ($1, $2, $3, $4, $5, 'confirmed', 10.00) RETURNING id""",
-            uuid.UUID(booker.user_id), uuid.UUID(host["user"]["id"]), start,
-            start + dt.timedelta(hours=1), uuid.uuid4().hex,
-        )
-        conversation_id = await conn.fetchval(
-            "INSERT INTO conversations (booking_id, user_id, host_id) VALUES ($1, $2, $3) RETURNING id",
-            booking_id, uuid.UUID(booker.user_id), uuid.UUID(host["user"]["id"]),
-        )
-    return Room(
-        conversation_id=str(conversation_id),
-        booking_id=str(booking_id),
-        booker=booker,
-        host=Party(host_client, host["user"]["id"], host["access_token"]),
-    )
-
-
-async def open_room(
-    db: asyncpg.Pool, booker_server: ServerProcess, host_server: ServerProcess | None = None, booker: Party | None = None
-) -> Room:
-    """A confirmed booking's conversation between a booker (fresh, with a
-    socket on ``booker_server``, unless given) and a fresh host (on
-    ``host_server``)."""
-    global _booking_api
-    host_server = host_server or booker_server
-    if _booking_api is not False:
-        room = await _book_through_api(booker_server, host_server, booker)
-        _booking_api = room is not None
-        if room is not None:
-            return room
-    return await _book_in_database(db, booker_server, host_server, booker)
 
 
 # ---- events ----------------------------------------------------------------

@@ -43,8 +43,8 @@ async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0
         await asyncio.sleep(0.05)
 
 
-async def test_concurrent_sends_reach_every_joined_socket_exactly_once(db, server, server2):
-    room = await open_room(db, server, server2)  # booker on process 1, host on process 2
+async def test_concurrent_sends_reach_every_joined_socket_exactly_once(server, server2):
+    room = await open_room(server, server2)  # booker on process 1, host on process 2
     try:
         conv = room.conversation_id
         booker, host = room.booker.client, room.host.client
@@ -67,8 +67,8 @@ async def test_concurrent_sends_reach_every_joined_socket_exactly_once(db, serve
         await room.close()
 
 
-async def test_join_during_a_send_storm_neither_misses_nor_repeats(db, server, server2):
-    room = await open_room(db, server, server2)
+async def test_join_during_a_send_storm_neither_misses_nor_repeats(server, server2):
+    room = await open_room(server, server2)
     try:
         conv = room.conversation_id
         booker, host = room.booker.client, room.host.client
@@ -99,8 +99,8 @@ async def test_join_during_a_send_storm_neither_misses_nor_repeats(db, server, s
         await room.close()
 
 
-async def test_redis_restart_loses_no_acknowledged_message(db, stack, server, server2):
-    room = await open_room(db, server, server2)
+async def test_redis_restart_loses_no_acknowledged_message(stack, server, server2):
+    room = await open_room(server, server2)
     try:
         conv = room.conversation_id
         booker, host = room.booker.client, room.host.client
@@ -148,8 +148,8 @@ async def small_queue_server(stack):
     await proc.stop()
 
 
-async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everything(db, small_queue_server, server2):
-    room = await open_room(db, small_queue_server, server2)
+async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everything(small_queue_server, server2):
+    room = await open_room(small_queue_server, server2)
     try:
         conv = room.conversation_id
         booker, host = room.booker.client, room.host.client
@@ -182,7 +182,7 @@ async def test_a_message_whose_publish_was_lost_is_repaired_from_postgres(db, se
     """A publish can be lost after its commit (the process dies in between,
     or Redis refuses it). The next message reveals the hole; the rooms fill
     it from PostgreSQL, so joined sockets still get every seq once."""
-    room = await open_room(db, server, server2)
+    room = await open_room(server, server2)
     try:
         conv = room.conversation_id
         booker, host = room.booker.client, room.host.client

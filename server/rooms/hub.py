@@ -77,6 +77,7 @@ class Hub:
         self.backfill: Backfill | None = None
         self._stale: set[str] = set()  # rooms to repair once subscribed again
         self._repairs: dict[str, asyncio.TimerHandle | asyncio.Task] = {}
+        self._repair_again: set[str] = set()
         self.repaired = 0  # messages given from PostgreSQL, for tests and /readyz
 
     # ---- naming ----------------------------------------------------------
@@ -367,8 +368,19 @@ class Hub:
                 self._schedule_repair(member.channel, GAP_GRACE_S)
 
     def _schedule_repair(self, channel: str, delay: float) -> None:
-        if channel in self._repairs or self.backfill is None:
+        if self.backfill is None:
             return
+        pending = self._repairs.get(channel)
+        if pending is not None:
+            if delay > 0:
+                return  # a repair is due anyway
+            if isinstance(pending, asyncio.Task):
+                # It may have read before the subscription was confirmed:
+                # read once more after it.
+                self._repair_again.add(channel)
+                return
+            pending.cancel()  # a later repair (or retry) becomes an immediate one
+            del self._repairs[channel]
         loop = asyncio.get_running_loop()
         if delay > 0:
             self._repairs[channel] = loop.call_later(delay, self._gap_due, channel)
@@ -376,6 +388,7 @@ class Hub:
             self._repairs[channel] = loop.create_task(self._repair(channel), name=f"rooms-repair-{channel}")
 
     def _cancel_repair(self, channel: str) -> None:
+        self._repair_again.discard(channel)
         pending = self._repairs.pop(channel, None)
         if pending is not None:
             pending.cancel()
@@ -436,10 +449,14 @@ class Hub:
         finally:
             if self._repairs.get(channel) is asyncio.current_task():
                 del self._repairs[channel]
-                # Holes that opened while we were reading are watched afresh.
-                for m in self._members(channel):
-                    m.waiting_for = None
-                    self._watch_gap(m)
+                if channel in self._repair_again:
+                    self._repair_again.discard(channel)
+                    self._schedule_repair(channel, 0)
+                else:
+                    # Holes that opened while we were reading are watched afresh.
+                    for m in self._members(channel):
+                        m.waiting_for = None
+                        self._watch_gap(m)
 
     def _retry_repair(self, channel: str, attempt: int) -> None:
         self._repairs.pop(channel, None)

@@ -4,7 +4,9 @@ reads, and settlement.
 Lock order, the same everywhere a booking's money moves, so that none of
 these transactions can deadlock with another: the booking row, then wallet
 rows (users) in id order, then booking_busy rows. bookings.create has no
-booking row yet and starts at the booker's wallet (see sql/006).
+booking row yet and starts at the wallets of both parties, which also keeps
+two overlapping inserts into booking_busy from waiting on each other (see
+sql/006_bookings_create_lock_parties.sql).
 """
 
 from __future__ import annotations

@@ -102,10 +102,15 @@ def search_hosts_query(
     if after is not None:
         where.append(f"(u.price_per_hour, u.id) > ({arg(after[0])}, {arg(after[1])})")
     if start_at is not None and end_at is not None:
-        # Free for the whole range: no busy row of theirs (host or booker) touches it.
+        # Free for the whole range: no busy row of theirs (host or booker)
+        # touches it. OFFSET 0 keeps this a probe of the GiST index per host
+        # (user_id = u.id AND during && range) as the walk goes; flattened
+        # into an anti-join, the planner may instead collect every busy row of
+        # the range through that index without its leading column, which
+        # reads the whole index (loadtests/explain_search.py shows both).
         where.append(
             f"""NOT EXISTS (SELECT 1 FROM booking_busy b WHERE b.user_id = u.id
-                    AND b.during && tstzrange({arg(start_at)}, {arg(end_at)}, '[)'))"""
+                    AND b.during && tstzrange({arg(start_at)}, {arg(end_at)}, '[)') OFFSET 0)"""
         )
     # The first two conditions are the predicate of idx_users_bookable_price_id,
     # which also yields rows in (price, id) order.

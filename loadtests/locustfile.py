@@ -7,13 +7,18 @@
 Every call is reported to locust as ``request_type="ws"`` named after its
 method, with the time from sending the request to receiving its reply.
 Business answers a real client expects (``slot_unavailable`` and
-``insufficient_funds`` from ``bookings.create``) count as successes; any
-other error reply, a timeout or a lost socket is a failure. Pushed events
+``insufficient_funds`` from ``bookings.create``) count as successes, under
+their own names (``bookings.create (slot_unavailable)``); any other error
+reply, a timeout or a lost socket is a failure. Pushed events
 that a flow waits for are reported as ``request_type="event"``, timed from
 the call that caused them to their arrival.
 
-Two kinds of user, both signed up on start and verified through the signed
-KYC webhook (``KYC_WEBHOOK_SECRET``, the dev secret by default):
+Most users start as the app does with a stored session: an account from the
+pool (loadtests/accounts.py, filled by loadtests/seed_accounts.py), then
+``auth.refresh`` and ``auth.authenticate``, then the inbox and its rooms. A
+share (LOADTEST_SIGNUP_SHARE, 0.1) sign up instead: ``auth.register`` and
+the signed KYC webhook (``KYC_WEBHOOK_SECRET``, the dev secret by default).
+Two kinds of user:
 
 - ``Host`` (1 in 4): sets a price, answers chat in the rooms of its bookings,
   checks its calendar and bookings.
@@ -31,34 +36,30 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import functools
-import hashlib
-import hmac
 import json
 import logging
 import os
 import random
 import time
 import uuid
-from decimal import Decimal
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 import gevent.lock
 import requests
 from locust import User, between, events, task
+from locust.runners import WorkerRunner
 
+from loadtests import accounts
+from loadtests.accounts import PASSWORD, http_url_for, kyc_signature, ws_url_for
 from loadtests.wsclient import CallError, WsClient
 
 log = logging.getLogger("loadtest")
 
-PASSWORD = "loadtest password 1"
-DEV_KYC_SECRET = "dev-only-kyc-webhook-secret"  # server/config.py's default
-KYC_SECRET = os.environ.get("KYC_WEBHOOK_SECRET", DEV_KYC_SECRET)
 UTC = dt.timezone.utc
+SIGNUP_SHARE = float(os.environ.get("LOADTEST_SIGNUP_SHARE", "0.1"))
 
 # Answers a real client expects and handles; never counted as failures.
 BUSINESS_ANSWERS = ("slot_unavailable", "insufficient_funds")
-business_answers: collections.Counter[str] = collections.Counter()
 resume_checks: collections.Counter[str] = collections.Counter()
 
 MAX_JOINED_ROOMS = 4  # a phone shows a handful of live chats, not every past booking
@@ -95,23 +96,63 @@ def services(ws_url: str) -> dict[str, bool]:
     return _services
 
 
+# ---- the account pool of this process -------------------------------------------
+
+
+class Pool:
+    """This process's share of the pooled accounts, and what changed in them."""
+
+    def __init__(self, environment: Any, host: str) -> None:
+        self.path = accounts.pool_path(host)
+        index, parts = 0, 1
+        runner = environment.runner
+        opts = environment.parsed_options
+        if isinstance(runner, WorkerRunner) and opts is not None and opts.processes:
+            # --processes N: each worker process takes its own share.
+            parts = opts.processes if opts.processes > 0 else (os.cpu_count() or 1)
+            index = runner.worker_index % parts
+        mine = [a for i, a in enumerate(accounts.load(self.path)) if i % parts == index]
+        random.shuffle(mine)
+        self.free: dict[str, list[dict]] = {"host": [], "booker": []}
+        for a in mine:
+            self.free.setdefault(a["kind"], []).append(a)
+        self.changed: dict[str, dict] = {}
+        self.gone: set[str] = set()
+
+    def take(self, kind: str) -> dict | None:
+        free = self.free.get(kind)
+        return free.pop() if free else None
+
+    def give_back(self, account: dict) -> None:
+        self.changed[account["email"]] = account
+        self.free.setdefault(account["kind"], []).append(account)
+
+    def save(self) -> None:
+        accounts.save(self.path, list(self.changed.values()))
+        accounts.forget(self.path, self.gone)
+        self.changed.clear()
+        self.gone.clear()
+
+
+_pool: Pool | None = None
+
+
+def pool(environment: Any, host: str) -> Pool:
+    global _pool
+    if _pool is None:
+        _pool = Pool(environment, host)
+    return _pool
+
+
+@events.quitting.add_listener
+def _save_pool(environment: Any, **_kw: Any) -> None:
+    if _pool is not None:
+        _pool.save()
+    if resume_checks:
+        log.info("resume with since_seq: %s", dict(resume_checks))
+
+
 # ---- helpers -----------------------------------------------------------------
-
-
-def ws_url_for(host: str) -> str:
-    parts = urlsplit(host if "://" in host else f"http://{host}")
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    path = parts.path.rstrip("/")
-    return urlunsplit((scheme, parts.netloc, (path if path.endswith("/ws") else path + "/ws"), "", ""))
-
-
-def http_url_for(host: str) -> str:
-    parts = urlsplit(host if "://" in host else f"http://{host}")
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    path = parts.path.rstrip("/")
-    if path.endswith("/ws"):
-        path = path[:-3]
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 def future_slot(max_hours: int = 3) -> tuple[dt.datetime, dt.datetime]:
@@ -181,20 +222,55 @@ class Session:
 
     # flows -------------------------------------------------------------------------
 
-    def sign_up(self, name: str, gender: str) -> None:
+    def sign_up(self, name: str, gender: str) -> dict:
         self.connect()
         self.email = f"lt-{uuid.uuid4().hex[:20]}@loadtest.example"
-        self.adopt(self.call("auth.register", {"email": self.email, "password": PASSWORD, "name": name, "gender": gender}))
+        result = self.call("auth.register", {"email": self.email, "password": PASSWORD, "name": name, "gender": gender})
+        self.adopt(result)
+        return result["user"]
+
+    def sign_in(self, account: dict) -> dict | None:
+        """The app opening with a stored session: refresh, then authenticate
+        the socket. A spent or revoked refresh token falls back to the
+        password; an account the deployment no longer has gives None."""
+        self.connect()
+        self.email = account["email"]
+        try:
+            tokens = self.call("auth.refresh", {"refresh_token": account["refresh_token"]},
+                               expected=("invalid_credentials",))
+            self.access_token, self.refresh_token = tokens["access_token"], tokens["refresh_token"]
+            user = self.call("auth.authenticate", {"access_token": self.access_token})["user"]
+        except CallError as err:
+            if err.code != "invalid_credentials":
+                raise
+            try:
+                result = self.call("auth.login", {"email": self.email, "password": PASSWORD},
+                                   expected=("invalid_credentials",))
+            except CallError as err2:
+                if err2.code == "invalid_credentials":
+                    return None
+                raise
+            self.adopt(result)
+            user = result["user"]
+        self.user_id = user["id"]
+        return user
+
+    def open_inbox(self) -> None:
+        """Join the most recently active rooms, as the app's chat tab does."""
+        if not self.user.has("chat"):
+            return
+        convs = self.call("chat.conversations", {"limit": MAX_JOINED_ROOMS})["conversations"]
+        for conv in convs[:MAX_JOINED_ROOMS]:
+            self.join(conv["id"])
 
     def verify_kyc(self) -> None:
         """The KYC provider's signed webhook, then the ``user.updated`` push."""
         body = json.dumps({"user_id": self.user_id, "status": "verified"}).encode()
-        sig = "sha256=" + hmac.new(KYC_SECRET.encode(), body, hashlib.sha256).hexdigest()
         t0 = time.perf_counter()
         err: Exception | None = None
         try:
-            r = self.user.http.post(self.user.http_url + "/webhooks/kyc", data=body,
-                                    headers={"X-Signature": sig, "Content-Type": "application/json"}, timeout=30)
+            r = self.user.http.post(self.user.http_url + "/webhooks/kyc", data=body, timeout=30,
+                                    headers={"X-Signature": kyc_signature(body), "Content-Type": "application/json"})
             if r.status_code != 200:
                 err = RuntimeError(f"kyc webhook answered {r.status_code}: {r.text[:200]}")
         except requests.RequestException as exc:
@@ -296,11 +372,15 @@ def flow(fn: Callable[[Any], None]) -> Callable[[Any], None]:
 
 class HangoutUser(User):
     abstract = True
+    kind = ""
 
     def on_start(self) -> None:
         self.ws_url = ws_url_for(self.host)
         self.http_url = http_url_for(self.host)
         self.http = requests.Session()
+        self.pool = pool(self.environment, self.host)
+        self.account: dict | None = None
+        self.s: Session | None = None
         self.ready = False
         try:
             self.setup()
@@ -308,18 +388,41 @@ class HangoutUser(User):
             pass  # reported; the next task tries again
 
     def setup(self) -> None:
-        """Sign up on a new socket and get verified (then per kind of user)."""
+        """Open the app: a pooled account's stored session, or a new sign-up."""
         self.services = services(self.ws_url)
-        if getattr(self, "s", None) is not None and self.s.ws is not None:
+        if self.s is not None and self.s.ws is not None:
             self.s.ws.close()
         self.s = Session(self)
-        self.s.sign_up(f"{type(self).__name__} {random.randint(1, 9999)}", random.choice(("female", "male", "nonbinary")))
-        self.s.verify_kyc()
+        user = None
+        if self.account is None and random.random() >= SIGNUP_SHARE:
+            self.account = self.pool.take(self.kind)
+        if self.account is not None:
+            user = self.s.sign_in(self.account)
+            if user is None:  # the deployment lost it (e.g. a new dev stack)
+                self.pool.gone.add(self.account["email"])
+                self.account = None
+                self.s.ws.close()  # type: ignore[union-attr]
+                self.s = Session(self)
+        if user is None:
+            user = self.s.sign_up(f"{self.kind.title()} {random.randint(1, 9999)}",
+                                  random.choice(("female", "male", "nonbinary")))
+            self.s.verify_kyc()
+            self.account = {"email": self.s.email, "user_id": self.s.user_id, "kind": self.kind,
+                            "refresh_token": self.s.refresh_token}
+        self.prepare(user)
+        self.s.open_inbox()
         self.ready = True
 
+    def prepare(self, user: dict) -> None:
+        """What a kind of user needs before its tasks (a price, money)."""
+
     def on_stop(self) -> None:
-        if getattr(self, "s", None) is not None and self.s.ws is not None:
-            self.s.ws.close()
+        if self.s is not None:
+            if self.s.ws is not None:
+                self.s.ws.close()
+            if self.account is not None and self.s.refresh_token:
+                self.account["refresh_token"] = self.s.refresh_token
+                self.pool.give_back(self.account)
         self.http.close()
 
     def has(self, service: str) -> bool:
@@ -331,12 +434,11 @@ class Host(HangoutUser):
 
     weight = 1
     wait_time = between(2, 5)
+    kind = "host"
 
-    def setup(self) -> None:
-        super().setup()
-        self.ready = False
-        self.s.call("users.update", {"price_per_hour": f"{random.randint(10, 150)}.00"})
-        self.ready = True
+    def prepare(self, user: dict) -> None:
+        if user.get("price_per_hour") is None:
+            self.s.call("users.update", {"price_per_hour": f"{random.randint(10, 150)}.00"})
 
     @task(6)
     @flow
@@ -371,15 +473,13 @@ class Booker(HangoutUser):
 
     weight = 3
     wait_time = between(1, 3)
+    kind = "booker"
 
-    def setup(self) -> None:
-        super().setup()
-        self.ready = False
-        self.bookings: dict[str, dict] = {}  # confirmed bookings this user made
+    def prepare(self, user: dict) -> None:
+        self.bookings: dict[str, dict] = {}  # confirmed bookings this user made in this run
         self.topup_keys: list[tuple[str, str]] = []
-        if self.has("wallet"):
+        if self.has("wallet") and float(user.get("balance") or 0) < 500:
             self.topup("1000.00")
-        self.ready = True
 
     # wallet -------------------------------------------------------------------
 
@@ -451,11 +551,9 @@ class Booker(HangoutUser):
             )
         except CallError as err:
             if err.code in BUSINESS_ANSWERS:
-                business_answers[err.code] += 1
                 if err.code == "insufficient_funds" and self.has("wallet"):
                     self.topup("500.00")
             return
-        business_answers["confirmed"] += 1
         booking = result["booking"]
         self.bookings[booking["id"]] = booking
         if len(self.bookings) > 50:
@@ -525,10 +623,3 @@ class Booker(HangoutUser):
         else:
             self.s.call("users.me")
 
-
-@events.quitting.add_listener
-def _summary(environment: Any, **_kw: Any) -> None:
-    if business_answers:
-        log.info("bookings.create outcomes: %s", dict(business_answers))
-    if resume_checks:
-        log.info("resume with since_seq: %s", dict(resume_checks))

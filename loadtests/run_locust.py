@@ -11,6 +11,10 @@ against it, stops the server and prints one line per method. Reports go to
 ``loadtests/reports/`` (``locust_stats.csv`` and the others, ``locust.html``).
 The exit code is locust's: non-zero when any call failed.
 
+Before locust starts, the account pool (loadtests/accounts.py) is filled up
+to the number of users (``--no-seed`` skips that), so that most users open
+a stored session instead of all signing up in the first seconds.
+
 Settings (argument, then environment, then default):
   -u/--users LOADTEST_USERS 500, -r/--rate LOADTEST_RATE 50 (users started a
   second), -t/--time LOADTEST_TIME 60s, --host LOADTEST_HOST (none: local),
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="locust processes (-1: one per core); 1 = no forking")
     ap.add_argument("--workers", type=int, default=int(env("LOADTEST_SERVER_WORKERS", "2")),
                     help="server processes when running locally")
+    ap.add_argument("--no-seed", action="store_true", help="do not fill the account pool before the run")
     ap.add_argument("locust_args", nargs="*", help="passed to locust as they are (after --)")
     args = ap.parse_args(argv)
 
@@ -132,8 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     host = args.host
     if host is None:
+        # The local server's port changes from run to run; its accounts do not.
+        from server import devstack
+
+        slug = str(devstack.from_env().base_dir).strip("/").replace("/", "-")
+        os.environ.setdefault("LOADTEST_ACCOUNTS", str(REPORTS / f"accounts-local-{slug}.json"))
         server, host = start_local_server(args.workers)
         print(f"local server ({args.workers} workers) at {host}", flush=True)
+    try:
+        if not args.no_seed:
+            import asyncio
+
+            from loadtests.seed_accounts import seed
+
+            hosts = (args.users + 3) // 4  # the Host:Booker weights are 1:3
+            asyncio.run(seed(host, hosts, args.users - hosts))
+    except BaseException:
+        if server is not None:
+            stop_server(server)
+        raise
     cmd = [
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
         "--headless", "-u", str(args.users), "-r", str(args.rate), "-t", args.time,

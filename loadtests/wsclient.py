@@ -107,7 +107,8 @@ class WsClient:
     def send(self, method: str, params: dict | None = None, expected: tuple[str, ...] = ()) -> Pending:
         """Send a request without waiting; the reply completes the Pending.
         Error codes in ``expected`` still raise from ``wait()`` but are
-        reported as successful calls (e.g. ``slot_unavailable``)."""
+        reported as successful calls named ``method (code)``, e.g.
+        ``bookings.create (slot_unavailable)``."""
         req_id = next(self._ids)
         pending = Pending(req_id, method, expected)
         if self.closed:
@@ -175,10 +176,12 @@ class WsClient:
                 self.ws.send_close()
             except Exception:
                 pass
-        self._shutdown("closed by client")
+        # Calls still in flight were given up by the user (locust stopping
+        # it, or a deliberate drop): not the server's failures.
+        self._shutdown("closed by client", report=False)
         self._reader.join(timeout=2)
 
-    def _shutdown(self, reason: str) -> None:
+    def _shutdown(self, reason: str, report: bool = True) -> None:
         if self.closed:
             return
         self.closed = True
@@ -190,13 +193,19 @@ class WsClient:
         pending, self._pending = self._pending, {}
         for p in pending.values():
             p._finish(None, CallError("closed", reason), 0)
-            self._report(p)
+            if report:
+                self._report(p)
         self._event_ready.set()
 
     def _report(self, p: Pending) -> None:
         if self.reporter is not None:
             err = p.error
-            self.reporter(p.method, p.elapsed_ms, p.length, None if err is not None and err.code in p.expected else err)
+            if err is not None and err.code in p.expected:
+                # A business answer: reported apart from the method's other
+                # replies, and as a success.
+                self.reporter(f"{p.method} ({err.code})", p.elapsed_ms, p.length, None)
+            else:
+                self.reporter(p.method, p.elapsed_ms, p.length, err)
 
     def _read_loop(self) -> None:
         reason = "server closed the socket"

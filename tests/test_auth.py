@@ -416,6 +416,17 @@ async def test_an_expiring_token_is_announced_then_calls_get_token_expired_until
         assert (await c.call("users.me"))["id"] == s["user"]["id"]
 
 
+async def test_logout_works_with_an_expired_access_token(short_token_server):
+    async with await short_token_server.connect() as c:
+        s = await register(c)
+        expires_at = (await c.next_event("auth.expiring", timeout=1.5))["expires_at"]
+        await asyncio.sleep((expires_at - dt.datetime.now(UTC)).total_seconds() + 0.05)
+        assert (await error_of(c, "users.me"))["code"] == "token_expired"
+        assert await c.call("auth.logout") == {}  # docs/protocol-notes.md: a client can always log out
+        assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
+        assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
+
+
 async def test_a_token_bound_at_the_upgrade_is_announced_too(short_token_server):
     async with await short_token_server.connect() as c:
         s = await register(c)

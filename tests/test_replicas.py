@@ -107,6 +107,27 @@ async def test_replica_lag_is_reported_in_readyz(server, replica_db):
             assert replica["ok"] is True  # a little lag is not a reason to skip it
 
 
+async def test_a_replica_lagging_past_the_bound_is_skipped(stack, x_and_y, replica_db, redis):
+    x1, _, _, x_id = x_and_y
+    strict = await ServerProcess(stack, REPLICA_MAX_LAG_BYTES="1").start()
+    try:
+        async with await strict.connect() as y:
+            await register(y)
+            await until_replica_has_replayed(strict, await write_position(redis, x_id))
+            async with replay_paused(replica_db):
+                await x1.call("users.update", {"name": "New Name"})
+                deadline = time.monotonic() + 10
+                while (await readyz(strict))["replicas"][0]["ok"]:  # the health loop sees the lag
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                served = await reads_served_by_replica(strict)
+                # Served by the primary, so even another user sees the new name.
+                assert (await y.call("users.get", {"user_id": x_id}))["name"] == "New Name"
+                assert await reads_served_by_replica(strict) == served
+    finally:
+        await strict.stop()
+
+
 async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redis):
     async with await server.connect() as x_client, await server.connect() as y_client:
         x = await register(x_client, name="Host X")

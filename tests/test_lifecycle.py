@@ -21,7 +21,7 @@ async def until_connections_are_refused(server: ServerProcess, timeout: float = 
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):  # reset: caught closing its backlog
             return
         writer.close()
         assert time.monotonic() < deadline, "still accepting connections"

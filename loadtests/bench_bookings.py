@@ -1,0 +1,283 @@
+"""bookings.create throughput and latency against pgbench (TPC-B), same run.
+
+    python -m loadtests.bench_bookings [--clients 50] [--seconds 15] [--workers 1] [--url WS_URL]
+
+Starts the dev stack and a hangout server (``--workers`` processes), or uses
+the server at ``--url`` (its database must be ``--database-url``, the dev
+stack by default). Makes fresh verified hosts with prices and bookers with
+money (a sandbox top-up each, through the ledger), then measures:
+
+- ``pgbench`` (built-in TPC-B-like script) on its own database ``pgbench``
+  on the same PostgreSQL primary (made with ``pgbench -i`` on first use),
+  ``-c CLIENTS -j 2 -T SECONDS``, before and after the hangout run (the mean
+  is the yardstick: the machine is shared and noisy);
+- ``bookings.create`` from ``--clients`` booker sockets, each with one call
+  in flight at a time (as each pgbench client has one transaction), every
+  call a new confirmed booking (distinct slots: no refusals), while every
+  host is connected too and receives its ``booking.created`` events.
+
+Prints bookings/s, p50/p99 latency, server CPU, and the ratio to pgbench.
+Targets: ratio >= 0.6, p99 < 50 ms. Exits 3 when a target is missed or a
+call failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import asyncpg
+
+from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_seconds, machine_busy
+from protocol.codec import decode, encode
+
+PGBENCH_DB = "pgbench"
+HOUR = dt.timedelta(hours=1)
+MAX_HOURS_AHEAD = 89 * 24  # bookings may start at most 90 days ahead
+
+
+# ---- pgbench ------------------------------------------------------------------------
+
+
+def _pg_bin(name: str) -> str:
+    from server.devstack import pg_bindir
+
+    path = pg_bindir() / name
+    return str(path) if path.exists() else name
+
+
+def _pg_args(database_url: str) -> list[str]:
+    from urllib.parse import urlparse
+
+    u = urlparse(database_url)
+    return ["-h", u.hostname or "127.0.0.1", "-p", str(u.port or 5432), "-U", u.username or "postgres"]
+
+
+async def ensure_pgbench_db(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PGBENCH_DB):
+            await conn.execute(f'CREATE DATABASE "{PGBENCH_DB}"')
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/" + PGBENCH_DB)
+    try:
+        ready = await conn.fetchval("SELECT to_regclass('pgbench_accounts') IS NOT NULL")
+    finally:
+        await conn.close()
+    if not ready:
+        print(f"initialising database {PGBENCH_DB} with pgbench -i", flush=True)
+        subprocess.run([_pg_bin("pgbench"), "-i", "-q", *_pg_args(database_url), PGBENCH_DB],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+def pgbench_tpcb(database_url: str, clients: int, seconds: int) -> float:
+    out = subprocess.run(
+        [_pg_bin("pgbench"), "-c", str(clients), "-j", "2", "-T", str(seconds), *_pg_args(database_url), PGBENCH_DB],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    m = re.search(r"tps = ([\d.]+) \(without initial connection", out) or re.search(r"tps = ([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"no tps in pgbench output:\n{out}")
+    return float(m.group(1))
+
+
+# ---- people ---------------------------------------------------------------------------
+
+
+async def make_people(database_url: str, hosts: int, bookers: int) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Fresh users for this run (earlier runs' slots stay booked): verified
+    hosts priced 10.00-59.00, and bookers each topped up with 100,000.00
+    through the ledger (top-up, transaction and balance, as wallet.topup does)."""
+    run = uuid.uuid4().hex[:8]
+    host_ids = await bench_users(database_url, hosts, f"bench-book-{run}-host-")
+    booker_ids = await bench_users(database_url, bookers, f"bench-book-{run}-booker-")
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "UPDATE users SET price_per_hour = 10 + abs(hashtext(id::text)) % 50 WHERE id = ANY($1::uuid[])", host_ids
+            )
+            await conn.execute(
+                """WITH t AS (
+                     INSERT INTO topups (user_id, amount, idempotency_key, request_hash)
+                     SELECT u, 100000, 'bench-' || u, '\\x00' FROM unnest($1::uuid[]) AS u
+                     RETURNING id, user_id, amount)
+                   , ledger AS (
+                     INSERT INTO transactions (user_id, amount, type, reference_id)
+                     SELECT user_id, amount, 'topup', id FROM t)
+                   UPDATE users SET balance = balance + t.amount FROM t WHERE users.id = t.user_id""",
+                booker_ids,
+            )
+    finally:
+        await conn.close()
+    return host_ids, booker_ids
+
+
+# ---- the load -----------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    counting: bool = False
+    calls: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)
+    events: int = 0
+    exhausted: int = 0
+
+
+async def drive_booker(ws: aiohttp.ClientWebSocketResponse, client: int, hosts: list[str], start: dt.datetime,
+                       tally: Tally, stop: asyncio.Event) -> None:
+    """One booker, one call in flight: book hour h of host (client + h) % H,
+    for h = 0, 1, 2... Within an hour every client has its own host, so no
+    booking ever overlaps another."""
+    clock = time.perf_counter
+    for h in range(MAX_HOURS_AHEAD):
+        if stop.is_set():
+            return
+        begin = start + h * HOUR
+        frame = encode({"id": h + 1, "method": "bookings.create", "params": {
+            "host_id": hosts[(client + h) % len(hosts)], "start_at": begin, "end_at": begin + HOUR,
+            "idempotency_key": uuid.uuid4().hex,
+        }})
+        sent = clock()
+        await ws.send_bytes(frame)
+        while True:
+            msg = await ws.receive()
+            if msg.type is not aiohttp.WSMsgType.BINARY:
+                raise RuntimeError(f"socket closed: {msg}")
+            reply = decode(msg.data)
+            if "event" in reply:
+                continue  # booking.created and wallet.updated for this booker
+            break
+        if tally.counting:
+            tally.calls += 1
+            tally.latencies_ms.append((clock() - sent) * 1000.0)
+            if "error" in reply:
+                code = reply["error"]["code"]
+                tally.errors[code] = tally.errors.get(code, 0) + 1
+    tally.exhausted += 1
+
+
+async def listen(ws: aiohttp.ClientWebSocketResponse, tally: Tally) -> None:
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.BINARY and tally.counting:
+            tally.events += 1
+
+
+async def run_bookings(url: str, server_pid: int | None, booker_tokens: list[str], host_tokens: list[str],
+                       hosts: list[str], seconds: float, warmup: float = 2.0) -> tuple[Tally, float, float | None, float]:
+    """Returns (tally, bookings per second, server CPU share, machine CPU share)."""
+    tally, stop = Tally(), asyncio.Event()
+    start = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def connect(token: str) -> aiohttp.ClientWebSocketResponse:
+            return await session.ws_connect(url, protocols=("hangout.v1",), headers={"Authorization": f"Bearer {token}"},
+                                            max_msg_size=0)
+
+        host_sockets = await asyncio.gather(*(connect(t) for t in host_tokens))
+        booker_sockets = await asyncio.gather(*(connect(t) for t in booker_tokens))
+        listeners = [asyncio.create_task(listen(ws, tally)) for ws in host_sockets]
+        drivers = [asyncio.create_task(drive_booker(ws, i, hosts, start, tally, stop))
+                   for i, ws in enumerate(booker_sockets)]
+        await asyncio.sleep(warmup)
+        cpu0 = cpu_seconds(server_pid) if server_pid else None
+        busy0, total0 = machine_busy()
+        t0 = time.perf_counter()
+        tally.counting = True
+        await asyncio.sleep(seconds)
+        tally.counting = False
+        elapsed = time.perf_counter() - t0
+        cpu = (cpu_seconds(server_pid) - cpu0) / elapsed if server_pid and cpu0 is not None else None
+        busy1, total1 = machine_busy()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*drivers), 60)
+        for ws in booker_sockets + host_sockets:
+            await ws.close()
+        await asyncio.gather(*listeners, return_exceptions=True)
+    machine = (busy1 - busy0) / (total1 - total0) if total1 > total0 else float("nan")
+    return tally, tally.calls / elapsed, cpu, machine
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def amain(args: argparse.Namespace) -> int:
+    if args.database_url:
+        stack = Stack(args.database_url, [], "")
+    else:
+        stack = await asyncio.to_thread(Stack.dev)
+    await ensure_pgbench_db(stack.database_url)
+    host_ids, booker_ids = await make_people(stack.database_url, args.hosts, args.clients)
+    host_tokens = await access_tokens(stack.database_url, host_ids)
+    booker_tokens = await access_tokens(stack.database_url, booker_ids)
+    server = None
+    if args.url:
+        url, pid = args.url, None
+    else:
+        server = await asyncio.to_thread(Server(stack, env={"WORKERS": str(args.workers)}).start)
+        url, pid = server.ws_url, (server.pid if args.workers == 1 else None)
+    try:
+        print(f"pgbench (TPC-B), -c {args.clients} -j 2 -T {args.seconds} ...", flush=True)
+        pg_before = await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds)
+        print(f"  {pg_before:,.0f} tps", flush=True)
+        print(f"bookings.create, {args.clients} bookers one call each in flight, {len(host_ids)} hosts listening, "
+              f"{args.seconds}s ...", flush=True)
+        tally, rate, cpu, machine = await run_bookings(
+            url, pid, booker_tokens, host_tokens, [str(h) for h in host_ids], args.seconds
+        )
+        print(f"  {rate:,.0f} bookings/s", flush=True)
+        print("pgbench again ...", flush=True)
+        pg_after = await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds)
+        print(f"  {pg_after:,.0f} tps", flush=True)
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+    pg = statistics.mean([pg_before, pg_after])
+    ratio = rate / pg
+    p50, p99 = pct(tally.latencies_ms, 0.5), pct(tally.latencies_ms, 0.99)
+    print(f"\npgbench TPC-B (-c {args.clients} -j 2): {pg_before:,.0f} / {pg_after:,.0f} tps, mean {pg:,.0f}")
+    cpu_text = f"  server CPU {cpu:4.0%}" if cpu is not None else ""
+    print(f"bookings.create: {rate:,.0f}/s  p50 {p50:.1f} ms  p99 {p99:.1f} ms{cpu_text}  machine CPU {machine:4.0%}  "
+          f"host events {tally.events / args.seconds:,.0f}/s")
+    print(f"ratio {ratio:.2f} (target >= 0.60), p99 {p99:.1f} ms (target < 50)")
+    if tally.errors:
+        print(f"errors: {tally.errors}")
+    if tally.exhausted:
+        print(f"{tally.exhausted} bookers ran out of future hours: shorten --seconds")
+    return 0 if ratio >= 0.6 and p99 < 50 and not tally.errors else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtests.bench_bookings", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=50, help="bookers with a call in flight = pgbench clients")
+    ap.add_argument("--hosts", type=int, default=100, help="hosts booked (at least --clients)")
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--workers", type=int, default=1, help="server processes (WORKERS)")
+    ap.add_argument("--url", help="use this running server (ws://.../ws) instead of starting one")
+    ap.add_argument("--database-url", help="the server's primary [the dev stack]")
+    args = ap.parse_args(argv)
+    if args.hosts < args.clients:
+        ap.error("--hosts must be at least --clients")
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -60,6 +60,11 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, frame: dict) -> dict:
     return await next_reply(ws)
 
 
+async def ask_raw(ws: aiohttp.ClientWebSocketResponse, data: bytes) -> dict:
+    await ws.send_bytes(data)
+    return await next_reply(ws)
+
+
 async def still_answers(ws: aiohttp.ClientWebSocketResponse) -> None:
     reply = await ask(ws, {"id": 424242, "method": "users.me"})
     assert reply["id"] == 424242 and reply["error"]["code"] == "unauthenticated"
@@ -298,6 +303,19 @@ async def test_invalid_params_name_every_failing_field(server):
         assert set(reasons) == {"email", "password", "name", "gender"}
         assert reasons["name"] == reasons["gender"] == "Field required"
         assert all(isinstance(r, str) and r for r in reasons.values())
+
+
+async def test_deeply_nested_params_are_invalid_params_not_internal(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    async with raw_socket(server, headers={"Authorization": f"Bearer {s['access_token']}"}) as ws:
+        for depth in (100, 900, 1020):  # MessagePack itself stops near 1024
+            # {"id": 12, "method": "users.update", "params": {"name": [[[...["x"]...]]]}}
+            frame = b"\x83\xa2id\x0c\xa6method\xacusers.update\xa6params\x81\xa4name" + b"\x91" * depth + b"\xa1x"
+            reply = await ask_raw(ws, frame)
+            assert reply["id"] == 12
+            assert reply["error"]["code"] == "invalid_params", reply["error"]
+            assert reply["error"]["data"]["errors"][0]["field"].startswith("name")
 
 
 @pytest.mark.parametrize("params", [[], [1, 2], "params", 5, True, b"\x80"], ids=repr)

@@ -134,9 +134,10 @@ class Hub:
     def mark_stale(self, channel: str) -> None:
         """The subscription of ``channel`` may have missed messages: repair
         the room from PostgreSQL once it is confirmed."""
-        self._stale.add(channel)
         if self._writer is not None and channel not in self._pending:
-            self._schedule_repair(channel, 0)
+            self._schedule_repair(channel, 0)  # confirmed meanwhile
+        else:
+            self._stale.add(channel)
 
     def unfollow(self, follower: Follower, channel: str) -> None:
         chans = self._channels_of.get(follower)

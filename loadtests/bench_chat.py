@@ -1,0 +1,347 @@
+"""chat.send across two server processes against ``pgbench`` (TPC-B-like), same run.
+
+    python -m loadtests.bench_chat [--concurrency 16] [--conversations 100] [--seconds 10]
+
+Starts the dev stack and two hangout server processes (WORKERS=1 each).
+``--conversations`` two-party conversations (confirmed bookings between bench
+users, made in SQL once and reused): the booker's socket is on one process,
+the host's on the other, and both have joined the room, so every message
+crosses Redis and is delivered to both sockets (the sender's included).
+
+Measures, from this process:
+- max rate: ``--concurrency`` senders in a closed loop (one chat.send in
+  flight each, on random conversations and sides): messages committed per
+  second (replies), delivered per second (``chat.message`` at the other
+  party's socket), and send-to-receive latency at the other party;
+- half rate: messages sent open-loop at half the max committed rate, and
+  their send-to-receive p50/p99 (target p99 < 50 ms);
+- ``pgbench`` (built-in TPC-B-like script) with ``--concurrency`` clients on
+  its own database ``pgbench_chat`` on the dev stack primary (``pgbench -i``
+  on first use), before and after the chat load; the mean is the yardstick.
+
+Prints the figures and the ratio of the committed and delivered rates to
+pgbench tps (target >= 0.6). Exit status 3 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import asyncpg
+
+from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_seconds
+from protocol.codec import decode, encode
+
+PGBENCH_DB = "pgbench_chat"
+
+
+# ---- pgbench (TPC-B-like) ----------------------------------------------------------
+
+
+def _pg_bin(name: str) -> str:
+    from server.devstack import pg_bindir
+
+    path = pg_bindir() / name
+    return str(path) if path.exists() else name
+
+
+def _pg_args(stack: Stack) -> list[str]:
+    return ["-h", "127.0.0.1", "-p", str(stack.primary_port), "-U", "postgres"]
+
+
+async def ensure_pgbench_db(stack: Stack) -> None:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PGBENCH_DB):
+            await conn.execute(f'CREATE DATABASE "{PGBENCH_DB}"')
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(stack.database_url.rsplit("/", 1)[0] + "/" + PGBENCH_DB)
+    try:
+        ready = await conn.fetchval("SELECT to_regclass('pgbench_branches') IS NOT NULL")
+    finally:
+        await conn.close()
+    if not ready:
+        print(f"initialising {PGBENCH_DB} with pgbench -i", flush=True)
+        subprocess.run([_pg_bin("pgbench"), "-i", "-q", *_pg_args(stack), PGBENCH_DB], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pgbench_tpcb(stack: Stack, clients: int, seconds: int) -> float:
+    jobs = min(clients, os.cpu_count() or 1)
+    out = subprocess.run(
+        [_pg_bin("pgbench"), "-n", "-c", str(clients), "-j", str(jobs), "-T", str(seconds),
+         *_pg_args(stack), PGBENCH_DB],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    m = re.search(r"tps = ([\d.]+) \(without initial connection", out) or re.search(r"tps = ([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"no tps in pgbench output:\n{out}")
+    return float(m.group(1))
+
+
+# ---- conversations -------------------------------------------------------------------
+
+
+async def bench_conversations(database_url: str, pairs: list[tuple[uuid.UUID, uuid.UUID]]) -> list[uuid.UUID]:
+    """A conversation of a confirmed booking for each (booker, host) pair;
+    made once in SQL and reused by later runs."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        ids = []
+        base = dt.datetime(2099, 1, 1, tzinfo=dt.timezone.utc)  # far from any real booking
+        for i, (booker, host) in enumerate(pairs):
+            cid = await conn.fetchval("SELECT id FROM conversations WHERE user_id = $1 AND host_id = $2", booker, host)
+            if cid is None:
+                async with conn.transaction():
+                    start = base + dt.timedelta(hours=i)
+                    booking = await conn.fetchval(
+                        """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
+                           VALUES ($1, $2, $3, $4, $5, 'confirmed', 10.00) RETURNING id""",
+                        booker, host, start, start + dt.timedelta(hours=1), f"bench-chat-{uuid.uuid4()}",
+                    )
+                    cid = await conn.fetchval(
+                        "INSERT INTO conversations (booking_id, user_id, host_id) VALUES ($1, $2, $3) RETURNING id",
+                        booking, booker, host,
+                    )
+            ids.append(cid)
+        return ids
+    finally:
+        await conn.close()
+
+
+# ---- sockets ---------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    committed: int = 0
+    delivered: int = 0  # at the other party's socket
+    errors: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)  # send -> other party received
+    counting: bool = False
+
+
+class Sock:
+    """One authenticated socket: calls matched by id, chat.message events
+    timed against the send time carried in their content."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, tally: Tally) -> None:
+        self.ws = ws
+        self.tally = tally
+        self.user: str = ""
+        self._ids = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    async def call(self, method: str, params: dict) -> dict:
+        self._ids += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[self._ids] = fut
+        await self.ws.send_bytes(encode({"id": self._ids, "method": method, "params": params}))
+        return await fut
+
+    async def _read(self) -> None:
+        clock = time.perf_counter
+        tally = self.tally
+        async for msg in self.ws:
+            if msg.type is not aiohttp.WSMsgType.BINARY:
+                break
+            frame = decode(msg.data)
+            if "event" in frame:
+                if frame["event"] == "chat.message" and tally.counting:
+                    message = frame["data"]["message"]
+                    if message["sender_id"] != self.user:
+                        tally.delivered += 1
+                        sent = float(message["content"].split(" ", 1)[0])
+                        tally.latencies_ms.append((clock() - sent) * 1000.0)
+                continue
+            fut = self._pending.pop(frame["id"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+async def send(sock: Sock, conversation: str, tally: Tally) -> None:
+    reply = await sock.call("chat.send", {"conversation_id": conversation, "content": f"{time.perf_counter():.6f} bench"})
+    if tally.counting:
+        if "error" in reply:
+            code = reply["error"]["code"]
+            tally.errors[code] = tally.errors.get(code, 0) + 1
+        else:
+            tally.committed += 1
+
+
+async def closed_loop(sides: list[tuple[Sock, str]], tally: Tally, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        sock, conversation = random.choice(sides)
+        await send(sock, conversation, tally)
+
+
+async def open_loop(sides: list[tuple[Sock, str]], tally: Tally, rate: float, seconds: float) -> None:
+    """Send at ``rate`` per second whatever the replies do (at most 32 in
+    flight per socket, the server's limit, is far above what this needs)."""
+    loop = asyncio.get_running_loop()
+    start, n, tasks = loop.time(), 0, set()
+    while (now := loop.time()) - start < seconds:
+        due = int((now - start) * rate) + 1
+        while n < due:
+            sock, conversation = random.choice(sides)
+            t = asyncio.create_task(send(sock, conversation, tally))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            n += 1
+        await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
+    await asyncio.gather(*tasks)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def drain(tally: Tally, expected: int, timeout: float = 10.0) -> None:
+    """Wait until the messages committed in the window have been delivered."""
+    deadline = time.monotonic() + timeout
+    while tally.delivered < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    stack = await asyncio.to_thread(Stack.dev)
+    await ensure_pgbench_db(stack)
+    users = await bench_users(stack.database_url, 2 * args.conversations, "bench-chat-")
+    pairs = list(zip(users[0::2], users[1::2]))
+    conversations = [str(c) for c in await bench_conversations(stack.database_url, pairs)]
+    tokens = await access_tokens(stack.database_url, users)
+    token_of = dict(zip(users, tokens))
+    servers = [Server(stack), Server(stack)]
+    for s in servers:
+        await asyncio.to_thread(s.start)
+    tally = Tally()
+    socks: list[Sock] = []
+    try:
+        pg_before = pg_after = float("nan")
+        if not args.skip_pgbench:
+            print(f"pgbench (TPC-B-like), {args.concurrency} clients, {args.seconds}s ...", flush=True)
+            pg_before = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
+            print(f"  {pg_before:,.0f} tps", flush=True)
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:  # no cap on sockets
+            sides: list[tuple[Sock, str]] = []
+            for (booker, host), conversation in zip(pairs, conversations):
+                for user, server in ((booker, servers[0]), (host, servers[1])):
+                    ws = await session.ws_connect(server.ws_url, protocols=("hangout.v1",), max_msg_size=0,
+                                                  headers={"Authorization": f"Bearer {token_of[user]}"})
+                    sock = Sock(ws, tally)
+                    sock.user = str(user)
+                    socks.append(sock)
+                    reply = await sock.call("chat.join", {"conversation_id": conversation})
+                    assert "result" in reply, reply
+                    sides.append((sock, conversation))
+            print(f"{len(conversations)} conversations, {len(socks)} sockets joined over 2 processes", flush=True)
+
+            # Max rate: closed loop, --concurrency sends in flight.
+            stop = asyncio.Event()
+            loops = [asyncio.create_task(closed_loop(sides, tally, stop)) for _ in range(args.concurrency)]
+            await asyncio.sleep(args.warmup)
+            profiler = None
+            if args.profile:  # py-spy (pip install py-spy) on the first process, without pausing it
+                py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+                profiler = subprocess.Popen([py_spy, "record", "--nonblocking", "-r", "250", "-d", str(args.seconds),
+                                             "-f", "raw", "-o", args.profile, "--pid", str(servers[0].pid)],
+                                            stdout=subprocess.DEVNULL)
+            cpu0 = [cpu_seconds(s.pid) for s in servers]
+            t0 = time.perf_counter()
+            tally.counting = True
+            await asyncio.sleep(args.seconds)
+            elapsed = time.perf_counter() - t0
+            committed, delivered, latencies = tally.committed, tally.delivered, list(tally.latencies_ms)
+            tally.counting = False
+            cpu = [(cpu_seconds(s.pid) - c) / elapsed for s, c in zip(servers, cpu0)]
+            stop.set()
+            await asyncio.gather(*loops)
+            if profiler is not None:
+                await asyncio.to_thread(profiler.wait)
+                print(f"  profile of the first process: {args.profile}", flush=True)
+            max_committed, max_delivered = committed / elapsed, delivered / elapsed
+            errors = dict(tally.errors)
+            print(f"max rate, {args.concurrency} in flight: {max_committed:,.0f} committed/s, "
+                  f"{max_delivered:,.0f} delivered/s, p50 {pct(latencies, 0.5):.1f} ms p99 {pct(latencies, 0.99):.1f} ms, "
+                  f"server CPU {cpu[0]:.0%} + {cpu[1]:.0%}", flush=True)
+
+            # Half the max rate, open loop: the delivery latency target.
+            half = max_committed / 2
+            await asyncio.sleep(0.5)
+            tally.committed = tally.delivered = 0
+            tally.latencies_ms = []
+            tally.counting = True
+            await open_loop(sides, tally, half, args.seconds)
+            await drain(tally, tally.committed)
+            tally.counting = False
+            half_latencies = list(tally.latencies_ms)
+            half_missing = tally.committed - tally.delivered
+            errors.update({f"half:{k}": v for k, v in tally.errors.items()})
+            print(f"half rate {half:,.0f}/s: {tally.committed:,} committed, {tally.delivered:,} delivered, "
+                  f"p50 {pct(half_latencies, 0.5):.1f} ms p99 {pct(half_latencies, 0.99):.1f} ms", flush=True)
+            for sock in socks:
+                await sock.close()
+
+        if not args.skip_pgbench:
+            print("pgbench again ...", flush=True)
+            pg_after = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
+            print(f"  {pg_after:,.0f} tps", flush=True)
+    finally:
+        for s in servers:
+            await asyncio.to_thread(s.stop)
+
+    pg = statistics.mean([pg_before, pg_after])
+    p99_half = pct(half_latencies, 0.99)
+    print(f"\npgbench TPC-B-like ({args.concurrency} clients): {pg_before:,.0f} / {pg_after:,.0f} tps, mean {pg:,.0f}")
+    print(f"chat.send committed  {max_committed:8,.0f}/s   ratio {max_committed / pg:.2f}  (target >= 0.60)")
+    print(f"chat.send delivered  {max_delivered:8,.0f}/s   ratio {max_delivered / pg:.2f}  (target >= 0.60)")
+    print(f"send-to-receive at max rate     p50 {pct(latencies, 0.5):6.1f} ms  p99 {pct(latencies, 0.99):6.1f} ms")
+    print(f"send-to-receive at half ({half:,.0f}/s) p50 {pct(half_latencies, 0.5):6.1f} ms  p99 {p99_half:6.1f} ms  (target p99 < 50)")
+    if errors:
+        print(f"errors: {errors}")
+    if half_missing:
+        print(f"not delivered within 10 s at half rate: {half_missing}")
+    ok = not errors and not half_missing and p99_half < 50
+    if not args.skip_pgbench:
+        ok = ok and max_committed / pg >= 0.6 and max_delivered / pg >= 0.6
+    return 0 if ok else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtests.bench_chat", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, default=16, help="sends in flight = pgbench clients")
+    ap.add_argument("--conversations", type=int, default=100, help="two-party conversations")
+    ap.add_argument("--seconds", type=int, default=10, help="length of each measurement")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    ap.add_argument("--skip-pgbench", action="store_true", help="only the chat load")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy collapsed stacks of the first process at max rate")
+    args = ap.parse_args(argv)
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

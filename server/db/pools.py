@@ -97,6 +97,7 @@ class Database:
     _health_task: asyncio.Task | None = None
     _rr: int = 0
     primary_reads: int = 0
+    _merged: dict[Any, "_MergedReads"] = field(default_factory=dict)
 
     def _pool_args(self) -> dict[str, Any]:
         c = self.config
@@ -121,6 +122,8 @@ class Database:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
+        for merged in self._merged.values():
+            await merged.close()
         pools = [r.pool for r in self.replicas if r.pool is not None]
         if self.primary is not None:
             pools.append(self.primary)
@@ -236,7 +239,24 @@ class Database:
     async def read(self, user: uuid.UUID | None, query: Query[T], *args: Any) -> T:
         """Run ``query(conn, *args)`` on a replica that has replayed
         ``user``'s writes, or on the primary. Never fails because of a replica."""
-        replica = self.pick_replica(await self.required_lsn(user)) if self.replicas else None
+        return await self._read_after(await self.required_lsn(user) if self.replicas else 0, query, *args)
+
+    async def read_one(self, user: uuid.UUID | None, query_many: Callable[..., Awaitable[dict]], key: Any) -> Any:
+        """The row for ``key`` (None if absent), read like ``read(user, ...)``,
+        with ``query_many(conn, keys) -> {key: row}``. Calls that overlap in
+        time share one query: under load one statement serves many calls
+        (a DataLoader), so the database, the pool and the event loop each
+        do one round trip's work for a whole batch of them."""
+        required = await self.required_lsn(user) if self.replicas else 0
+        merged = self._merged.get(query_many)
+        if merged is None:
+            merged = self._merged[query_many] = _MergedReads(self, query_many)
+        return await merged.get(key, required)
+
+    async def _read_after(self, required: int, query: Query[T], *args: Any) -> T:
+        """``read`` for a caller whose writes end at WAL position ``required``
+        (-1: unknown, so the primary)."""
+        replica = self.pick_replica(required) if self.replicas else None
         if replica is not None:
             try:
                 async with _Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:  # type: ignore[arg-type]
@@ -253,6 +273,73 @@ class Database:
         self.primary_reads += 1
         async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             return await query(conn, *args)
+
+
+class _MergedReads:
+    """Merges concurrent single-key reads of one kind into one query.
+
+    A call joins the batch being gathered; the batch is sent at the end of
+    the current loop turn if fewer than ``MAX_RUNNING`` of its kind are
+    running, else as soon as one of them ends. So at low load a call waits
+    for nothing, and the busier the process, the more calls a query serves.
+    A batch must satisfy the strictest read-your-writes position among its
+    callers, which is never less safe than reading for each alone.
+    """
+
+    MAX_RUNNING = 4
+
+    def __init__(self, db: Database, query_many: Callable[..., Awaitable[dict]]) -> None:
+        self.db = db
+        self.query_many = query_many
+        self.keys: list[Any] = []
+        self.waiters: list[asyncio.Future] = []
+        self.required = 0
+        self.running: set[asyncio.Task] = set()
+        self.scheduled = False
+
+    async def get(self, key: Any, required: int) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self.keys.append(key)
+        self.waiters.append(fut)
+        self.required = -1 if required < 0 or self.required < 0 else max(self.required, required)
+        if not self.scheduled and len(self.running) < self.MAX_RUNNING:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+        return await fut
+
+    def _send(self) -> None:
+        self.scheduled = False
+        if not self.keys:
+            return
+        keys, waiters, required = self.keys, self.waiters, self.required
+        self.keys, self.waiters, self.required = [], [], 0
+        task = asyncio.create_task(self._run(keys, waiters, required))
+        self.running.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        if self.keys and not self.scheduled:
+            self._send()
+
+    async def _run(self, keys: list[Any], waiters: list[asyncio.Future], required: int) -> None:
+        try:
+            rows = await self.db._read_after(required, self.query_many, list(dict.fromkeys(keys)))
+        except BaseException as exc:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else RpcError(ErrorCode.UNAVAILABLE))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for key, fut in zip(keys, waiters):
+                if not fut.done():  # a caller whose socket closed meanwhile
+                    fut.set_result(rows.get(key))
+
+    async def close(self) -> None:
+        for task in list(self.running):
+            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
 
 
 _SET_MAX_LUA = """

@@ -47,7 +47,8 @@ async def get(call: Call, p: m.GetParams) -> m.PublicUser:
     # Only the user's own writes change their profile, so read-your-writes
     # needs the caller's write position only when they look at themselves.
     reader = call.user_id if p.user_id == call.user_id else None
-    row = await call.services.db.read(reader, users_db.get_public, p.user_id)
+    # Concurrent look-ups share one query (see Database.read_one).
+    row = await call.services.db.read_one(reader, users_db.get_public_many, p.user_id)
     if row is None:
         raise RpcError(ErrorCode.NOT_FOUND)
     return m.PublicUser.model_validate(dict(row))

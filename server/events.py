@@ -20,9 +20,21 @@ def event_frame(name: str, payload: BaseModel | dict) -> bytes:
 
 async def to_users(services: "Services", users: "list[uuid.UUID] | tuple[uuid.UUID, ...]", name: str, payload: BaseModel | dict) -> None:
     """Push an event to every socket of each user, on every process."""
-    frame = event_frame(name, payload)
-    for user in dict.fromkeys(users):
-        await services.hub.publish(services.hub.user_channel(user), frame)
+    await to_users_many(services, [(users, name, payload)])
+
+
+async def to_users_many(
+    services: "Services", events: "list[tuple[list[uuid.UUID] | tuple[uuid.UUID, ...], str, BaseModel | dict]]"
+) -> None:
+    """Push several ``(users, name, payload)`` events, in order, in one
+    round trip to Redis (e.g. booking.created to both parties and
+    wallet.updated to the booker)."""
+    items = []
+    for users, name, payload in events:
+        frame = event_frame(name, payload)
+        items.extend((services.hub.user_channel(user), frame) for user in dict.fromkeys(users))
+    if items:
+        await services.hub.publish_many(items)
 
 
 async def to_conversation(

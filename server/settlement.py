@@ -74,12 +74,12 @@ class Settlement:
             return 0
         self.settled += len(completed)
         log.info("settled %d bookings", len(completed))
-        # Published only now that the payouts are committed.
+        # Published only now that the payouts are committed, in one round trip.
+        batch: list = []
         for row in completed:
             booking = Booking.model_validate(dict(row))
-            await events.to_users(
-                self.services, [booking.user_id, booking.host_id], "booking.completed", BookingEvent(booking=booking)
-            )
+            batch.append(([booking.user_id, booking.host_id], "booking.completed", BookingEvent(booking=booking)))
         for host, balance in balances.items():
-            await events.to_users(self.services, [host], "wallet.updated", WalletUpdatedEvent(balance=balance))
+            batch.append(([host], "wallet.updated", WalletUpdatedEvent(balance=balance)))
+        await events.to_users_many(self.services, batch)
         return len(completed)

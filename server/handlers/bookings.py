@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import uuid
@@ -64,10 +63,10 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
         )
     booking = _booking(row)
     if outcome == "created":
-        await asyncio.gather(
-            events.to_users(services, [booking.user_id, booking.host_id], "booking.created", m.BookingEvent(booking=booking)),
-            events.to_users(services, [booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=row["balance"])),
-        )
+        await events.to_users_many(services, [
+            ([booking.user_id, booking.host_id], "booking.created", m.BookingEvent(booking=booking)),
+            ([booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=row["balance"])),
+        ])
     return m.CreateResult(booking=booking, replayed=outcome == "replayed")
 
 
@@ -84,10 +83,10 @@ async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
         raise RpcError(ErrorCode.INVALID_STATE, "only a confirmed booking can be cancelled, before it starts")
     booking = _booking(row)
     if outcome == "cancelled":
-        await asyncio.gather(
-            events.to_users(services, [booking.user_id, booking.host_id], "booking.cancelled", m.BookingEvent(booking=booking)),
-            events.to_users(services, [booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=balance)),
-        )
+        await events.to_users_many(services, [
+            ([booking.user_id, booking.host_id], "booking.cancelled", m.BookingEvent(booking=booking)),
+            ([booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=balance)),
+        ])
     return m.CancelResult(booking=booking)
 
 

@@ -39,7 +39,7 @@ def _migrate() -> list[str]:
 async def _serve_one(config: Config) -> None:
     from aiohttp import web
 
-    from server.app import create_app
+    from server.app import create_app, drain_sockets
 
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 2, access_log=None)
@@ -54,7 +54,12 @@ async def _serve_one(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    # Stops accepting, drains sockets (app.on_shutdown), then closes pools.
+    # Stop accepting first, then drain while the sockets are still read (the
+    # runner's own shutdown stops reading them, which would leave requests
+    # sent during the drain, and the clients' close replies, unread).
+    for listener in list(runner.sites):
+        await listener.stop()
+    await drain_sockets(app)
     await runner.cleanup()
 
 

@@ -31,7 +31,7 @@ def create_app(config: Config) -> web.Application:
     app[SERVICES] = Services.build(config)
     http.add_routes(app)
     app.on_startup.append(_startup)
-    app.on_shutdown.append(_drain_sockets)
+    app.on_shutdown.append(drain_sockets)
     app.on_cleanup.append(_cleanup)
     return app
 
@@ -43,8 +43,8 @@ async def _startup(app: web.Application) -> None:
     await services.start_workers()
 
 
-async def _drain_sockets(app: web.Application) -> None:
-    """SIGTERM: the listening sockets are already closed by the runner; let
+async def drain_sockets(app: web.Application) -> None:
+    """SIGTERM, once the listeners are closed: let
     in-flight calls finish (bounded), then close every socket with 1001."""
     services = app[SERVICES]
     conns = list(services.connections)

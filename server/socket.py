@@ -138,8 +138,7 @@ class Connection:
         ws = self.ws
         async for msg in ws:
             if msg.type is WSMsgType.BINARY:
-                if not self.draining:
-                    self._on_frame(msg.data)
+                self._on_frame(msg.data)
             elif msg.type is WSMsgType.TEXT:
                 await self.close(CLOSE_UNSUPPORTED, "binary frames only")
                 return
@@ -278,6 +277,10 @@ class Connection:
         if type(method) is not str:
             return self._bad_frame(req_id, "missing or unusable method")
         params = frame.get("params", {})
+        if self.draining:
+            # Shutting down: tell the client to retry elsewhere rather than
+            # leave the call unanswered.
+            return self._reply_error(req_id, RpcError(ErrorCode.UNAVAILABLE, "server shutting down, retry"))
         if len(self._calls) >= self.config.max_in_flight:
             return self._reply_error(req_id, RpcError(ErrorCode.TOO_MANY_REQUESTS))
         task = asyncio.create_task(self._call(req_id, method, params))
@@ -310,8 +313,6 @@ class Connection:
             raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no method named {name[:100]!r}")
         if method.auth:
             self.require_auth()
-        if raw_params is None:
-            raw_params = {}
         if not isinstance(raw_params, dict):
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "params", "reason": "must be a map"}]})
         errors: list[dict[str, str]] = []

@@ -115,6 +115,8 @@ async def test_search_params_are_validated(server):
             ({"limit": 101}, "limit"),
             ({"min_price": 10.5}, "min_price"),
             ({"max_price": "1.234"}, "max_price"),
+            ({"min_price": "0"}, "min_price"),  # money inputs are > 0
+            ({"max_price": -5}, "max_price"),
             ({"gender": ""}, "gender"),
             ({"cursor": "not a cursor"}, "cursor"),
             ({"cursor": "WyIxMC4wMCJd"}, "cursor"),  # a list of the wrong length

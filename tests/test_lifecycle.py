@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from protocol.client import ConnectionClosed
+from protocol.errors import RpcError
 from tests.conftest import ServerProcess, register, row_locked, until_writes_wait_on_the_lock
 
 
@@ -37,14 +38,18 @@ async def test_sigterm_stops_accepting_finishes_in_flight_calls_then_closes_sock
                 in_flight = asyncio.create_task(busy.call("users.update", {"name": "Finished Late"}))
                 await until_writes_wait_on_the_lock(db, 1)
                 proc.proc.send_signal(signal.SIGTERM)
-                await until_connections_are_refused(proc)
-                with pytest.raises((aiohttp.ClientError, OSError)):
-                    await proc.connect()
                 # A socket with nothing in flight is closed at once; the busy
                 # one stays open while its call has not finished.
                 assert await idle.wait_closed() == 1001
+                # A new request during the drain is told to go elsewhere.
+                with pytest.raises(RpcError) as refused:
+                    await busy.call("users.me")
+                assert refused.value.code.value == "unavailable"
                 assert not in_flight.done()
                 assert not busy.closed.is_set()
+                await until_connections_are_refused(proc)
+                with pytest.raises((aiohttp.ClientError, OSError)):
+                    await proc.connect()
             # The call finishes (the row is free), its reply is delivered, then 1001.
             assert (await in_flight)["name"] == "Finished Late"
             assert await busy.wait_closed() == 1001

@@ -76,6 +76,19 @@ def _dump_money(value: Decimal) -> str:
 Id = Annotated[uuid.UUID, PlainValidator(_parse_id), PlainSerializer(str, return_type=str)]
 Money = Annotated[Decimal, PlainValidator(_parse_money), PlainSerializer(_dump_money, return_type=str)]
 Time = Annotated[dt.datetime, PlainValidator(_parse_time)]
+
+
+def _parse_money_positive(value: Any) -> Decimal:
+    amount = _parse_money(value)
+    if amount <= 0:
+        raise ValueError("must be more than 0.00")
+    return amount
+
+
+# Every money input of the protocol is > 0; results use Money (a balance can be 0).
+PositiveMoney = Annotated[
+    Decimal, PlainValidator(_parse_money_positive), PlainSerializer(_dump_money, return_type=str)
+]
 Limit = Annotated[int, Field(ge=1, le=100, strict=True)]
 Cursor = Annotated[str, Field(min_length=1, max_length=512, strict=True)]
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from protocol.models.common import Cursor, Id, Limit, Money, Params, Result, Time
+from protocol.models.common import Cursor, Id, Limit, Money, Params, PositiveMoney, Result, Time
 
 KycStatus = Literal["pending", "verified", "rejected"]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
@@ -70,8 +70,8 @@ class UserUpdatedEvent(Result):
 class SearchParams(Params):
     start_at: Optional[Time] = None
     end_at: Optional[Time] = None
-    min_price: Optional[Money] = None
-    max_price: Optional[Money] = None
+    min_price: Optional[PositiveMoney] = None
+    max_price: Optional[PositiveMoney] = None
     gender: Optional[Gender] = None
     limit: Limit = 20
     cursor: Optional[Cursor] = None

@@ -270,6 +270,7 @@ async def amain(args: argparse.Namespace) -> int:
                                              "-f", "raw", "-o", args.profile, "--pid", str(servers[0].pid)],
                                             stdout=subprocess.DEVNULL)
             cpu0 = [cpu_seconds(s.pid) for s in servers]
+            own0 = time.process_time()
             t0 = time.perf_counter()
             tally.counting = True
             await asyncio.sleep(args.seconds)
@@ -277,6 +278,7 @@ async def amain(args: argparse.Namespace) -> int:
             committed, delivered, latencies = tally.committed, tally.delivered, list(tally.latencies_ms)
             tally.counting = False
             cpu = [(cpu_seconds(s.pid) - c) / elapsed for s, c in zip(servers, cpu0)]
+            own = (time.process_time() - own0) / elapsed
             stop.set()
             await asyncio.gather(*loops)
             if profiler is not None:
@@ -286,7 +288,7 @@ async def amain(args: argparse.Namespace) -> int:
             errors = dict(tally.errors)
             print(f"max rate, {args.concurrency} in flight: {max_committed:,.0f} committed/s, "
                   f"{max_delivered:,.0f} delivered/s, p50 {pct(latencies, 0.5):.1f} ms p99 {pct(latencies, 0.99):.1f} ms, "
-                  f"server CPU {cpu[0]:.0%} + {cpu[1]:.0%}", flush=True)
+                  f"server CPU {cpu[0]:.0%} + {cpu[1]:.0%}, load generator {own:.0%}", flush=True)
 
             # Half the max rate, open loop: the delivery latency target.
             half = max_committed / 2
@@ -315,7 +317,8 @@ async def amain(args: argparse.Namespace) -> int:
 
     pg = statistics.mean([pg_before, pg_after])
     p99_half = pct(half_latencies, 0.99)
-    print(f"\npgbench TPC-B-like ({args.concurrency} clients): {pg_before:,.0f} / {pg_after:,.0f} tps, mean {pg:,.0f}")
+    print(f"\nmachine load average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    print(f"pgbench TPC-B-like ({args.concurrency} clients): {pg_before:,.0f} / {pg_after:,.0f} tps, mean {pg:,.0f}")
     print(f"chat.send committed  {max_committed:8,.0f}/s   ratio {max_committed / pg:.2f}  (target >= 0.60)")
     print(f"chat.send delivered  {max_delivered:8,.0f}/s   ratio {max_delivered / pg:.2f}  (target >= 0.60)")
     print(f"send-to-receive at max rate     p50 {pct(latencies, 0.5):6.1f} ms  p99 {pct(latencies, 0.99):6.1f} ms")

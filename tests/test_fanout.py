@@ -116,6 +116,10 @@ async def test_redis_restart_loses_no_acknowledged_message(stack, server, server
             assert status == 503 and body["redis"]["ok"] is False
             # Calls still commit and answer while Redis is down.
             acked += await send_many(booker, conv, 10, prefix="during-b", in_flight=4)
+            # A join while Redis is away answers from PostgreSQL at once...
+            joined_away = await room.host.socket(server)
+            during = await joined_away.call("chat.join", {"conversation_id": conv, "since_seq": 0})
+            assert [m["seq"] for m in during["messages"]] == list(range(1, 31))
             acked += await send_many(host, conv, 10, prefix="during-h", in_flight=4)
             history = await host.call("chat.history", {"conversation_id": conv, "limit": 100})
             assert len(history["messages"]) == 40
@@ -134,8 +138,10 @@ async def test_redis_restart_loses_no_acknowledged_message(stack, server, server
         # PostgreSQL after resubscribing, so every socket even has them all.
         for c in sockets:
             exactly_once(await collect_messages(c, 60), 60)
+        # ...and once it is back that socket gets the rest, once.
+        exactly_once(list(range(1, 31)) + await collect_messages(joined_away, 30), 60)
         last = (await booker.call("chat.send", {"conversation_id": conv, "content": "live"}))["message"]
-        for c in [*sockets, fresh]:
+        for c in [*sockets, fresh, joined_away]:
             assert await messages_until(c, last["seq"]) == [last["seq"]]
     finally:
         await room.close()

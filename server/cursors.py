@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 from typing import Any, Callable, Sequence
 
@@ -12,6 +13,15 @@ from protocol.errors import ErrorCode, RpcError
 def encode_cursor(*values: Any) -> str:
     raw = json.dumps([str(v) if not isinstance(v, (int, str)) else v for v in values], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def aware_time(text: str) -> dt.datetime:
+    """A cursor's time value (written with ``datetime.isoformat()``), which
+    must carry its offset."""
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError("time without offset")
+    return when
 
 
 def decode_cursor(cursor: str | None, *types: Callable[[Any], Any]) -> tuple | None:

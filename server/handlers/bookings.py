@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import uuid
 from typing import Any
@@ -11,7 +10,7 @@ from protocol.errors import ErrorCode, RpcError
 from protocol.models import bookings as m
 from protocol.models.wallet import WalletUpdatedEvent
 from server import events
-from server.cursors import decode_cursor, encode_cursor
+from server.cursors import aware_time, decode_cursor, encode_cursor
 from server.db import bookings as bookings_db
 from server.rpc import Call, rpc
 
@@ -99,16 +98,9 @@ async def get(call: Call, p: m.BookingIdParams) -> m.Booking:
     return _booking(row)
 
 
-def _aware(text: str) -> dt.datetime:
-    when = dt.datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        raise ValueError("naive time in cursor")
-    return when
-
-
 @rpc("bookings.list", m.ListParams)
 async def list_(call: Call, p: m.ListParams) -> m.ListResult:
-    after = decode_cursor(p.cursor, _aware, uuid.UUID)
+    after = decode_cursor(p.cursor, aware_time, uuid.UUID)
     rows = await call.services.db.read(
         call.user_id, bookings_db.list_for, call.user_id, p.role, p.status, after, p.limit + 1
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import uuid
 
@@ -11,7 +10,7 @@ import asyncpg
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import wallet as m
 from server import events
-from server.cursors import decode_cursor, encode_cursor
+from server.cursors import aware_time, decode_cursor, encode_cursor
 from server.db import wallet as wallet_db
 from server.rpc import Call, rpc
 
@@ -42,16 +41,9 @@ async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
     )
 
 
-def _aware(text: str) -> dt.datetime:
-    when = dt.datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        raise ValueError("naive time in cursor")
-    return when
-
-
 @rpc("wallet.transactions", m.TransactionsParams)
 async def transactions(call: Call, p: m.TransactionsParams) -> m.TransactionsResult:
-    after = decode_cursor(p.cursor, _aware, uuid.UUID)
+    after = decode_cursor(p.cursor, aware_time, uuid.UUID)
     rows = await call.services.db.read(call.user_id, wallet_db.transactions, call.user_id, after, p.limit + 1)
     items = [m.Transaction.model_validate(dict(r)) for r in rows[: p.limit]]
     last = items[-1] if items else None

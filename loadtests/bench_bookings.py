@@ -82,7 +82,8 @@ async def ensure_pgbench_db(database_url: str) -> None:
                        check=True, stdout=subprocess.DEVNULL)
 
 
-def pgbench_tpcb(database_url: str, clients: int, seconds: int) -> float:
+def pgbench_tpcb(database_url: str, clients: int, seconds: int) -> tuple[float, float]:
+    """(tps, mean latency in ms) of the built-in TPC-B-like script."""
     out = subprocess.run(
         [_pg_bin("pgbench"), "-c", str(clients), "-j", "2", "-T", str(seconds), *_pg_args(database_url), PGBENCH_DB],
         check=True, capture_output=True, text=True,
@@ -90,7 +91,8 @@ def pgbench_tpcb(database_url: str, clients: int, seconds: int) -> float:
     m = re.search(r"tps = ([\d.]+) \(without initial connection", out) or re.search(r"tps = ([\d.]+)", out)
     if not m:
         raise RuntimeError(f"no tps in pgbench output:\n{out}")
-    return float(m.group(1))
+    latency = re.search(r"latency average = ([\d.]+) ms", out)
+    return float(m.group(1)), float(latency.group(1)) if latency else float("nan")
 
 
 # ---- people ---------------------------------------------------------------------------
@@ -231,14 +233,17 @@ async def amain(args: argparse.Namespace) -> int:
         server = await asyncio.to_thread(Server(stack, env={"WORKERS": str(args.workers)}).start)
         url, pid = server.ws_url, (server.pid if args.workers == 1 else None)
     pg_runs: list[float] = []
+    pg_latencies: list[float] = []
     runs: list[tuple[Tally, float, float | None, float]] = []
     try:
         # pgbench and the hangout run in turns, pgbench first and last: the
         # machine is shared, and its load drifts within a minute.
         for round_no in range(args.rounds + 1):
             print(f"pgbench (TPC-B), -c {args.clients} -j 2 -T {args.seconds} ...", flush=True)
-            pg_runs.append(await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds))
-            print(f"  {pg_runs[-1]:,.0f} tps", flush=True)
+            tps, latency = await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds)
+            pg_runs.append(tps)
+            pg_latencies.append(latency)
+            print(f"  {tps:,.0f} tps, mean latency {latency:.1f} ms", flush=True)
             if round_no == args.rounds:
                 break
             host_ids, booker_ids = await make_people(stack.database_url, args.hosts, args.clients)
@@ -261,7 +266,8 @@ async def amain(args: argparse.Namespace) -> int:
     ratio = rate / pg
     p50, p99 = pct(latencies, 0.5), pct(latencies, 0.99)
     cpus = [r[2] for r in runs if r[2] is not None]
-    print(f"\npgbench TPC-B (-c {args.clients} -j 2): " + " / ".join(f"{x:,.0f}" for x in pg_runs) + f" tps, median {pg:,.0f}")
+    print(f"\npgbench TPC-B (-c {args.clients} -j 2): " + " / ".join(f"{x:,.0f}" for x in pg_runs)
+          + f" tps, median {pg:,.0f}; mean latency {statistics.median(pg_latencies):.1f} ms")
     print("bookings.create: " + " / ".join(f"{r[1]:,.0f}" for r in runs) + f" per s, median {rate:,.0f}")
     cpu_text = f"  server CPU {statistics.mean(cpus):4.0%}" if cpus else ""
     print(f"bookings.create p50 {p50:.1f} ms  p99 {p99:.1f} ms{cpu_text}  machine CPU "

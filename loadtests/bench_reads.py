@@ -8,7 +8,8 @@ Starts the dev stack and one hangout server process (WORKERS=1). Measures:
   ``--concurrency`` clients, in turns with the hangout runs, ``--rounds``
   times (the mean is the yardstick: the machine is shared and noisy);
 - ``users.get`` (another user's public profile) and ``hosts.search``
-  (default filters, 20 hosts a page) calls per second, ``--concurrency``
+  (default filters, 20 hosts a page) calls per second (``--methods`` can
+  add ``users.me``, whose routing looks up the caller's write position), ``--concurrency``
   calls in flight at all times, pipelined over ``--sockets`` authenticated
   sockets, from this process.
 
@@ -250,6 +251,7 @@ async def amain(args: argparse.Namespace) -> int:
     loads = {
         "users.get": lambda: {"user_id": str(random.choice(others))},
         "hosts.search": lambda: {},
+        "users.me": lambda: {},  # the caller's own row: read-your-writes routing (a Redis look-up) every call
     }
     figures = {(m, name): Figures() for m in args.methods for name in servers}
     pg_runs: list[float] = []
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sockets", type=int, default=4, help="sockets the calls are pipelined over")
     ap.add_argument("--seconds", type=int, default=10, help="length of each measurement")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of pgbench and each method (per server), in turns")
-    ap.add_argument("--methods", nargs="+", default=["users.get", "hosts.search"], choices=["users.get", "hosts.search"])
+    ap.add_argument("--methods", nargs="+", default=["users.get", "hosts.search"], choices=["users.get", "hosts.search", "users.me"])
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run a server from this checkout (e.g. a git worktree of main), in turns with "
                          "this one, and print the ratio: before/after figures from one run")

@@ -97,7 +97,8 @@ class Database:
     _health_task: asyncio.Task | None = None
     _rr: int = 0
     primary_reads: int = 0
-    _merged: dict[Any, "_MergedReads"] = field(default_factory=dict)
+    _merged: dict[Any, "_Batcher"] = field(default_factory=dict)
+    _ryw_lookups: "_Batcher | None" = None
 
     def _pool_args(self) -> dict[str, Any]:
         c = self.config
@@ -122,8 +123,8 @@ class Database:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        for merged in self._merged.values():
-            await merged.close()
+        for batcher in [*self._merged.values(), *([self._ryw_lookups] if self._ryw_lookups else [])]:
+            await batcher.close()
         pools = [r.pool for r in self.replicas if r.pool is not None]
         if self.primary is not None:
             pools.append(self.primary)
@@ -220,12 +221,19 @@ class Database:
         if user is None:
             return 0
         local = self._local_lsn.get(user, 0)
+        if self._ryw_lookups is None:
+            # Look-ups that overlap in time go as one MGET. Each is sent after
+            # its read arrived, so it sees every write acknowledged before.
+            self._ryw_lookups = _Batcher(self._write_positions, max_running=2)
         try:
-            remote = await self.redis.get(f"ryw:{user}")
+            remote = await self._ryw_lookups.get(user)
         except (redis.exceptions.RedisError, OSError):
             # Without Redis we cannot know what other processes wrote: be safe.
             return -1
         return max(local, int(remote) if remote else 0)
+
+    async def _write_positions(self, users: list[uuid.UUID], _required: int) -> dict[uuid.UUID, Any]:
+        return dict(zip(users, await self.redis.mget([f"ryw:{u}" for u in users])))
 
     def pick_replica(self, required: int) -> Replica | None:
         if required < 0:
@@ -250,7 +258,10 @@ class Database:
         required = await self.required_lsn(user) if self.replicas else 0
         merged = self._merged.get(query_many)
         if merged is None:
-            merged = self._merged[query_many] = _MergedReads(self, query_many)
+            async def fetch(keys: list[Any], required: int) -> dict:
+                return await self._read_after(required, query_many, keys)
+
+            merged = self._merged[query_many] = _Batcher(fetch, max_running=4)
         return await merged.get(key, required)
 
     async def _read_after(self, required: int, query: Query[T], *args: Any) -> T:
@@ -275,34 +286,33 @@ class Database:
             return await query(conn, *args)
 
 
-class _MergedReads:
-    """Merges concurrent single-key reads of one kind into one query.
+class _Batcher:
+    """Merges concurrent single-key look-ups of one kind into one request.
 
     A call joins the batch being gathered; the batch is sent at the end of
-    the current loop turn if fewer than ``MAX_RUNNING`` of its kind are
+    the current loop turn if fewer than ``max_running`` of its kind are
     running, else as soon as one of them ends. So at low load a call waits
-    for nothing, and the busier the process, the more calls a query serves.
-    A batch must satisfy the strictest read-your-writes position among its
-    callers, which is never less safe than reading for each alone.
+    for nothing, and the busier the process, the more calls a request serves.
+    ``fetch(keys, required)`` answers ``{key: value}``; ``required`` is the
+    strictest read-your-writes position among the batch's callers (-1 for
+    "the primary"), which is never less safe than reading for each alone.
     """
 
-    MAX_RUNNING = 4
-
-    def __init__(self, db: Database, query_many: Callable[..., Awaitable[dict]]) -> None:
-        self.db = db
-        self.query_many = query_many
+    def __init__(self, fetch: Callable[[list[Any], int], Awaitable[dict]], max_running: int) -> None:
+        self.fetch = fetch
+        self.max_running = max_running
         self.keys: list[Any] = []
         self.waiters: list[asyncio.Future] = []
         self.required = 0
         self.running: set[asyncio.Task] = set()
         self.scheduled = False
 
-    async def get(self, key: Any, required: int) -> Any:
+    async def get(self, key: Any, required: int = 0) -> Any:
         fut = asyncio.get_running_loop().create_future()
         self.keys.append(key)
         self.waiters.append(fut)
         self.required = -1 if required < 0 or self.required < 0 else max(self.required, required)
-        if not self.scheduled and len(self.running) < self.MAX_RUNNING:
+        if not self.scheduled and len(self.running) < self.max_running:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
         return await fut
@@ -324,7 +334,7 @@ class _MergedReads:
 
     async def _run(self, keys: list[Any], waiters: list[asyncio.Future], required: int) -> None:
         try:
-            rows = await self.db._read_after(required, self.query_many, list(dict.fromkeys(keys)))
+            found = await self.fetch(list(dict.fromkeys(keys)), required)
         except BaseException as exc:
             for fut in waiters:
                 if not fut.done():
@@ -334,7 +344,7 @@ class _MergedReads:
         else:
             for key, fut in zip(keys, waiters):
                 if not fut.done():  # a caller whose socket closed meanwhile
-                    fut.set_result(rows.get(key))
+                    fut.set_result(found.get(key))
 
     async def close(self) -> None:
         for task in list(self.running):

@@ -149,17 +149,27 @@ async def leave(call: Call, p: m.LeaveParams) -> dict:
 @rpc("chat.send", m.SendParams)
 async def send(call: Call, p: m.SendParams) -> m.SendResult:
     services = call.services
-    stored = await services.db.write(
-        call.user_id, chat_db.send_message, p.conversation_id, call.user_id, p.content, p.client_msg_id
-    )
-    if stored is None:
+    channel = services.hub.conversation_channel(p.conversation_id)
+    published: list[asyncio.Task] = []
+
+    async def store(conn: asyncpg.Connection) -> m.Message | None:
+        stored = await chat_db.send_message(conn, p.conversation_id, call.user_id, p.content, p.client_msg_id)
+        if stored is None:
+            return None
+        message = _message(stored[0])
+        # The one statement has committed: publish now, while db.write still
+        # records the write position for read-your-writes (two round trips
+        # the publish need not wait for). Published again on a client_msg_id
+        # replay too: if the first publish was lost the room gets it now, and
+        # sockets that had it drop it by seq.
+        published.append(services.spawn(services.hub.publish(channel, message_frame(message), seq=message.seq)))
+        return message
+
+    message = await services.db.write(call.user_id, store)
+    if message is None:
         raise _not_found()
-    message = _message(stored[0])
-    # Published again on a client_msg_id replay too: if the first publish was
-    # lost the room gets it now, and sockets that had it drop it by seq.
-    await services.hub.publish(
-        services.hub.conversation_channel(p.conversation_id), message_frame(message), seq=message.seq
-    )
+    # Shielded: a sender that goes away must not take the publish with it.
+    await asyncio.shield(published[0])
     return m.SendResult(message=message)
 
 

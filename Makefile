@@ -57,7 +57,7 @@ test: devstack
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
-# on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (50);
+# on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);
 # LOADTEST_HOST=https://... targets a deployment instead. Reports: loadtests/reports/.
 loadtest: install
 	$(PY) -m loadtests.run_locust $(LOADTEST_ARGS)

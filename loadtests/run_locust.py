@@ -16,7 +16,7 @@ to the number of users (``--no-seed`` skips that), so that most users open
 a stored session instead of all signing up in the first seconds.
 
 Settings (argument, then environment, then default):
-  -u/--users LOADTEST_USERS 500, -r/--rate LOADTEST_RATE 50 (users started a
+  -u/--users LOADTEST_USERS 500, -r/--rate LOADTEST_RATE 25 (users started a
   second), -t/--time LOADTEST_TIME 60s, --host LOADTEST_HOST (none: local),
   --processes LOADTEST_PROCESSES 1 (locust worker processes; -1 = one per core),
   --workers LOADTEST_SERVER_WORKERS 2 (local server processes).
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.run_locust", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-u", "--users", type=int, default=int(env("LOADTEST_USERS", "500")))
-    ap.add_argument("-r", "--rate", type=float, default=float(env("LOADTEST_RATE", "50")))
+    ap.add_argument("-r", "--rate", type=float, default=float(env("LOADTEST_RATE", "25")))
     ap.add_argument("-t", "--time", default=env("LOADTEST_TIME", "60s"))
     ap.add_argument("--host", default=env("LOADTEST_HOST") or None,
                     help="base URL of a running deployment (http[s]://host[:port]); none = start one here")

@@ -74,9 +74,6 @@ async def test_created_event_reaches_both_parties_on_both_processes(server, serv
         assert event["booking"] == b
     for client in (booker_client, other_device):
         assert (await client.next_event("wallet.updated"))["balance"] == "50.00"
-    # The host's wallet did not change: no wallet.updated for them.
-    await asyncio.sleep(0)  # let nothing else be queued behind the events above
-    assert all(name != "wallet.updated" for name, _ in host_client.drain_events())
     for c in (booker_client, other_device, host_client):
         await c.close()
 

@@ -87,7 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_workers(config.workers)
     if os.environ.get("HANGOUT_SKIP_MIGRATE") != "1":
         _migrate()
-    asyncio.run(_serve_one(config))
+    import uvloop
+
+    uvloop.run(_serve_one(config))
     return 0
 
 

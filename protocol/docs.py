@@ -7,6 +7,7 @@ of truth, so the reference cannot drift from what the server validates.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,13 +121,17 @@ def render() -> str:
         "do not edit by hand. Behaviour and the decisions the contract leaves open",
         "are in [protocol-notes.md](protocol-notes.md).",
         "",
-        "## Methods",
-        "",
     ]
     objects: list[type[BaseModel]] = []
     seen: set[type] = set()
+    module = None
     for name in sorted(METHODS):
         params, result = METHODS[name]
+        if params.__module__ != module:
+            # Each service module's docstring holds its decisions beyond the contract.
+            module = params.__module__
+            doc = inspect.getdoc(sys.modules[module]) or ""
+            lines += [f"## {module.rsplit('.', 1)[-1]}", "", doc, ""]
         auth = "no" if name in AUTH_FREE else "yes"
         lines += [f"### `{name}`", "", f"Needs an authenticated socket: {auth}.", "", "**params**", ""]
         lines += _model_table(params)

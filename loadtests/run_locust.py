@@ -92,6 +92,50 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process and its live children."""
+    import psutil  # a locust dependency
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+class CpuWatch:
+    """Who used the 2 cores during the run: the server, locust, and everyone
+    (the machine is shared; a busy neighbour shows up here)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float, float]] = []
+
+    def sample(self, server_pid: int | None, locust_pid: int) -> None:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+        self.samples.append((time.monotonic(), _tree_cpu(server_pid) if server_pid else 0.0,
+                             _tree_cpu(locust_pid), busy))
+
+    def summary(self) -> str:
+        if len(self.samples) < 2:
+            return ""
+        (t0, s0, l0, b0), (t1, s1, l1, b1) = self.samples[0], max(self.samples, key=lambda x: x[2])
+        dt = t1 - t0
+        cores = os.cpu_count() or 1
+        return (f"CPU over the run ({cores} cores): server {(s1 - s0) / dt:.2f} cores, locust {(l1 - l0) / dt:.2f}, "
+                f"whole machine {(b1 - b0) / dt:.2f} busy")
+
+
 def _ms(value: str) -> str:
     try:
         return f"{float(value):.0f}"
@@ -167,12 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--processes", str(args.processes)]
     cmd += args.locust_args
     print(" ".join(cmd), flush=True)
+    watch = CpuWatch()
     try:
-        code = subprocess.call(cmd, cwd=ROOT)
+        locust = subprocess.Popen(cmd, cwd=ROOT)
+        while locust.poll() is None:
+            watch.sample(server.pid if server else None, locust.pid)
+            try:
+                locust.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+        code = locust.returncode
     finally:
         if server is not None:
             stop_server(server)
     print_table(REPORTS / "locust_stats.csv")
+    print(watch.summary())
     print(f"\nreports: {REPORTS}/locust_stats.csv, {REPORTS}/locust.html; locust exit code {code}")
     return code
 

@@ -33,6 +33,7 @@ any stage of the server.
 
 from __future__ import annotations
 
+import base64
 import collections
 import datetime as dt
 import functools
@@ -161,6 +162,16 @@ def future_slot(max_hours: int = 3) -> tuple[dt.datetime, dt.datetime]:
     base = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start = base + dt.timedelta(hours=random.randint(48, 80 * 24))
     return start, start + dt.timedelta(hours=random.randint(1, max_hours))
+
+
+def _expires_in(token: str) -> float:
+    """Seconds until a JWT's ``exp`` (read, not verified: the client's view)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"]) - time.time()
+    except (IndexError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 class Session:
@@ -294,8 +305,18 @@ class Session:
         """A socket the server closed (or the network lost) is reopened with
         the access token, as the app would on its next action."""
         if self.ws is None or self.ws.closed:
+            self.reopen()
+
+    def reopen(self) -> None:
+        """A new socket, authenticated at the upgrade with the access token
+        (refreshed first if it is about to expire), then every room resumed
+        with since_seq."""
+        if self.access_token and _expires_in(self.access_token) > 30:
             self.connect(self.access_token)
-            self.resume_rooms()
+        else:
+            self.connect()
+            self.refresh()
+        self.resume_rooms()
 
     def refresh(self) -> None:
         tokens = self.call("auth.refresh", {"refresh_token": self.refresh_token})
@@ -603,8 +624,7 @@ class Booker(HangoutUser):
         upgrade and resume every room with since_seq."""
         assert self.s.ws is not None
         self.s.ws.close()
-        self.s.connect(self.s.access_token)
-        self.s.resume_rooms()
+        self.s.reopen()
         self.s.call("users.me")
 
     @task(1)

@@ -4,8 +4,9 @@
 
 In one run: starts the dev stack, one hangout server process (WORKERS=1) and
 a bare aiohttp WebSocket server (this file with ``--bare-server``: one /ws
-route that only awaits messages, same heartbeat, frame limit and
-subprotocol). For each server in turn, opens ``--sockets`` WebSockets from
+route that only awaits messages, same heartbeat, frame limit, subprotocol
+and event loop as hangout's: uvloop; ``--bare-loop asyncio`` for the
+standard one). For each server in turn, opens ``--sockets`` WebSockets from
 this process (raw asyncio sockets: a handshake, then only answering pings),
 waits for the server to settle, and takes the VmRSS delta over its baseline
 (measured after a warm-up of a few sockets opened and closed). The hangout
@@ -40,7 +41,7 @@ SUBPROTOCOL = "hangout.v1"
 # ---- the bare server --------------------------------------------------------
 
 
-def run_bare_server(port: int, heartbeat: float, max_msg_size: int) -> None:
+def run_bare_server(port: int, heartbeat: float, max_msg_size: int, loop: str) -> None:
     from aiohttp import web
 
     async def ws_handler(request: web.Request) -> web.WebSocketResponse:
@@ -56,7 +57,12 @@ def run_bare_server(port: int, heartbeat: float, max_msg_size: int) -> None:
     app = web.Application()
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096)
+    kwargs = {}
+    if loop == "uvloop":  # as the hangout server runs (server/__main__.py)
+        import uvloop
+
+        kwargs["loop"] = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096, **kwargs)
 
 
 # ---- a minimal WebSocket client: handshake, pongs, nothing else ------------------
@@ -232,7 +238,7 @@ async def amain(args: argparse.Namespace) -> int:
     bare_port = free_port()
     bare = subprocess.Popen(
         [sys.executable, "-m", "loadtests.bench_connections", "--bare-server", str(bare_port),
-         "--heartbeat", str(args.heartbeat)],
+         "--heartbeat", str(args.heartbeat), "--bare-loop", args.bare_loop],
         cwd=ROOT,
     )
     try:
@@ -255,7 +261,7 @@ async def amain(args: argparse.Namespace) -> int:
         stop_process(bare)
         await asyncio.to_thread(server.stop)
     ratio = hangout_per / bare_per if bare_per > 0 else float("inf")
-    print(f"\nmemory per idle socket: hangout {hangout_per:.2f} KiB, bare aiohttp {bare_per:.2f} KiB, "
+    print(f"\nmemory per idle socket: hangout {hangout_per:.2f} KiB, bare aiohttp ({args.bare_loop}) {bare_per:.2f} KiB, "
           f"ratio {ratio:.2f} (target <= 2.0)")
     if authed != len(sample) or ready["sockets"] < args.sockets:
         print("some hangout sockets were not open and authenticated: the figure is not valid", file=sys.stderr)
@@ -269,11 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sockets", type=int, default=10_000)
     ap.add_argument("--settle", type=float, default=15.0, help="seconds to wait for the RSS to settle")
     ap.add_argument("--heartbeat", type=float, default=20.0, help="ping interval of both servers")
+    ap.add_argument("--bare-loop", choices=["asyncio", "uvloop"], default="uvloop",
+                    help="event loop of the bare server (hangout serves on uvloop)")
     ap.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare_server:
         raise_nofile()
-        run_bare_server(args.bare_server, args.heartbeat, 65536)
+        run_bare_server(args.bare_server, args.heartbeat, 65536, args.bare_loop)
         return 0
     return asyncio.run(amain(args))
 

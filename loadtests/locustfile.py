@@ -1,6 +1,7 @@
 """Locust users speaking the hangout protocol over real WebSockets.
 
-    locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 --headless -u 500 -r 50 -t 60s
+    python -m loadtests.seed_accounts --host http://127.0.0.1:8080   # once: fills the account pool
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8080 --headless -u 500 -r 25 -t 60s
 
 (or ``make loadtest``, which starts a local server; see loadtests/run_locust.py).
 

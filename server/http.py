@@ -14,7 +14,7 @@ from aiohttp import web
 from protocol.errors import RpcError
 from server import auth as tokens
 from server.services import Services
-from server.socket import Connection
+from server.socket import UNAVAILABLE_ERRORS, Connection
 
 SUBPROTOCOL = "hangout.v1"
 KYC_STATUSES = ("pending", "verified", "rejected")
@@ -133,7 +133,11 @@ async def kyc_webhook(request: web.Request) -> web.Response:
         return web.json_response({"error": "user_id must be a UUID"}, status=400)
     if status not in KYC_STATUSES:
         return web.json_response({"error": "unknown status"}, status=400)
-    user, changed = await set_kyc_status(services, user_id, status)
+    try:
+        user, changed = await set_kyc_status(services, user_id, status)
+    except (RpcError, *UNAVAILABLE_ERRORS):
+        # The provider retries on 5xx: tell it to, rather than "server error".
+        return web.json_response({"error": "database unavailable, retry"}, status=503, headers={"Retry-After": "1"})
     if user is None:
         return web.json_response({"error": "unknown user"}, status=404)
     return web.json_response({"user_id": str(user_id), "status": status, "changed": changed})

@@ -39,7 +39,7 @@ CLOSE_GOING_AWAY = 1001  # server shutdown
 SLOW_PEER_CLOSE_S = 10.0  # how long a 1013 close frame may wait for a stalled peer
 MAX_UINT64 = 2**64 - 1
 
-_UNAVAILABLE_ERRORS = (
+UNAVAILABLE_ERRORS = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
@@ -298,7 +298,7 @@ class Connection:
             frame = encode({"id": req_id, "error": err.to_wire()})
         except asyncio.CancelledError:
             raise
-        except _UNAVAILABLE_ERRORS as exc:
+        except UNAVAILABLE_ERRORS as exc:
             log.warning("call %s unavailable: %r", name, exc)
             frame = encode({"id": req_id, "error": RpcError(ErrorCode.UNAVAILABLE).to_wire()})
         except Exception:

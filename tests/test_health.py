@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from protocol.errors import RpcError
-from tests.conftest import ServerProcess, register
+from tests.conftest import ServerProcess, post_kyc, register
 
 
 async def get_readyz(server: ServerProcess) -> tuple[int, dict]:
@@ -226,3 +226,18 @@ async def test_a_write_while_the_primary_is_down_is_unavailable_within_5s(linked
             await link.restore()
         await wait_until_ready(linked_server)
         assert (await c.call("users.update", {"name": "Stored"}))["name"] == "Stored"
+
+
+async def test_the_kyc_webhook_answers_503_while_the_primary_is_down(linked_server, link):
+    async with await linked_server.connect() as c:
+        user_id = (await register(c))["user"]["id"]
+        await link.sever()
+        try:
+            resp = await post_kyc(linked_server, user_id, "verified")
+            assert resp.status == 503
+        finally:
+            await link.restore()
+        await wait_until_ready(linked_server)
+        # The provider's retry then lands.
+        assert (await post_kyc(linked_server, user_id, "verified")).status == 200
+        assert (await c.next_event("user.updated"))["user"]["kyc_status"] == "verified"

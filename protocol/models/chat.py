@@ -1,4 +1,33 @@
-"""Chat: conversations between a booking's two parties, messages, typing."""
+"""chat.* methods and the chat.message and chat.typing events.
+
+Decisions where the contract is silent:
+- After ``chat.join`` a socket gets each message of the room once, by
+  ``seq``: a message both in the join's reply and published meanwhile is not
+  sent again, and the reply comes before any ``chat.message`` of that room.
+  A message whose live publish was lost (Redis away, a process stopped
+  between commit and publish) is fetched from the database and delivered
+  late, once the loss shows (Redis back, or a later seq arrived), so events
+  may come out of seq order; clients order by ``seq``.
+- ``chat.join`` again on a joined socket (e.g. with ``since_seq`` after a
+  reconnect) answers as asked; live delivery goes on without repeats.
+- ``since_seq`` is 0 or more; at or past ``last_seq`` it returns no
+  messages. ``before_seq`` is 1 or more.
+- The sender's own joined sockets get its ``chat.message`` too, possibly
+  before the ``chat.send`` reply.
+- A ``client_msg_id`` seen before from the same sender in the conversation
+  returns the stored message (its first content) and stores nothing.
+- ``content`` is 1-4000 Unicode code points; NUL is refused.
+- ``chat.typing`` works without joining; it reaches the other party's
+  joined sockets, never the typist's own.
+- ``chat.leave`` of a room the socket has not joined is ``{}`` for a party.
+  Closing the socket, ``auth.logout`` or re-authenticating as someone else
+  leaves every room.
+- ``chat.conversations`` lists every conversation of the caller, as booker
+  or host, whatever its booking's status: by last activity (the last message,
+  or the conversation's creation), newest first. ``last_message`` is the one
+  with the highest ``seq``. A conversation that gets a message while a client
+  pages moves to the front, so later pages may miss or repeat it.
+"""
 
 from __future__ import annotations
 

@@ -28,9 +28,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -39,6 +37,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import asyncpg
 
+from loadtests import benchlib
 from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_seconds, machine_busy
 from protocol.codec import decode, encode
 
@@ -50,49 +49,13 @@ MAX_HOURS_AHEAD = 89 * 24  # bookings may start at most 90 days ahead
 # ---- pgbench ------------------------------------------------------------------------
 
 
-def _pg_bin(name: str) -> str:
-    from server.devstack import pg_bindir
-
-    path = pg_bindir() / name
-    return str(path) if path.exists() else name
-
-
-def _pg_args(database_url: str) -> list[str]:
-    from urllib.parse import urlparse
-
-    u = urlparse(database_url)
-    return ["-h", u.hostname or "127.0.0.1", "-p", str(u.port or 5432), "-U", u.username or "postgres"]
-
-
 async def ensure_pgbench_db(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PGBENCH_DB):
-            await conn.execute(f'CREATE DATABASE "{PGBENCH_DB}"')
-    finally:
-        await conn.close()
-    conn = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/" + PGBENCH_DB)
-    try:
-        ready = await conn.fetchval("SELECT to_regclass('pgbench_accounts') IS NOT NULL")
-    finally:
-        await conn.close()
-    if not ready:
-        print(f"initialising database {PGBENCH_DB} with pgbench -i", flush=True)
-        subprocess.run([_pg_bin("pgbench"), "-i", "-q", *_pg_args(database_url), PGBENCH_DB],
-                       check=True, stdout=subprocess.DEVNULL)
+    await benchlib.ensure_pgbench_db(database_url, PGBENCH_DB)
 
 
 def pgbench_tpcb(database_url: str, clients: int, seconds: int) -> tuple[float, float]:
     """(tps, mean latency in ms) of the built-in TPC-B-like script."""
-    out = subprocess.run(
-        [_pg_bin("pgbench"), "-c", str(clients), "-j", "2", "-T", str(seconds), *_pg_args(database_url), PGBENCH_DB],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    m = re.search(r"tps = ([\d.]+) \(without initial connection", out) or re.search(r"tps = ([\d.]+)", out)
-    if not m:
-        raise RuntimeError(f"no tps in pgbench output:\n{out}")
-    latency = re.search(r"latency average = ([\d.]+) ms", out)
-    return float(m.group(1)), float(latency.group(1)) if latency else float("nan")
+    return benchlib.run_pgbench(database_url, PGBENCH_DB, clients, seconds, jobs=2)
 
 
 # ---- people ---------------------------------------------------------------------------

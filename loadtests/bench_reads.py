@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
+from loadtests import benchlib
 from loadtests.benchlib import ROOT, Server, Stack, access_tokens, bench_users, cpu_seconds, machine_busy
 from protocol.codec import decode, encode
 
@@ -48,48 +48,12 @@ PGBENCH_DB = "pgbench_reads"
 # ---- pgbench -S ------------------------------------------------------------------
 
 
-def _pg_bin(name: str) -> str:
-    from server.devstack import pg_bindir
-
-    path = pg_bindir() / name
-    return str(path) if path.exists() else name
-
-
-def _pg_args(stack: Stack) -> list[str]:
-    return ["-h", "127.0.0.1", "-p", str(stack.primary_port), "-U", "postgres"]
-
-
 async def ensure_pgbench_db(stack: Stack) -> None:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PGBENCH_DB)
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{PGBENCH_DB}"')
-    finally:
-        await conn.close()
-    url = stack.database_url.rsplit("/", 1)[0] + "/" + PGBENCH_DB
-    conn = await asyncpg.connect(url)
-    try:
-        ready = await conn.fetchval("SELECT to_regclass('pgbench_accounts') IS NOT NULL")
-    finally:
-        await conn.close()
-    if not ready:
-        print(f"initialising {PGBENCH_DB} with pgbench -i", flush=True)
-        subprocess.run([_pg_bin("pgbench"), "-i", "-q", *_pg_args(stack), PGBENCH_DB], check=True,
-                       stdout=subprocess.DEVNULL)
+    await benchlib.ensure_pgbench_db(stack.database_url, PGBENCH_DB)
 
 
 def pgbench_select_only(stack: Stack, clients: int, seconds: int) -> float:
-    jobs = min(clients, os.cpu_count() or 1)
-    out = subprocess.run(
-        [_pg_bin("pgbench"), "-S", "-n", "-c", str(clients), "-j", str(jobs), "-T", str(seconds),
-         *_pg_args(stack), PGBENCH_DB],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    m = re.search(r"tps = ([\d.]+) \(without initial connection", out) or re.search(r"tps = ([\d.]+)", out)
-    if not m:
-        raise RuntimeError(f"no tps in pgbench output:\n{out}")
-    return float(m.group(1))
+    return benchlib.run_pgbench(stack.database_url, PGBENCH_DB, clients, seconds, "-S", "-n")[0]
 
 
 # ---- the hangout load ---------------------------------------------------------------

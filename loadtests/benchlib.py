@@ -206,3 +206,58 @@ async def access_tokens(database_url: str, users: list[uuid.UUID], ttl_s: int = 
         await conn.close()
     family_of = {r["user_id"]: r["id"] for r in families}
     return [issue_access_token(secret, ttl_s, u, family_of[u]) for u in users]
+
+
+# ---- pgbench: the yardstick of every ratio -------------------------------------------
+
+
+def _pg_bin(name: str) -> str:
+    from server.devstack import pg_bindir
+
+    path = pg_bindir() / name
+    return str(path) if path.exists() else name
+
+
+def _pg_args(database_url: str) -> list[str]:
+    from urllib.parse import urlparse
+
+    u = urlparse(database_url)
+    return ["-h", u.hostname or "127.0.0.1", "-p", str(u.port or 5432), "-U", u.username or "postgres"]
+
+
+async def ensure_pgbench_db(database_url: str, name: str) -> None:
+    """Database ``name`` beside the app's, initialised by ``pgbench -i`` once."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/" + name)
+    try:
+        ready = await conn.fetchval("SELECT to_regclass('pgbench_accounts') IS NOT NULL")
+    finally:
+        await conn.close()
+    if not ready:
+        print(f"initialising database {name} with pgbench -i", flush=True)
+        subprocess.run([_pg_bin("pgbench"), "-i", "-q", *_pg_args(database_url), name],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+def run_pgbench(database_url: str, name: str, clients: int, seconds: int, *options: str,
+                jobs: int | None = None) -> tuple[float, float]:
+    """(tps, mean latency in ms) of pgbench with ``options`` (none: TPC-B-like;
+    ``-S``: select-only) on database ``name``."""
+    import re
+
+    jobs = jobs or min(clients, os.cpu_count() or 1)
+    out = subprocess.run(
+        [_pg_bin("pgbench"), *options, "-c", str(clients), "-j", str(jobs), "-T", str(seconds),
+         *_pg_args(database_url), name],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    m = re.search(r"tps = ([\d.]+) \(without initial connection", out) or re.search(r"tps = ([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"no tps in pgbench output:\n{out}")
+    latency = re.search(r"latency average = ([\d.]+) ms", out)
+    return float(m.group(1)), float(latency.group(1)) if latency else float("nan")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import redis.exceptions
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ValidationError
 
 from protocol.codec import DecodeError, decode, encode

@@ -14,7 +14,6 @@ import jwt
 import pytest
 
 from protocol.client import Client
-from protocol.errors import RpcError
 from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
 from tests.conftest import PASSWORD, ServerProcess, new_email, post_kyc, register

@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import random
 import uuid
-from decimal import Decimal
 
 from protocol.errors import RpcError
 from tests.booking_support import key, move_to_past, slot

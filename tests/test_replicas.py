@@ -15,7 +15,6 @@ import time
 import aiohttp
 import pytest
 
-from server.db.pools import parse_lsn
 from tests.conftest import ServerProcess, register
 
 

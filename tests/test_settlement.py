@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from protocol.errors import RpcError
-from tests.booking_support import balance, book, booker, host, key, move_to_past, slot
+from tests.booking_support import balance, book, booker, host, move_to_past, slot
 from server.config import Config
 from server.services import Services
 from server.settlement import Settlement

@@ -10,7 +10,6 @@ import contextlib
 import socket
 import tempfile
 import time
-import uuid
 from typing import AsyncIterator
 
 import aiohttp

@@ -451,11 +451,16 @@ class HangoutUser(User):
         return self.services.get(service, False)
 
 
+# Think time between a user's actions, scaled by LOADTEST_THINK (1 = a
+# person's pace; the smoke test in tests/ runs at a tenth of it).
+THINK = float(os.environ.get("LOADTEST_THINK", "1"))
+
+
 class Host(HangoutUser):
     """Rents out time: sets a price, then mostly answers chats."""
 
     weight = 1
-    wait_time = between(2, 5)
+    wait_time = between(2 * THINK, 5 * THINK)
     kind = "host"
 
     def prepare(self, user: dict) -> None:
@@ -494,7 +499,7 @@ class Booker(HangoutUser):
     """Books people's time, pays from the wallet, chats with them."""
 
     weight = 3
-    wait_time = between(1, 3)
+    wait_time = between(1 * THINK, 3 * THINK)
     kind = "booker"
 
     def prepare(self, user: dict) -> None:

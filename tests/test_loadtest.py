@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 
 async def test_a_short_locust_run_exercises_every_flow_without_failures(server, tmp_path):
-    env = dict(os.environ, LOADTEST_ACCOUNTS=str(tmp_path / "accounts.json"), LOADTEST_SIGNUP_SHARE="1")
+    env = dict(os.environ, LOADTEST_ACCOUNTS=str(tmp_path / "accounts.json"), LOADTEST_SIGNUP_SHARE="1",
+               LOADTEST_THINK="0.1")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
         "--headless", "-u", "8", "-r", "8", "-t", "12s", "--stop-timeout", "5",

@@ -6,7 +6,7 @@ these transactions can deadlock with another: the booking row, then wallet
 rows (users) in id order, then booking_busy rows. bookings.create has no
 booking row yet and starts at the wallets of both parties, which also keeps
 two overlapping inserts into booking_busy from waiting on each other (see
-sql/006_bookings_create_lock_parties.sql).
+sql/006_bookings_create.sql).
 """
 
 from __future__ import annotations

@@ -79,6 +79,14 @@ async def test_a_user_reads_their_own_write_on_another_process_while_the_replica
         assert (await x2.call("users.get", {"user_id": x_id}))["name"] == "New Name"
 
 
+async def test_read_your_writes_survives_redis_losing_the_write_positions(x_and_y, replica_db, redis):
+    x1, x2, _, _ = x_and_y
+    async with replay_paused(replica_db):
+        await x1.call("users.update", {"name": "New Name"})
+        await redis.flushall()  # what a restart of a Redis without persistence does
+        assert (await x2.call("users.me"))["name"] == "New Name"
+
+
 async def test_another_user_is_served_by_the_replica_and_may_see_the_old_value(x_and_y, replica_db, server2):
     x1, _, y2, x_id = x_and_y
     async with replay_paused(replica_db):

@@ -233,7 +233,22 @@ class Database:
         return max(local, int(remote) if remote else 0)
 
     async def _write_positions(self, users: list[uuid.UUID], _required: int) -> dict[uuid.UUID, Any]:
-        return dict(zip(users, await self.redis.mget([f"ryw:{u}" for u in users])))
+        floor, *positions = await self.redis.mget([RYW_FLOOR_KEY, *(f"ryw:{u}" for u in users)])
+        if floor is None:
+            floor = await self._set_floor()
+        floor = int(floor)
+        return {u: max(floor, int(p) if p else 0) for u, p in zip(users, positions)}
+
+    async def _set_floor(self) -> int:
+        """Redis has lost every recorded write position (it restarted without
+        persistence, or this is its first use). Any write acknowledged before
+        now ends at or before the primary's current position, so that becomes
+        the floor of every user's position: reads go to the primary until the
+        replicas have replayed past it, then to the replicas again."""
+        async with self.acquire_primary() as conn:
+            head = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        await self.redis.set(RYW_FLOOR_KEY, parse_lsn(head), nx=True)
+        return int(await self.redis.get(RYW_FLOOR_KEY) or parse_lsn(head))
 
     def pick_replica(self, required: int) -> Replica | None:
         if required < 0:
@@ -351,6 +366,9 @@ class _Batcher:
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)
 
+
+# Present as long as Redis has kept its data; see Database._set_floor.
+RYW_FLOOR_KEY = "ryw:floor"
 
 _SET_MAX_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')

@@ -99,6 +99,7 @@ class Database:
     primary_reads: int = 0
     _merged: dict[Any, "_Batcher"] = field(default_factory=dict)
     _ryw_lookups: "_Batcher | None" = None
+    _heads: "_Batcher | None" = None  # primary WAL position look-ups after writes
 
     def _pool_args(self) -> dict[str, Any]:
         c = self.config
@@ -123,7 +124,7 @@ class Database:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        for batcher in [*self._merged.values(), *([self._ryw_lookups] if self._ryw_lookups else [])]:
+        for batcher in [*self._merged.values(), *(b for b in (self._ryw_lookups, self._heads) if b)]:
             await batcher.close()
         pools = [r.pool for r in self.replicas if r.pool is not None]
         if self.primary is not None:
@@ -183,13 +184,21 @@ class Database:
         assert self.primary is not None
         async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             result = await query(conn, *args)
-            if callable(users):
-                users = users(result)
-            if users is not None:
-                lsn = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        if callable(users):
+            users = users(result)
         if users is not None:
+            if self._heads is None:
+                self._heads = _Batcher(self._primary_head, max_running=1)
+            # Any position read after the commit covers it, so writes that
+            # committed meanwhile share one look-up (and free their
+            # connection before it).
+            lsn = await self._heads.get(None)
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
+
+    async def _primary_head(self, _keys: list[Any], _required: int) -> dict[None, str]:
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+            return {None: await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")}
 
     def acquire_primary(self, deadline: float | None = None) -> "_Acquire":
         """A primary connection; with ``deadline``, the whole use of it is cut

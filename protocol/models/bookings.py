@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 from pydantic import ValidationInfo, field_validator
 
-from protocol.models.common import UTC, Cursor, Id, Limit, Money, Params, Result, Time
+from protocol.models.common import UTC, Id, Money, PageParams, Params, Result, Time
 from protocol.models.wallet import IdempotencyKey
 
 BookingStatus = Literal["pending", "confirmed", "completed", "failed", "cancelled"]
@@ -89,11 +89,9 @@ class CancelResult(Result):
     booking: Booking
 
 
-class ListParams(Params):
+class ListParams(PageParams):
     role: Role = "any"
     status: Optional[BookingStatus] = None
-    limit: Limit = 20
-    cursor: Optional[Cursor] = None
 
 
 class ListResult(Result):

@@ -35,7 +35,7 @@ from typing import Annotated, Optional
 
 from pydantic import Field, field_validator
 
-from protocol.models.common import Cursor, EmptyResult, Id, Limit, Params, Result, Time
+from protocol.models.common import EmptyResult, Id, Limit, PageParams, Params, Result, Time
 
 MAX_CONTENT = 4000
 JOIN_DEFAULT = 50  # latest messages returned by chat.join without since_seq
@@ -69,9 +69,8 @@ class InboxConversation(Conversation):
     last_message: Optional[Message]
 
 
-class ConversationsParams(Params):
-    limit: Limit = 20
-    cursor: Optional[Cursor] = None
+class ConversationsParams(PageParams):
+    """The caller's inbox, a page at a time."""
 
 
 class ConversationsResult(Result):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 
@@ -105,6 +105,14 @@ class Result(BaseModel):
     """Base of every result, object and event payload."""
 
     model_config = ConfigDict(extra="ignore")
+
+
+class PageParams(Params):
+    """A keyset-paginated list: ``limit`` 1-100 (default 20) and the opaque
+    ``cursor`` of the previous page's ``next_cursor``."""
+
+    limit: Limit = 20
+    cursor: Optional[Cursor] = None
 
 
 class Empty(Params):

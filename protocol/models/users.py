@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from protocol.models.common import Cursor, Id, Limit, Money, Params, PositiveMoney, Result, Time
+from protocol.models.common import Id, Money, PageParams, Params, PositiveMoney, Result, Time
 
 KycStatus = Literal["pending", "verified", "rejected"]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
@@ -66,14 +66,12 @@ class UserUpdatedEvent(Result):
     user: OwnUser
 
 
-class SearchParams(Params):
+class SearchParams(PageParams):
     start_at: Optional[Time] = None
     end_at: Optional[Time] = None
     min_price: Optional[PositiveMoney] = None
     max_price: Optional[PositiveMoney] = None
     gender: Optional[Gender] = None
-    limit: Limit = 20
-    cursor: Optional[Cursor] = None
 
     @field_validator("end_at")
     @classmethod

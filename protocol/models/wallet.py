@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from protocol.models.common import Cursor, Id, Limit, Money, Params, Result, Time
+from protocol.models.common import Id, Money, PageParams, Params, Result, Time
 
 TOPUP_MAX = Decimal("10000.00")
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255)]
@@ -50,9 +50,8 @@ class TopupResult(Result):
     replayed: bool
 
 
-class TransactionsParams(Params):
-    limit: Limit = 20
-    cursor: Optional[Cursor] = None
+class TransactionsParams(PageParams):
+    """The caller's ledger, a page at a time."""
 
 
 class TransactionsResult(Result):

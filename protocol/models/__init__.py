@@ -7,19 +7,11 @@ generated from these tables (``python -m protocol.docs``).
 
 from __future__ import annotations
 
-import importlib
-
-_SERVICES = ("auth", "users", "wallet", "bookings", "chat")
+from protocol.models import auth, bookings, chat, users, wallet
 
 METHODS: dict[str, tuple[type, type]] = {}
 EVENTS: dict[str, type] = {}
 
-for _name in _SERVICES:
-    try:
-        _mod = importlib.import_module(f"protocol.models.{_name}")
-    except ModuleNotFoundError as exc:  # a service not written yet
-        if exc.name != f"protocol.models.{_name}":
-            raise
-        continue
-    METHODS.update(getattr(_mod, "METHODS", {}))
-    EVENTS.update(getattr(_mod, "EVENTS", {}))
+for _service in (auth, users, wallet, bookings, chat):
+    METHODS.update(_service.METHODS)
+    EVENTS.update(_service.EVENTS)

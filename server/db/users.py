@@ -127,20 +127,11 @@ def search_hosts_query(
     return sql, args
 
 
-async def search_hosts(
-    conn: asyncpg.Connection,
-    caller: uuid.UUID,
-    start_at: dt.datetime | None,
-    end_at: dt.datetime | None,
-    min_price: Decimal | None,
-    max_price: Decimal | None,
-    gender: str | None,
-    after: tuple[Decimal, uuid.UUID] | None,
-    limit: int,
-) -> list[asyncpg.Record]:
+async def search_hosts(conn: asyncpg.Connection, *criteria: Any) -> list[asyncpg.Record]:
     """Bookable hosts in (price, id) order, after the keyset cursor. With a
-    range, only hosts with no active booking (as host or booker) touching it."""
-    sql, args = search_hosts_query(caller, start_at, end_at, min_price, max_price, gender, after, limit)
+    range, only hosts with no active booking (as host or booker) touching it.
+    ``criteria`` are those of ``search_hosts_query``."""
+    sql, args = search_hosts_query(*criteria)
     return await conn.fetch(sql, *args)
 
 

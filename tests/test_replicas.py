@@ -87,6 +87,15 @@ async def test_read_your_writes_survives_redis_losing_the_write_positions(x_and_
         assert (await x2.call("users.me"))["name"] == "New Name"
 
 
+async def test_a_user_the_replica_has_not_replayed_yet_is_still_found(x_and_y, replica_db, server):
+    _, _, y2, _ = x_and_y
+    async with replay_paused(replica_db):
+        async with await server.connect() as z:
+            z_id = (await register(z, name="Brand New"))["user"]["id"]
+        # Y may have learnt the id from a fresher read (a search, an event).
+        assert (await y2.call("users.get", {"user_id": z_id}))["name"] == "Brand New"
+
+
 async def test_another_user_is_served_by_the_replica_and_may_see_the_old_value(x_and_y, replica_db, server2):
     x1, _, y2, x_id = x_and_y
     async with replay_paused(replica_db):

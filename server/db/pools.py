@@ -273,6 +273,11 @@ class Database:
         ``user``'s writes, or on the primary. Never fails because of a replica."""
         return await self._read_after(await self.required_lsn(user) if self.replicas else 0, query, *args)
 
+    async def read_primary(self, query: Query[T], *args: Any) -> T:
+        """A read that must see everything committed: on the primary."""
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+            return await query(conn, *args)
+
     async def read_one(self, user: uuid.UUID | None, query_many: Callable[..., Awaitable[dict]], key: Any) -> Any:
         """The row for ``key`` (None if absent), read like ``read(user, ...)``,
         with ``query_many(conn, keys) -> {key: row}``. Calls that overlap in

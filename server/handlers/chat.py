@@ -26,7 +26,6 @@ from protocol.models import chat as m
 from server import events
 from server.cursors import decode_cursor, encode_cursor
 from server.db import chat as chat_db
-from server.db.pools import PRIMARY_DEADLINE_S
 from server.rpc import Call, rpc
 from server.services import Services
 
@@ -51,8 +50,7 @@ def message_frame(message: m.Message) -> bytes:
 
 
 async def _on_primary(services: Services, query: Any, *args: Any) -> Any:
-    async with services.db.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
-        return await query(conn, *args)
+    return await services.db.read_primary(query, *args)
 
 
 async def _party_conversation(services: Services, user_id: uuid.UUID, conversation_id: uuid.UUID) -> asyncpg.Record:

@@ -50,6 +50,10 @@ async def get(call: Call, p: m.GetParams) -> m.PublicUser:
     # Concurrent look-ups share one query (see Database.read_one).
     row = await call.services.db.read_one(reader, users_db.get_public_many, p.user_id)
     if row is None:
+        # The id may come from a fresher read (a search served by the primary,
+        # an event): a lagging replica must not call a real user unknown.
+        row = await call.services.db.read_primary(users_db.get_public, p.user_id)
+    if row is None:
         raise RpcError(ErrorCode.NOT_FOUND)
     return m.PublicUser.model_validate(dict(row))
 

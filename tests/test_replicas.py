@@ -9,6 +9,7 @@ on purpose (and always resumed), or the replica is stopped outright.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import contextlib
 import time
 
@@ -94,6 +95,9 @@ async def test_a_user_the_replica_has_not_replayed_yet_is_still_found(x_and_y, r
             z_id = (await register(z, name="Brand New"))["user"]["id"]
         # Y may have learnt the id from a fresher read (a search, an event).
         assert (await y2.call("users.get", {"user_id": z_id}))["name"] == "Brand New"
+        now = dt.datetime.now(dt.timezone.utc)
+        span = {"host_id": z_id, "from": now, "to": now + dt.timedelta(days=1)}
+        assert (await y2.call("hosts.availability", span)) == {"busy": []}
 
 
 async def test_another_user_is_served_by_the_replica_and_may_see_the_old_value(x_and_y, replica_db, server2):

@@ -76,6 +76,8 @@ async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
 @rpc("hosts.availability", m.AvailabilityParams)
 async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityResult:
     rows = await call.services.db.read(call.user_id, users_db.busy_intervals, p.host_id, p.from_, p.to)
+    if rows is None:  # as in users.get: unknown to a lagging replica is not unknown
+        rows = await call.services.db.read_primary(users_db.busy_intervals, p.host_id, p.from_, p.to)
     if rows is None:
         raise RpcError(ErrorCode.NOT_FOUND)
     return m.AvailabilityResult(busy=[m.BusyInterval.model_validate(dict(r)) for r in rows])

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from server.config import Config
 from server.db.pools import Database
+from server.outbox import Outbox
 from server.rooms import Hub
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ log = logging.getLogger("hangout")
 class Services:
     config: Config
     redis: aioredis.Redis
+    outbox: Outbox
     db: Database
     hub: Hub
     connections: set["Connection"] = field(default_factory=set)
@@ -39,7 +41,9 @@ class Services:
             health_check_interval=0,
             max_connections=256,
         )
-        return cls(config=config, redis=client, db=Database(config, client), hub=Hub(config.redis_url, client))
+        outbox = Outbox(client)
+        return cls(config=config, redis=client, outbox=outbox, db=Database(config, client, outbox),
+                   hub=Hub(config.redis_url, outbox))
 
     async def start(self) -> None:
         await self.db.start()
@@ -73,4 +77,5 @@ class Services:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hub.stop()
         await self.db.close()
+        await self.outbox.close()
         await self.redis.aclose()

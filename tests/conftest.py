@@ -192,6 +192,16 @@ async def get_when_replicated(client: Client, user_id: str, timeout: float = 10.
 
 
 @contextlib.asynccontextmanager
+async def replay_paused(replica_db: asyncpg.Pool) -> AsyncIterator[None]:
+    """The replica stops replaying WAL (it lags on purpose) until the block ends."""
+    await replica_db.execute("SELECT pg_wal_replay_pause()")
+    try:
+        yield
+    finally:
+        await replica_db.execute("SELECT pg_wal_replay_resume()")
+
+
+@contextlib.asynccontextmanager
 async def row_locked(db: asyncpg.Pool, user_id: str) -> AsyncIterator[None]:
     """Hold a user's row lock: their writes (users.update...) wait until the
     block ends. A way to keep a real call in flight for as long as a test needs."""

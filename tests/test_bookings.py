@@ -12,7 +12,7 @@ import pytest
 
 from protocol.errors import RpcError
 from tests.booking_support import balance, book, booker, host, key, move_start_to_past, slot
-from tests.conftest import post_kyc, register, verified_user
+from tests.conftest import post_kyc, register, replay_paused, verified_user
 
 H = dt.timedelta(hours=1)
 
@@ -88,6 +88,29 @@ async def test_read_your_writes_after_create_on_the_other_process(server, server
     host_elsewhere = await server2.connect(access_token=host_session["access_token"])
     assert [x["id"] for x in (await booker_elsewhere.call("bookings.list", {}))["bookings"]] == [b["id"]]
     assert [x["id"] for x in (await host_elsewhere.call("bookings.list", {"role": "host"}))["bookings"]] == [b["id"]]
+    for c in (client, booker_elsewhere, host_client, host_elsewhere):
+        await c.close()
+
+
+async def test_both_parties_see_a_new_booking_on_the_other_process_while_the_replica_lags(
+        server, server2, replica_db):
+    host_client, host_session = await verified_user(server, price="50.00")
+    client, session = await verified_user(server)
+    await client.call("wallet.topup", {"amount": "100.00", "idempotency_key": key()})
+    host_elsewhere = await server2.connect(access_token=host_session["access_token"])
+    booker_elsewhere = await server2.connect(access_token=session["access_token"])
+    async with replay_paused(replica_db):
+        b = await book(client, host_session["user"]["id"], slot(days=2))
+        # The write positions of both parties were in Redis before the reply,
+        # and before the event: a host that lists on the event finds it.
+        assert (await host_elsewhere.next_event("booking.created"))["booking"]["id"] == b["id"]
+        listed = await host_elsewhere.call("bookings.list", {"role": "host"})
+        assert [x["id"] for x in listed["bookings"]] == [b["id"]]
+        assert [x["id"] for x in (await booker_elsewhere.call("bookings.list", {}))["bookings"]] == [b["id"]]
+        debit = (await booker_elsewhere.call("wallet.transactions", {}))["transactions"][0]
+        assert (debit["type"], debit["reference_id"]) == ("booking_payment", b["id"])
+        replayed = await replica_db.fetchval("SELECT count(*) FROM bookings WHERE id = $1", uuid.UUID(b["id"]))
+        assert replayed == 0  # the replica really was behind: the reads went to the primary
     for c in (client, booker_elsewhere, host_client, host_elsewhere):
         await c.close()
 

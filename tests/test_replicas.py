@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import contextlib
 import time
 
 import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess, register
+from tests.conftest import ServerProcess, register, replay_paused
 
 
 async def readyz(server: ServerProcess) -> dict:
@@ -46,15 +45,6 @@ async def until_replica_has_replayed(server: ServerProcess, position: int, timeo
 async def reads_served_by_replica(server: ServerProcess) -> int:
     (replica,) = (await readyz(server))["replicas"]
     return replica["reads_served"]
-
-
-@contextlib.asynccontextmanager
-async def replay_paused(replica_db):
-    await replica_db.execute("SELECT pg_wal_replay_pause()")
-    try:
-        yield
-    finally:
-        await replica_db.execute("SELECT pg_wal_replay_resume()")
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from typing import Any
 
 import asyncpg
 
+from server.db.pools import Committed
+
 BOOKING_COLUMNS = (
     "b.id, b.user_id, b.host_id, b.start_at, b.end_at, b.status, b.amount, b.created_at, b.updated_at"
 )
@@ -38,13 +40,15 @@ async def create(
     end_at: dt.datetime,
     key: str,
     request_hash: bytes,
-) -> dict[str, Any]:
+) -> Committed | dict[str, Any]:
     """Returns the booking columns plus ``outcome`` and the booker's
     ``balance`` (see sql/006 for the outcomes), or ``{"outcome":
-    "slot_unavailable"}`` when the host or the booker is busy then."""
+    "slot_unavailable"}`` when the host or the booker is busy then. Commits
+    by itself (sql/007), so ``conn`` must not be in a transaction; a result
+    that wrote comes as ``Committed`` with the WAL position after it."""
     try:
         row = await conn.fetchrow(
-            "SELECT * FROM booking_create($1, $2, $3, $4, $5, $6)",
+            "CALL booking_create_committed($1, $2, $3, $4, $5, $6)",
             booker, host, start_at, end_at, key, request_hash,
         )
     except asyncpg.exceptions.ExclusionViolationError:
@@ -53,7 +57,8 @@ async def create(
         if exc.constraint_name != _ACTIVE_START_INDEX:
             raise
         return {"outcome": "slot_unavailable"}
-    return dict(row)
+    result = dict(row)
+    return Committed(result, result.pop("wal_lsn"))
 
 
 async def get_for(conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.UUID) -> asyncpg.Record | None:

@@ -16,10 +16,12 @@ primary, never towards stale data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import urlparse
 
 import asyncpg
@@ -28,6 +30,7 @@ import redis.exceptions
 
 from protocol.errors import ErrorCode, RpcError
 from server.config import Config
+from server.outbox import Outbox
 
 log = logging.getLogger("hangout.db")
 
@@ -53,6 +56,36 @@ _REPLICA_FAILURES = (
 # answer a read within REPLICA_DEADLINE_S is skipped for the primary.
 PRIMARY_DEADLINE_S = 4.0
 REPLICA_DEADLINE_S = 2.0
+
+
+class _Deferred(list):
+    """Write positions sent to Redis, not yet acknowledged, of one call
+    (``Database.recording_writes``). A task the call spawned inherits it;
+    once the call is over it is closed, and such a task waits for its own."""
+
+    closed = False
+
+
+_DEFERRED_RECORDS: contextvars.ContextVar[_Deferred | None] = contextvars.ContextVar(
+    "deferred_write_records", default=None
+)
+
+
+async def _recorded(recorded: asyncio.Future) -> None:
+    try:
+        await recorded
+    except (redis.exceptions.RedisError, OSError) as exc:
+        log.warning("could not record write position in redis: %r", exc)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a write query returns when it committed by itself and read the
+    primary's WAL insert position afterwards, in the same round trip (see
+    sql/007): ``Database.write`` then skips its own look-up of the position."""
+
+    value: Any
+    wal_lsn: str
 
 
 def parse_lsn(text: str | None) -> int:
@@ -91,6 +124,7 @@ class Replica:
 class Database:
     config: Config
     redis: aioredis.Redis
+    outbox: Outbox
     primary: asyncpg.Pool | None = None
     replicas: list[Replica] = field(default_factory=list)
     _local_lsn: dict[uuid.UUID, int] = field(default_factory=dict)
@@ -180,19 +214,24 @@ class Database:
     async def write(self, users: Writers, query: Query[T], *args: Any) -> T:
         """Run ``query(conn, *args)`` on the primary, then record the WAL
         position for each user in ``users`` so their next reads see it.
-        ``users`` may be a function of the result (for a user just created)."""
+        ``users`` may be a function of the result (for a user just created).
+        A query that returns ``Committed`` brings that position itself."""
         assert self.primary is not None
         async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             result = await query(conn, *args)
+        lsn = None
+        if isinstance(result, Committed):
+            result, lsn = result.value, result.wal_lsn
         if callable(users):
             users = users(result)
         if users is not None:
-            if self._heads is None:
-                self._heads = _Batcher(self._primary_head, max_running=1)
-            # Any position read after the commit covers it, so writes that
-            # committed meanwhile share one look-up (and free their
-            # connection before it).
-            lsn = await self._heads.get(None)
+            if lsn is None:
+                if self._heads is None:
+                    self._heads = _Batcher(self._primary_head, max_running=1)
+                # Any position read after the commit covers it, so writes that
+                # committed meanwhile share one look-up (and free their
+                # connection before it).
+                lsn = await self._heads.get(None)
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
 
@@ -215,14 +254,31 @@ class Database:
             self._local_lsn.clear()
             for u in users:
                 self._local_lsn[u] = lsn
+        # Keep the highest position; a plain SET could move it back.
+        recorded = self.outbox.submit([("EVAL", _SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.config.ryw_ttl_s) for u in users])
+        deferred = _DEFERRED_RECORDS.get()
+        if deferred is not None and not deferred.closed:
+            deferred.append(recorded)
+        else:
+            await _recorded(recorded)
+
+    @contextlib.asynccontextmanager
+    async def recording_writes(self) -> AsyncIterator[None]:
+        """Within this block (one RPC call), ``write`` does not wait for its
+        write position to reach Redis; the block's exit does, before the
+        call's reply goes out. The events the call publishes meanwhile then
+        travel in the same pipeline, behind the position (server/outbox.py)."""
+        pending = _Deferred()
+        token = _DEFERRED_RECORDS.set(pending)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for u in users:
-                    # Keep the highest position; a plain SET could move it back.
-                    pipe.eval(_SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.config.ryw_ttl_s)
-                await pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            log.warning("could not record write position in redis: %r", exc)
+            yield
+        finally:
+            _DEFERRED_RECORDS.reset(token)
+            try:
+                for recorded in pending:
+                    await _recorded(recorded)
+            finally:
+                pending.closed = True
 
     # ---- reads -----------------------------------------------------------
 

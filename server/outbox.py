@@ -1,0 +1,111 @@
+"""Redis commands of the whole process, one pipeline per event-loop turn.
+
+After a write commits, a call records its write position for read-your-writes
+(server/db/pools.py) and publishes its events (server/rooms/hub.py). Sent one
+call at a time, that was two round trips per call, each a socket write and a
+read on a loaded loop. ``submit`` instead queues a group of commands; every
+group queued during one turn of the loop goes to Redis as one pipeline, so
+concurrent calls share a round trip, and a call that queues its position and
+its events in the same turn has both sent in order (the position first, so
+a client that reads on an event finds the write).
+
+At most ``max_in_flight`` pipelines are in flight; groups queued meanwhile
+wait for the next one. Redis errors, timeouts and a closed outbox end a
+group's future with the exception; an error of one command is returned in
+its place in the results (``raise_on_error=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Sequence
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger("hangout.outbox")
+
+Command = tuple[Any, ...]
+
+
+class OutboxClosed(ConnectionError):
+    pass
+
+
+class Outbox:
+    def __init__(self, client: aioredis.Redis, max_in_flight: int = 1) -> None:
+        self._client = client
+        self._max = max_in_flight
+        self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._scheduled = False
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+        self.pipelines = 0  # sent, for tests
+
+    def submit(self, commands: Sequence[Command]) -> "asyncio.Future[list[Any]]":
+        """Queue ``commands`` (each ``(name, *args)``); the future gets their
+        replies, in order, once the pipeline that carries them is answered."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
+        if self._closed:
+            fut.set_exception(OutboxClosed("redis outbox closed"))
+            return fut
+        self._queue.append((commands, fut))
+        self._schedule(loop)
+        return fut
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled and self._queue and len(self._running) < self._max:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._closed or not self._queue or len(self._running) >= self._max:
+            return
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(batch), name="redis-outbox")
+        self._running.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if not self._closed:
+            self._schedule(asyncio.get_running_loop())
+
+    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for commands, _ in batch:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                results = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            _fail(batch, OutboxClosed("redis outbox closed"))
+            raise
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        self.pipelines += 1
+        i = 0
+        for commands, fut in batch:
+            if not fut.done():  # the caller may have given up
+                fut.set_result(results[i : i + len(commands)])
+            i += len(commands)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        batch, self._queue = self._queue, []
+        _fail(batch, OutboxClosed("redis outbox closed"))
+
+
+def _fail(batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]], exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+            # Mark it retrieved: a caller that went away must not leave
+            # "exception never retrieved" behind.
+            fut.exception()

@@ -1,0 +1,97 @@
+"""server/outbox.py against the real Redis: commands queued in one loop turn
+share a pipeline, keep their order, and fail cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+
+from server.outbox import Outbox, OutboxClosed
+from tests.conftest import free_port
+
+
+@pytest.fixture
+async def outbox(redis):
+    box = Outbox(redis)
+    yield box
+    await box.close()
+
+
+async def test_groups_queued_in_one_turn_share_one_pipeline_and_get_their_own_replies(outbox, redis):
+    keys = [f"outbox-test:{uuid.uuid4()}" for _ in range(20)]
+    before = outbox.pipelines
+    futures = [outbox.submit([("SET", k, i), ("INCR", k)]) for i, k in enumerate(keys)]
+    replies = await asyncio.gather(*futures)
+    assert outbox.pipelines == before + 1
+    assert replies == [[True, i + 1] for i in range(20)]
+    assert [int(v) for v in await redis.mget(keys)] == [i + 1 for i in range(20)]
+    await redis.delete(*keys)
+
+
+async def test_commands_run_in_the_order_they_were_queued(outbox, redis):
+    k = f"outbox-test:{uuid.uuid4()}"
+    channel = f"outbox-test-channel:{uuid.uuid4()}"
+    async with redis.pubsub() as sub:
+        await sub.subscribe(channel)
+        await sub.get_message(timeout=1.0)  # the subscribe confirmation
+        # A write then a publish, as a call queues its write position and then
+        # its events: whoever receives the publish can already read the write.
+        first = outbox.submit([("SET", k, "written")])
+        second = outbox.submit([("PUBLISH", channel, "event"), ("GET", k)])
+        assert await first == [True]
+        assert await second == [1, b"written"]
+    await redis.delete(k)
+
+
+async def test_an_error_of_one_command_is_returned_in_its_place(outbox, redis):
+    k = f"outbox-test:{uuid.uuid4()}"
+    await redis.set(k, "not a number")
+    bad, good = await asyncio.gather(outbox.submit([("INCR", k)]), outbox.submit([("ECHO", "fine")]))
+    assert isinstance(bad[0], ResponseError)
+    assert good == [b"fine"]
+    await redis.delete(k)
+
+
+async def test_groups_queued_while_a_pipeline_is_in_flight_go_in_the_next_one(outbox):
+    first = outbox.submit([("ECHO", "a")])
+    await asyncio.sleep(0)  # the first pipeline is now being sent
+    later = [outbox.submit([("ECHO", str(i))]) for i in range(5)]
+    before = outbox.pipelines
+    assert await first == [b"a"]
+    assert await asyncio.gather(*later) == [[str(i).encode()] for i in range(5)]
+    assert outbox.pipelines == before + 2
+
+
+async def test_redis_unreachable_fails_the_groups_with_a_connection_error():
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    box = Outbox(client)
+    try:
+        with pytest.raises((RedisConnectionError, OSError)):
+            await box.submit([("PING",)])
+        with pytest.raises((RedisConnectionError, OSError)):
+            await box.submit([("PING",)])  # and the next one too, not a hang
+    finally:
+        await box.close()
+        await client.aclose()
+
+
+async def test_a_closed_outbox_refuses_and_fails_what_it_still_held(redis):
+    box = Outbox(redis)
+    held = box.submit([("PING",)])
+    await box.close()  # before the loop turn that would have sent it
+    with pytest.raises(OutboxClosed):
+        await held
+    with pytest.raises(OutboxClosed):
+        await box.submit([("PING",)])
+
+
+async def test_a_caller_that_gives_up_does_not_take_the_command_back(outbox, redis):
+    k = f"outbox-test:{uuid.uuid4()}"
+    fut = outbox.submit([("SET", k, "kept")])
+    fut.cancel()  # e.g. the socket of the call closed
+    assert await outbox.submit([("GET", k)]) == [b"kept"]
+    await redis.delete(k)

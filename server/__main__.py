@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from server.config import Config
+from server.runtime import settle_heap
 
 log = logging.getLogger("hangout")
 
@@ -44,6 +45,7 @@ async def _serve_one(config: Config) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 2, access_log=None)
     await runner.setup()
+    settle_heap()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=True, backlog=4096)
     await site.start()
     log.info("serving on %s:%s (pid %s)", config.host, config.port, os.getpid())

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.hosts < args.clients:
         ap.error("--hosts must be at least --clients")
-    return asyncio.run(amain(args))
+    return benchlib.run(amain(args))
 
 
 if __name__ == "__main__":

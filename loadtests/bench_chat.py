@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-pgbench", action="store_true", help="only the chat load")
     ap.add_argument("--profile", metavar="FILE", help="py-spy collapsed stacks of the first process at max rate")
     args = ap.parse_args(argv)
-    return asyncio.run(amain(args))
+    return benchlib.run(amain(args))
 
 
 if __name__ == "__main__":

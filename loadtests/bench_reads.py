@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-raw", action="store_true", help="collapsed stacks (.txt) instead of a flame graph")
     ap.add_argument("--skip-pgbench", action="store_true", help="only the hangout calls (when profiling)")
     args = ap.parse_args(argv)
-    return asyncio.run(amain(args))
+    return benchlib.run(amain(args))
 
 
 if __name__ == "__main__":

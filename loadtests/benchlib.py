@@ -19,11 +19,26 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Coroutine, TypeVar
 
 import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PASSWORD = "bench password 1"
+T = TypeVar("T")
+
+
+def run(main: "Coroutine[Any, Any, T]") -> T:
+    """Run a benchmark's load generator: on uvloop, with the garbage
+    collector settled as in the server, so that the client's own pauses and
+    CPU weigh as little as possible in what it measures (it shares the two
+    cores with the server and PostgreSQL)."""
+    import uvloop
+
+    from server.runtime import settle_heap
+
+    settle_heap()
+    return uvloop.run(main)
 
 
 def free_port() -> int:

@@ -33,7 +33,7 @@ class OutboxClosed(ConnectionError):
 
 
 class Outbox:
-    def __init__(self, client: aioredis.Redis, max_in_flight: int = 1) -> None:
+    def __init__(self, client: aioredis.Redis, max_in_flight: int = 2) -> None:
         self._client = client
         self._max = max_in_flight
         self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []

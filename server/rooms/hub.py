@@ -36,6 +36,7 @@ log = logging.getLogger("hangout.rooms")
 
 NO_ONE = bytes(16)
 ENVELOPE = 24  # skip user (16) + seq (8)
+PLAIN_ENVELOPE = NO_ONE + bytes(8)  # nobody skipped, no seq
 GAP_GRACE_S = 1.0  # a seq hole open this long is filled from PostgreSQL
 REPAIR_PAGE = 200
 REPAIR_RETRY_S = 1.0
@@ -179,18 +180,17 @@ class Hub:
     async def publish_many(self, items: "list[tuple[str, bytes]]") -> bool:
         """Publish several ``(channel, frame)`` (no skip, no seq), in order,
         in one pipeline. Never raises, like ``publish``."""
-        head = NO_ONE + (0).to_bytes(8, "big")
-        return await self._publish([(channel, head + frame) for channel, frame in items])
+        return await self._publish([(channel, PLAIN_ENVELOPE + frame) for channel, frame in items])
 
     async def _publish(self, envelopes: "list[tuple[str, bytes]]") -> bool:
         # Through the process's outbox: publishes of concurrent calls, and a
         # call's write position queued just before, share one round trip.
+        failed: BaseException | None
         try:
             replies = await self.outbox.submit([("PUBLISH", ch, env) for ch, env in envelopes])
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
         except (redis.exceptions.RedisError, OSError) as exc:
-            log.warning("publish to %s failed: %r", envelopes[0][0], exc)
-            return False
-        failed = next((r for r in replies if isinstance(r, Exception)), None)
+            failed = exc
         if failed is not None:
             log.warning("publish to %s failed: %r", envelopes[0][0], failed)
             return False

@@ -17,7 +17,11 @@ money (a sandbox top-up each, through the ledger), then measures:
   host is connected too and receives its ``booking.created`` events.
 
 Prints bookings/s (median of the rounds), p50/p99 latency over all
-rounds, server CPU, and the ratio of the medians.
+rounds, the ratio of the medians, and where the machine's CPU went: per
+booking for PostgreSQL (primary and replica), Redis, the server and this
+load generator, and per TPC-B transaction for PostgreSQL and pgbench. With
+every client keeping one call in flight, latency is clients / throughput,
+so that CPU cost per booking sets the lowest p50 this machine allows.
 Targets: ratio >= 0.6, p99 < 50 ms. Exits 3 when a target is missed or a
 call failed.
 """
@@ -32,13 +36,14 @@ import statistics
 import sys
 import time
 import uuid
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 
 import aiohttp
 import asyncpg
 
 from loadtests import benchlib
-from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_seconds, machine_busy
+from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_by_role, machine_busy
 from protocol.codec import decode, encode
 
 PGBENCH_DB = "pgbench"
@@ -142,9 +147,16 @@ async def listen(ws: aiohttp.ClientWebSocketResponse, tally: Tally) -> None:
             tally.events += 1
 
 
-async def run_bookings(url: str, server_pid: int | None, booker_tokens: list[str], host_tokens: list[str],
-                       hosts: list[str], seconds: float, warmup: float = 2.0) -> tuple[Tally, float, float | None, float]:
-    """Returns (tally, bookings per second, server CPU share, machine CPU share)."""
+@dataclass
+class Run:
+    tally: Tally
+    rate: float  # bookings per second
+    machine: float  # share of the whole machine's CPU that was busy
+    cpu_ms: dict[str, float]  # CPU milliseconds per booking, by role (benchlib.cpu_by_role)
+
+
+async def run_bookings(url: str, server_pid: int | None, redis_port: int | None, booker_tokens: list[str],
+                       host_tokens: list[str], hosts: list[str], seconds: float, warmup: float = 2.0) -> Run:
     tally, stop = Tally(), asyncio.Event()
     start = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).replace(minute=0, second=0, microsecond=0)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -158,14 +170,14 @@ async def run_bookings(url: str, server_pid: int | None, booker_tokens: list[str
         drivers = [asyncio.create_task(drive_booker(ws, i, hosts, start, tally, stop))
                    for i, ws in enumerate(booker_sockets)]
         await asyncio.sleep(warmup)
-        cpu0 = cpu_seconds(server_pid) if server_pid else None
+        cpu0 = cpu_by_role(server_pid, redis_port)
         busy0, total0 = machine_busy()
         t0 = time.perf_counter()
         tally.counting = True
         await asyncio.sleep(seconds)
         tally.counting = False
         elapsed = time.perf_counter() - t0
-        cpu = (cpu_seconds(server_pid) - cpu0) / elapsed if server_pid and cpu0 is not None else None
+        cpu1 = cpu_by_role(server_pid, redis_port)
         busy1, total1 = machine_busy()
         stop.set()
         await asyncio.wait_for(asyncio.gather(*drivers), 60)
@@ -173,7 +185,14 @@ async def run_bookings(url: str, server_pid: int | None, booker_tokens: list[str
             await ws.close()
         await asyncio.gather(*listeners, return_exceptions=True)
     machine = (busy1 - busy0) / (total1 - total0) if total1 > total0 else float("nan")
-    return tally, tally.calls / elapsed, cpu, machine
+    per_booking = {role: (cpu1[role] - cpu0[role]) * 1000.0 / max(tally.calls, 1) for role in cpu0}
+    return Run(tally, tally.calls / elapsed, machine, per_booking)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's ended children (pgbench, once it exits)."""
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def pct(values: list[float], q: float) -> float:
@@ -194,16 +213,24 @@ async def amain(args: argparse.Namespace) -> int:
         url, pid = args.url, None
     else:
         server = await asyncio.to_thread(Server(stack, env={"WORKERS": str(args.workers)}).start)
-        url, pid = server.ws_url, (server.pid if args.workers == 1 else None)
+        url, pid = server.ws_url, server.pid
     pg_runs: list[float] = []
     pg_latencies: list[float] = []
-    runs: list[tuple[Tally, float, float | None, float]] = []
+    pg_cpu: list[tuple[float, float]] = []  # CPU ms per transaction: (postgres, pgbench)
+    runs: list[Run] = []
+    redis_port = urlsplit(stack.redis_url).port if stack.redis_url else None
     try:
         # pgbench and the hangout run in turns, pgbench first and last: the
         # machine is shared, and its load drifts within a minute.
         for round_no in range(args.rounds + 1):
             print(f"pgbench (TPC-B), -c {args.clients} -j 2 -T {args.seconds} ...", flush=True)
+            # pgbench's backends end with it, so PostgreSQL's share is the
+            # machine's busy time less pgbench's own (an idle server's is noise).
+            busy0, client0 = machine_busy()[0], _children_cpu()
             tps, latency = await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds)
+            txns = max(tps * args.seconds, 1.0)
+            client = _children_cpu() - client0
+            pg_cpu.append(((machine_busy()[0] - busy0 - client) * 1000 / txns, client * 1000 / txns))
             pg_runs.append(tps)
             pg_latencies.append(latency)
             print(f"  {tps:,.0f} tps, mean latency {latency:.1f} ms", flush=True)
@@ -214,31 +241,42 @@ async def amain(args: argparse.Namespace) -> int:
             booker_tokens = await access_tokens(stack.database_url, booker_ids)
             print(f"bookings.create, {args.clients} bookers one call each in flight, {len(host_ids)} hosts "
                   f"listening, {args.seconds}s ...", flush=True)
-            runs.append(await run_bookings(url, pid, booker_tokens, host_tokens, [str(h) for h in host_ids], args.seconds))
-            print(f"  {runs[-1][1]:,.0f} bookings/s", flush=True)
+            runs.append(await run_bookings(url, pid, redis_port, booker_tokens, host_tokens,
+                                           [str(h) for h in host_ids], args.seconds))
+            print(f"  {runs[-1].rate:,.0f} bookings/s", flush=True)
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
     pg = statistics.median(pg_runs)
-    rate = statistics.median(r[1] for r in runs)
-    latencies = [ms for r in runs for ms in r[0].latencies_ms]
+    rate = statistics.median(r.rate for r in runs)
+    latencies = [ms for r in runs for ms in r.tally.latencies_ms]
     errors: dict[str, int] = {}
     for r in runs:
-        for code, n in r[0].errors.items():
+        for code, n in r.tally.errors.items():
             errors[code] = errors.get(code, 0) + n
     ratio = rate / pg
     p50, p99 = pct(latencies, 0.5), pct(latencies, 0.99)
-    cpus = [r[2] for r in runs if r[2] is not None]
     print(f"\npgbench TPC-B (-c {args.clients} -j 2): " + " / ".join(f"{x:,.0f}" for x in pg_runs)
           + f" tps, median {pg:,.0f}; mean latency {statistics.median(pg_latencies):.1f} ms")
-    print("bookings.create: " + " / ".join(f"{r[1]:,.0f}" for r in runs) + f" per s, median {rate:,.0f}")
-    cpu_text = f"  server CPU {statistics.mean(cpus):4.0%}" if cpus else ""
-    print(f"bookings.create p50 {p50:.1f} ms  p99 {p99:.1f} ms{cpu_text}  machine CPU "
-          f"{statistics.mean(r[3] for r in runs):4.0%}  host events {sum(r[0].events for r in runs) / (args.seconds * len(runs)):,.0f}/s")
+    print(f"CPU per TPC-B transaction: postgres {statistics.mean(c[0] for c in pg_cpu):.2f} ms, "
+          f"pgbench {statistics.mean(c[1] for c in pg_cpu):.2f} ms (machine busy time less pgbench's)")
+    print("bookings.create: " + " / ".join(f"{r.rate:,.0f}" for r in runs) + f" per s, median {rate:,.0f}")
+    print(f"bookings.create p50 {p50:.1f} ms  p99 {p99:.1f} ms  machine CPU "
+          f"{statistics.mean(r.machine for r in runs):4.0%}  host events "
+          f"{sum(r.tally.events for r in runs) / (args.seconds * len(runs)):,.0f}/s")
+    # Where the machine's CPU goes: with every client keeping one call in
+    # flight, latency is clients / throughput, and throughput is capped by
+    # the CPU that one booking costs all the processes on this machine.
+    cpu = {role: statistics.mean(r.cpu_ms[role] for r in runs) for role in runs[0].cpu_ms}
+    total = sum(cpu.values())
+    cores = os.cpu_count() or 1
+    print("CPU per booking: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in cpu.items())
+          + f"; {total:.2f} ms in all: {cores} cores at most {cores * 1000 / total:,.0f} bookings/s, "
+          f"so p50 >= {args.clients * total / cores:.1f} ms at {args.clients} clients")
     print(f"ratio {ratio:.2f} (target >= 0.60), p99 {p99:.1f} ms (target < 50)")
     if errors:
         print(f"errors: {errors}")
-    if any(r[0].exhausted for r in runs):
+    if any(r.tally.exhausted for r in runs):
         print("some bookers ran out of future hours: shorten --seconds")
     return 0 if ratio >= 0.6 and p99 < 50 and not errors else 3
 

@@ -82,6 +82,35 @@ def machine_busy() -> tuple[float, float]:
     return (sum(values) - idle) / ticks, sum(values) / ticks
 
 
+def cpu_by_role(server_pid: int | None, redis_port: int | None) -> dict[str, float]:
+    """CPU seconds used so far by each part of the benchmark on this machine:
+    the dev stack's PostgreSQL (primary and replica: backends, WAL sender,
+    receiver and replay), its Redis (``redis_port``), the hangout server
+    (``server_pid`` and its worker processes) and this process, the load
+    generator. Processes that ended in between are not counted; the ones
+    measured here live for the whole run."""
+    roles = {"postgres": 0.0, "redis": 0.0, "server": 0.0, "load": 0.0}
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            role = ("postgres" if cmd.startswith("postgres: devstack-")
+                    else "redis" if "redis-server" in cmd and f":{redis_port}" in cmd
+                    else "server" if server_pid is not None and server_pid in (pid, ppid)
+                    else "load" if pid == me else None)
+            if role is not None:
+                roles[role] += cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return roles
+
+
 @dataclass
 class Stack:
     database_url: str

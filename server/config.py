@@ -46,6 +46,8 @@ class Config:
     replica_max_lag_bytes: int = 16 * 1024 * 1024
     replica_check_interval_s: float = 0.5
     ryw_ttl_s: int = 60
+    redis_timeout_s: float = 2.0
+    redis_probe_interval_s: float = 0.5
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -79,6 +81,8 @@ class Config:
             replica_max_lag_bytes=_int("REPLICA_MAX_LAG_BYTES", cls.replica_max_lag_bytes),
             replica_check_interval_s=_float("REPLICA_CHECK_INTERVAL_S", cls.replica_check_interval_s),
             ryw_ttl_s=_int("RYW_TTL_S", cls.ryw_ttl_s),
+            redis_timeout_s=_float("REDIS_TIMEOUT_S", cls.redis_timeout_s),
+            redis_probe_interval_s=_float("REDIS_PROBE_INTERVAL_S", cls.redis_probe_interval_s),
         )
 
     def with_(self, **changes) -> "Config":

@@ -101,11 +101,18 @@ async def readyz(request: web.Request) -> web.Response:
             }
             for r in db.replicas
         ],
-        "redis": {"ok": redis_up, "subscriber_connected": services.hub.connected.is_set()},
+        "redis": {
+            "ok": redis_up,
+            "subscriber_connected": services.hub.connected.is_set(),
+            # False after Redis stopped answering, until it answers a probe:
+            # meanwhile calls do not wait for it (server/outbox.py).
+            "sending": services.outbox.available,
+            "outages": services.outbox.outages,
+        },
         "sockets": len(services.connections),
         "pid": os.getpid(),  # tells the processes of WORKERS=N apart
     }
-    body["ready"] = primary and redis_up
+    body["ready"] = primary and redis_up and services.outbox.available
     return web.json_response(body, status=200 if body["ready"] else 503)
 
 

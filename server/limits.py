@@ -11,6 +11,7 @@ any number of concurrent guesses pass the check before the first is counted.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import redis.asyncio as aioredis
 
@@ -43,10 +44,12 @@ return 1
 
 
 class LoginLimiter:
-    def __init__(self, redis: aioredis.Redis, max_failures: int, window_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, max_failures: int, window_s: int,
+                 redis_answering: Callable[[], bool] = lambda: True) -> None:
         self.redis = redis
         self.max_failures = max_failures
         self.window_s = window_s
+        self.redis_answering = redis_answering
 
     @staticmethod
     def _key(email: str) -> str:
@@ -54,7 +57,11 @@ class LoginLimiter:
 
     async def reserve(self, email: str) -> None:
         """Count an attempt as a failure up front; ``rate_limited`` (with the
-        seconds left in the window, rounded up) once the window is exhausted."""
+        seconds left in the window, rounded up) once the window is exhausted.
+        ``unavailable`` at once while the process has stopped sending to a
+        Redis that did not answer (server/outbox.py): no limit, no login."""
+        if not self.redis_answering():
+            raise RpcError(ErrorCode.UNAVAILABLE, "try again shortly")
         allowed, left_ms = await self.redis.eval(
             _RESERVE, 1, self._key(email), self.max_failures, self.window_s * 1000
         )

@@ -13,15 +13,28 @@ At most ``max_in_flight`` pipelines are in flight; groups queued meanwhile
 wait for the next one. Redis errors, timeouts and a closed outbox end a
 group's future with the exception; an error of one command is returned in
 its place in the results (``raise_on_error=False``).
+
+Redis that hangs instead of refusing: every pipeline would wait out the
+socket timeout, and so would every call behind it. After a pipeline fails
+on a timeout or a lost connection, the outbox is ``available = False``:
+``submit`` fails at once with ``RedisUnavailable`` and nothing is sent,
+until a probe (a ``PUBLISH`` to a channel nobody follows, the kind of
+command the outbox sends, every ``probe_interval_s``) is answered. Before it
+opens again it runs ``on_recovered`` (server/db/pools.py raises the floor of
+every write position, since the ones not recorded meanwhile are lost).
+Calls still commit while it is closed: PostgreSQL has every change, and
+clients catch up from it (``since_seq``, lists) as they do after a Redis
+restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 log = logging.getLogger("hangout.outbox")
 
@@ -32,15 +45,31 @@ class OutboxClosed(ConnectionError):
     pass
 
 
+class RedisUnavailable(redis.exceptions.ConnectionError):
+    """Not sent: Redis failed recently and has not answered a probe since."""
+
+
+# Failures that say Redis (or the way to it) is not answering, as opposed to
+# an error reply to one command.
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError)
+PROBE_CHANNEL = "hangout:probe"
+
+
 class Outbox:
-    def __init__(self, client: aioredis.Redis, max_in_flight: int = 2) -> None:
+    def __init__(self, client: aioredis.Redis, max_in_flight: int = 2, probe_interval_s: float = 0.5) -> None:
         self._client = client
         self._max = max_in_flight
+        self._probe_interval_s = probe_interval_s
         self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._scheduled = False
         self._running: set[asyncio.Task] = set()
         self._closed = False
+        self._probe: asyncio.Task | None = None
+        self._answering = asyncio.Event()
+        self._answering.set()
+        self.on_recovered: Callable[[], Awaitable[None]] | None = None
         self.pipelines = 0  # sent, for tests
+        self.outages = 0  # times it closed, for tests and /readyz
 
     def submit(self, commands: Sequence[Command]) -> "asyncio.Future[list[Any]]":
         """Queue ``commands`` (each ``(name, *args)``); the future gets their
@@ -49,6 +78,10 @@ class Outbox:
         fut: asyncio.Future[list[Any]] = loop.create_future()
         if self._closed:
             fut.set_exception(OutboxClosed("redis outbox closed"))
+            return fut
+        if not self.available:
+            fut.set_exception(RedisUnavailable("redis is not answering"))
+            fut.exception()  # nobody has to look
             return fut
         self._queue.append((commands, fut))
         self._schedule(loop)
@@ -84,6 +117,8 @@ class Outbox:
             _fail(batch, OutboxClosed("redis outbox closed"))
             raise
         except Exception as exc:
+            if isinstance(exc, UNREACHABLE):
+                self.unreachable(exc)
             _fail(batch, exc)
             return
         self.pipelines += 1
@@ -93,8 +128,45 @@ class Outbox:
                 fut.set_result(results[i : i + len(commands)])
             i += len(commands)
 
+    @property
+    def available(self) -> bool:
+        """False from a failure to reach Redis until a probe is answered."""
+        return self._answering.is_set()
+
+    async def wait_available(self) -> None:
+        await self._answering.wait()
+
+    def unreachable(self, exc: BaseException) -> None:
+        """Redis did not answer (here or in another user of the same Redis,
+        such as the read-your-writes look-ups): stop sending until a probe
+        is answered."""
+        if not self.available or self._closed:
+            return
+        self._answering.clear()
+        self.outages += 1
+        log.warning("redis not answering (%r): calls stop waiting for it until it answers a probe", exc)
+        self._probe = asyncio.get_running_loop().create_task(self._probe_until_answered(), name="redis-probe")
+
+    async def _probe_until_answered(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval_s)
+            try:
+                await self._client.publish(PROBE_CHANNEL, b"")
+                if self.on_recovered is not None:
+                    await self.on_recovered()
+            except Exception as exc:  # still away (or PostgreSQL is): probe again
+                log.debug("redis probe failed: %r", exc)
+                continue
+            log.warning("redis answers again")
+            self._answering.set()
+            self._schedule(asyncio.get_running_loop())
+            return
+
     async def close(self) -> None:
         self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)

@@ -36,14 +36,15 @@ class Services:
     def build(cls, config: Config) -> "Services":
         client = aioredis.from_url(
             config.redis_url,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
+            socket_timeout=config.redis_timeout_s,
+            socket_connect_timeout=config.redis_timeout_s,
             health_check_interval=0,
             max_connections=256,
         )
-        outbox = Outbox(client)
-        return cls(config=config, redis=client, outbox=outbox, db=Database(config, client, outbox),
-                   hub=Hub(config.redis_url, outbox))
+        outbox = Outbox(client, probe_interval_s=config.redis_probe_interval_s)
+        db = Database(config, client, outbox)
+        outbox.on_recovered = db.raise_floor
+        return cls(config=config, redis=client, outbox=outbox, db=db, hub=Hub(config.redis_url, outbox))
 
     async def start(self) -> None:
         await self.db.start()

@@ -202,6 +202,21 @@ async def replay_paused(replica_db: asyncpg.Pool) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
+async def redis_writes_hung(redis: aioredis.Redis) -> AsyncIterator[asyncio.Task]:
+    """Redis that hangs rather than refuses: ``CLIENT PAUSE WRITE`` holds
+    every write, ``PUBLISH`` and ``EVAL`` of every client (reads still
+    answer) until the block ends. Yields a witness: a ``PUBLISH`` sent once
+    the pause began, which is done only once Redis takes writes again."""
+    await redis.execute_command("CLIENT", "PAUSE", 120_000, "WRITE")
+    witness = asyncio.create_task(redis.publish("hangout-test:witness", b""))
+    try:
+        yield witness
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await witness
+
+
+@contextlib.asynccontextmanager
 async def row_locked(db: asyncpg.Pool, user_id: str) -> AsyncIterator[None]:
     """Hold a user's row lock: their writes (users.update...) wait until the
     block ends. A way to keep a real call in flight for as long as a test needs."""

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import datetime as dt
 import uuid
 
 import aiohttp
 import pytest
 
-from tests.chat_helpers import RawSocket, collect_messages, messages_until, open_room, send_many
-from tests.conftest import ServerProcess
+from server.db.pools import parse_lsn
+from tests.chat_helpers import RawSocket, _next_slot, collect_messages, messages_until, open_room, send_many
+from tests.conftest import ServerProcess, redis_writes_hung, replay_paused
 
 STORM = 200
 
@@ -143,6 +146,94 @@ async def test_redis_restart_loses_no_acknowledged_message(stack, server, server
         last = (await booker.call("chat.send", {"conversation_id": conv, "content": "live"}))["message"]
         for c in [*sockets, fresh, joined_away]:
             assert await messages_until(c, last["seq"]) == [last["seq"]]
+    finally:
+        await room.close()
+
+
+@pytest.fixture
+async def quick_redis_timeout_server(stack):
+    proc = await ServerProcess(stack, REDIS_TIMEOUT_S=0.5, REDIS_PROBE_INTERVAL_S=0.1).start()
+    yield proc
+    await proc.stop()
+
+
+async def replica_caught_up(db, replica_db, timeout: float = 10.0) -> str:
+    """Waits until the replica has replayed everything the primary has
+    written so far; returns that position. (Replay has no event to await.)"""
+    head = await db.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await replica_db.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", head):
+        assert asyncio.get_running_loop().time() < deadline, "replica did not catch up"
+        await asyncio.sleep(0.01)
+    return head
+
+
+async def server_sees_replay(server: ServerProcess, lsn: str, timeout: float = 10.0) -> None:
+    """Waits until ``server``'s health check has seen the replica replay ``lsn``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        _, body = await readyz(server)
+        if body["replicas"][0]["replay_lsn"] >= parse_lsn(lsn):
+            return
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_timeout_server, server2, redis,
+                                                                  db, replica_db):
+    proc = quick_redis_timeout_server
+    room = await open_room(proc)
+    try:
+        conv = room.conversation_id
+        booker, host = room.booker.client, room.host.client
+        for c in (booker, host):
+            await c.call("chat.join", {"conversation_id": conv})
+        booker2 = await room.booker.socket(server2)
+        async with contextlib.AsyncExitStack() as replica_lagging:
+            async with redis_writes_hung(redis) as witness:
+                # The first call meets the hang and waits out REDIS_TIMEOUT_S once; it committed.
+                sent = [(await booker.call("chat.send", {"conversation_id": conv, "content": "first"}))["message"]]
+                status, body = await readyz(proc)
+                assert status == 503 and body["redis"]["sending"] is False
+                # From here the replica lags. Everything written before, the
+                # first call's write position included (Redis may still take
+                # it once it takes writes again), is replayed there.
+                paused_at = await replica_caught_up(db, replica_db)
+                await replica_lagging.enter_async_context(replay_paused(replica_db))
+                # Every call after the first answers without waiting for
+                # Redis: messages, a profile change, a booking, replica reads.
+                for i in range(5):
+                    sent.append((await booker.call("chat.send", {"conversation_id": conv, "content": f"{i}"}))["message"])
+                await booker.call("users.update", {"name": "Renamed While Redis Hung"})
+                start = _next_slot()
+                booked = await booker.call("bookings.create", {
+                    "host_id": room.host.user_id, "start_at": start.isoformat(),
+                    "end_at": (start + dt.timedelta(hours=1)).isoformat(), "idempotency_key": uuid.uuid4().hex,
+                })
+                assert booked["booking"]["status"] == "confirmed"
+                # A login cannot count failures without Redis: it is refused at once.
+                anonymous = await proc.connect()
+                login = await anonymous.call_raw("auth.login", {"email": "x@example.test", "password": "whatever"})
+                assert login["error"]["code"] == "unavailable"
+                await anonymous.close()
+                history = await booker.call("chat.history", {"conversation_id": conv, "limit": 10})
+                assert sorted(m["seq"] for m in history["messages"]) == [m["seq"] for m in sent] == list(range(1, 7))
+                assert not witness.done()  # all of that while Redis still held every write
+            await wait_subscriber_connected(proc)  # ready again: Redis answered a probe
+            status, body = await readyz(proc)
+            assert body["redis"]["sending"] is True and body["redis"]["outages"] == 1
+            # No write position was recorded for the rename, and the replica
+            # (as the other process knows it) has replayed all but the calls
+            # made during the hang. The booker's read there still sees the
+            # rename: the floor of every position rose when Redis came back.
+            await server_sees_replay(server2, paused_at)
+            assert (await booker2.call("users.me"))["name"] == "Renamed While Redis Hung"
+        # Live delivery resumes, and the host's socket, which got nothing
+        # live meanwhile, ends up with every message exactly once (the gap
+        # that the next message shows is repaired from PostgreSQL).
+        last = (await host.call("chat.send", {"conversation_id": conv, "content": "back"}))["message"]
+        assert last["seq"] == 7
+        exactly_once(await collect_messages(host, 7), 7)
     finally:
         await room.close()
 

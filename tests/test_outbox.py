@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
 
-from server.outbox import Outbox, OutboxClosed
-from tests.conftest import free_port
+from server.outbox import Outbox, OutboxClosed, RedisUnavailable
+from tests.conftest import free_port, redis_writes_hung
 
 
 @pytest.fixture
@@ -95,3 +95,32 @@ async def test_a_caller_that_gives_up_does_not_take_the_command_back(outbox, red
     fut.cancel()  # e.g. the socket of the call closed
     assert await outbox.submit([("GET", k)]) == [b"kept"]
     await redis.delete(k)
+
+
+async def test_a_hung_redis_is_waited_for_once_then_not_until_it_answers_a_probe(stack, redis):
+    client = aioredis.from_url(stack.redis_url, socket_timeout=0.3)
+    box = Outbox(client, probe_interval_s=0.05)
+    seen_while_recovering: list[bool] = []
+
+    async def on_recovered() -> None:
+        seen_while_recovering.append(box.available)
+
+    box.on_recovered = on_recovered
+    try:
+        async with redis_writes_hung(redis) as witness:
+            with pytest.raises(RedisTimeoutError):  # the one wait: the socket timeout
+                await box.submit([("PUBLISH", "outbox-test", "first")])
+            assert not box.available
+            with pytest.raises(RedisUnavailable):
+                await box.submit([("PUBLISH", "outbox-test", "second")])
+            # Refused while Redis still held every write: the refusal did not wait for it.
+            assert not witness.done()
+            assert seen_while_recovering == []  # the probes hang too
+        await asyncio.wait_for(box.wait_available(), 10)
+        # on_recovered ran once, before the outbox opened again.
+        assert seen_while_recovering == [False]
+        assert await box.submit([("ECHO", "back")]) == [b"back"]
+        assert box.outages == 1
+    finally:
+        await box.close()
+        await client.aclose()

@@ -30,7 +30,7 @@ import redis.exceptions
 
 from protocol.errors import ErrorCode, RpcError
 from server.config import Config
-from server.outbox import Outbox
+from server.outbox import UNREACHABLE, Outbox, RedisUnavailable
 
 log = logging.getLogger("hangout.db")
 
@@ -74,6 +74,8 @@ _DEFERRED_RECORDS: contextvars.ContextVar[_Deferred | None] = contextvars.Contex
 async def _recorded(recorded: asyncio.Future) -> None:
     try:
         await recorded
+    except RedisUnavailable:
+        pass  # logged once when Redis stopped answering (server/outbox.py)
     except (redis.exceptions.RedisError, OSError) as exc:
         log.warning("could not record write position in redis: %r", exc)
 
@@ -286,14 +288,18 @@ class Database:
         if user is None:
             return 0
         local = self._local_lsn.get(user, 0)
+        if not self.outbox.available:
+            return -1  # Redis is not answering: other processes' writes are unknown
         if self._ryw_lookups is None:
             # Look-ups that overlap in time go as one MGET. Each is sent after
             # its read arrived, so it sees every write acknowledged before.
             self._ryw_lookups = _Batcher(self._write_positions, max_running=2)
         try:
             remote = await self._ryw_lookups.get(user)
-        except (redis.exceptions.RedisError, OSError):
+        except (redis.exceptions.RedisError, OSError) as exc:
             # Without Redis we cannot know what other processes wrote: be safe.
+            if isinstance(exc, UNREACHABLE):
+                self.outbox.unreachable(exc)
             return -1
         return max(local, int(remote) if remote else 0)
 
@@ -314,6 +320,15 @@ class Database:
             head = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
         await self.redis.set(RYW_FLOOR_KEY, parse_lsn(head), nx=True)
         return int(await self.redis.get(RYW_FLOOR_KEY) or parse_lsn(head))
+
+    async def raise_floor(self) -> None:
+        """Redis answers again after this process stopped sending to it: the
+        write positions it did not record meanwhile are lost, so the floor
+        of every user's position becomes the primary's current one (as in
+        ``_set_floor``). Run before the outbox opens again."""
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+            head = parse_lsn(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
+        await self.redis.eval(_RAISE_FLOOR_LUA, 1, RYW_FLOOR_KEY, head)
 
     def pick_replica(self, required: int) -> Replica | None:
         if required < 0:
@@ -439,6 +454,15 @@ class _Batcher:
 
 # Present as long as Redis has kept its data; see Database._set_floor.
 RYW_FLOOR_KEY = "ryw:floor"
+
+# The floor only rises, and has no TTL (``_set_floor``).
+_RAISE_FLOOR_LUA = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+"""
 
 _SET_MAX_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')

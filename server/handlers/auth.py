@@ -38,7 +38,8 @@ async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
 @rpc("auth.login", m.LoginParams, auth=False)
 async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     cfg = call.services.config
-    limiter = LoginLimiter(call.services.redis, cfg.login_max_failures, cfg.login_window_s)
+    limiter = LoginLimiter(call.services.redis, cfg.login_max_failures, cfg.login_window_s,
+                           lambda: call.services.outbox.available)
     await limiter.reserve(p.email)  # counted as a failure until proven otherwise
     try:
         row = await call.services.db.write(None, users_db.credentials_by_email, p.email)

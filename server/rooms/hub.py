@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import redis.exceptions
 
-from server.outbox import Outbox
+from server.outbox import Outbox, RedisUnavailable
 from server.rooms.membership import Membership
 
 log = logging.getLogger("hangout.rooms")
@@ -189,6 +189,8 @@ class Hub:
         try:
             replies = await self.outbox.submit([("PUBLISH", ch, env) for ch, env in envelopes])
             failed = next((r for r in replies if isinstance(r, Exception)), None)
+        except RedisUnavailable:
+            return False  # logged once when Redis stopped answering (server/outbox.py)
         except (redis.exceptions.RedisError, OSError) as exc:
             failed = exc
         if failed is not None:

@@ -9,6 +9,13 @@ concurrent calls share a round trip, and a call that queues its position and
 its events in the same turn has both sent in order (the position first, so
 a client that reads on an event finds the write).
 
+The outbox has one connection of its own and speaks RESP on it directly
+(commands packed here, replies parsed by hiredis): redis-py's pipeline cost
+more server CPU per booking than any other part of ``bookings.create`` in
+loadtests/bench_bookings.py (encoding each argument, a timeout and a
+callback per reply). Replies come back as Redis sent them (``b"OK"``, ints,
+bytes), without redis-py's conversions.
+
 At most ``max_in_flight`` pipelines are in flight; groups queued meanwhile
 wait for the next one. Redis errors, timeouts and a closed outbox end a
 group's future with the exception; an error of one command is returned in
@@ -30,10 +37,12 @@ restart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, Awaitable, Callable, Sequence
+from urllib.parse import unquote, urlparse
 
-import redis.asyncio as aioredis
+import hiredis
 import redis.exceptions
 
 log = logging.getLogger("hangout.outbox")
@@ -55,9 +64,108 @@ UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 PROBE_CHANNEL = "hangout:probe"
 
 
+def pack(commands: Sequence[Command]) -> bytes:
+    """RESP for ``commands``; arguments are bytes, str or int."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, bytes):
+                b = arg
+            elif isinstance(arg, str):
+                b = arg.encode()
+            elif isinstance(arg, int) and not isinstance(arg, bool):
+                b = b"%d" % arg
+            else:
+                raise TypeError(f"cannot send {type(arg).__name__} to redis")
+            out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Batch:
+    __slots__ = ("expected", "replies", "future")
+
+    def __init__(self, expected: int, future: "asyncio.Future[list[Any]]") -> None:
+        self.expected = expected
+        self.replies: list[Any] = []
+        self.future = future
+
+
+class _Wire(asyncio.Protocol):
+    """One connection to Redis; replies are matched to batches in order."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._parser = hiredis.Reader(replyError=redis.exceptions.ResponseError)
+        self._waiting: collections.deque[_Batch] = collections.deque()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes, expected: int) -> "asyncio.Future[list[Any]]":
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self.closed or self.transport is None:
+            fut.set_exception(redis.exceptions.ConnectionError("redis connection closed"))
+            return fut
+        self._waiting.append(_Batch(expected, fut))
+        self.transport.write(data)
+        return fut
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        while True:
+            try:
+                reply = parser.gets()
+            except hiredis.ProtocolError as exc:
+                self.abort(redis.exceptions.ConnectionError(f"redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not self._waiting:
+                self.abort(redis.exceptions.ConnectionError(f"unexpected reply from redis: {reply!r}"))
+                return
+            batch = self._waiting[0]
+            batch.replies.append(reply)
+            if len(batch.replies) == batch.expected:
+                self._waiting.popleft()
+                if not batch.future.done():
+                    batch.future.set_result(batch.replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(redis.exceptions.ConnectionError(f"redis connection lost: {exc!r}" if exc else "redis closed the connection"))
+
+    def abort(self, exc: BaseException) -> None:
+        """Close the connection (its replies can no longer be matched) and
+        fail everything still waiting on it."""
+        if self.transport is not None:
+            self.transport.abort()
+        self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.closed = True
+        while self._waiting:
+            fut = self._waiting.popleft().future
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()
+
+
 class Outbox:
-    def __init__(self, client: aioredis.Redis, max_in_flight: int = 2, probe_interval_s: float = 0.5) -> None:
-        self._client = client
+    def __init__(self, redis_url: str, timeout_s: float = 2.0, max_in_flight: int = 2,
+                 probe_interval_s: float = 0.5) -> None:
+        url = urlparse(redis_url)
+        self._host = url.hostname or "127.0.0.1"
+        self._port = url.port or 6379
+        user, password = unquote(url.username or ""), unquote(url.password or "")
+        self._hello: list[Command] = [  # sent first on every connection
+            *([("AUTH", *([user] if user else []), password)] if password else []),
+            *([("SELECT", int(url.path[1:]))] if url.path[1:] else []),
+        ]
+        self._timeout = timeout_s
+        self._wire: _Wire | None = None
+        self._connecting: asyncio.Lock | None = None
         self._max = max_in_flight
         self._probe_interval_s = probe_interval_s
         self._queue: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
@@ -106,13 +214,44 @@ class Outbox:
         if not self._closed:
             self._schedule(asyncio.get_running_loop())
 
+    async def _connected(self) -> _Wire:
+        wire = self._wire
+        if wire is not None and not wire.closed:
+            return wire
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            wire = self._wire
+            if wire is not None and not wire.closed:
+                return wire
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self._timeout):
+                _, wire = await loop.create_connection(_Wire, self._host, self._port)
+                if self._hello:
+                    for reply in await wire.send(pack(self._hello), len(self._hello)):
+                        if isinstance(reply, Exception):
+                            wire.abort(reply)
+                            raise redis.exceptions.ConnectionError(f"redis refused the connection: {reply}")
+            self._wire = wire
+            return wire
+
+    async def _roundtrip(self, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` and wait for their replies, at most the timeout."""
+        if not commands:
+            return []
+        wire = await self._connected()
+        replies = wire.send(pack(commands), len(commands))
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await replies
+        except TimeoutError:
+            exc = redis.exceptions.TimeoutError(f"no reply from redis within {self._timeout} s")
+            wire.abort(exc)
+            raise exc from None
+
     async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for commands, _ in batch:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._roundtrip([command for commands, _ in batch for command in commands])
         except asyncio.CancelledError:
             _fail(batch, OutboxClosed("redis outbox closed"))
             raise
@@ -151,7 +290,7 @@ class Outbox:
         while True:
             await asyncio.sleep(self._probe_interval_s)
             try:
-                await self._client.publish(PROBE_CHANNEL, b"")
+                await self._roundtrip([("PUBLISH", PROBE_CHANNEL, b"")])
                 if self.on_recovered is not None:
                     await self.on_recovered()
             except Exception as exc:  # still away (or PostgreSQL is): probe again
@@ -170,6 +309,8 @@ class Outbox:
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+        if self._wire is not None:
+            self._wire.abort(OutboxClosed("redis outbox closed"))
         batch, self._queue = self._queue, []
         _fail(batch, OutboxClosed("redis outbox closed"))
 

@@ -41,7 +41,8 @@ class Services:
             health_check_interval=0,
             max_connections=256,
         )
-        outbox = Outbox(client, probe_interval_s=config.redis_probe_interval_s)
+        outbox = Outbox(config.redis_url, timeout_s=config.redis_timeout_s,
+                        probe_interval_s=config.redis_probe_interval_s)
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
         return cls(config=config, redis=client, outbox=outbox, db=db, hub=Hub(config.redis_url, outbox))

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from urllib.parse import urlsplit, urlunsplit
 from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
 
 from server.outbox import Outbox, OutboxClosed, RedisUnavailable
@@ -15,8 +16,8 @@ from tests.conftest import free_port, redis_writes_hung
 
 
 @pytest.fixture
-async def outbox(redis):
-    box = Outbox(redis)
+async def outbox(stack):
+    box = Outbox(stack.redis_url)
     yield box
     await box.close()
 
@@ -27,7 +28,7 @@ async def test_groups_queued_in_one_turn_share_one_pipeline_and_get_their_own_re
     futures = [outbox.submit([("SET", k, i), ("INCR", k)]) for i, k in enumerate(keys)]
     replies = await asyncio.gather(*futures)
     assert outbox.pipelines == before + 1
-    assert replies == [[True, i + 1] for i in range(20)]
+    assert replies == [[b"OK", i + 1] for i in range(20)]
     assert [int(v) for v in await redis.mget(keys)] == [i + 1 for i in range(20)]
     await redis.delete(*keys)
 
@@ -42,7 +43,7 @@ async def test_commands_run_in_the_order_they_were_queued(outbox, redis):
         # its events: whoever receives the publish can already read the write.
         first = outbox.submit([("SET", k, "written")])
         second = outbox.submit([("PUBLISH", channel, "event"), ("GET", k)])
-        assert await first == [True]
+        assert await first == [b"OK"]
         assert await second == [1, b"written"]
     await redis.delete(k)
 
@@ -67,8 +68,7 @@ async def test_groups_queued_while_a_pipeline_is_in_flight_go_in_the_next_one(ou
 
 
 async def test_redis_unreachable_fails_the_groups_with_a_connection_error():
-    client = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
-    box = Outbox(client)
+    box = Outbox(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
     try:
         with pytest.raises((RedisConnectionError, OSError)):
             await box.submit([("PING",)])
@@ -76,11 +76,10 @@ async def test_redis_unreachable_fails_the_groups_with_a_connection_error():
             await box.submit([("PING",)])  # and the next one too, not a hang
     finally:
         await box.close()
-        await client.aclose()
 
 
-async def test_a_closed_outbox_refuses_and_fails_what_it_still_held(redis):
-    box = Outbox(redis)
+async def test_a_closed_outbox_refuses_and_fails_what_it_still_held(stack):
+    box = Outbox(stack.redis_url)
     held = box.submit([("PING",)])
     await box.close()  # before the loop turn that would have sent it
     with pytest.raises(OutboxClosed):
@@ -98,8 +97,7 @@ async def test_a_caller_that_gives_up_does_not_take_the_command_back(outbox, red
 
 
 async def test_a_hung_redis_is_waited_for_once_then_not_until_it_answers_a_probe(stack, redis):
-    client = aioredis.from_url(stack.redis_url, socket_timeout=0.3)
-    box = Outbox(client, probe_interval_s=0.05)
+    box = Outbox(stack.redis_url, timeout_s=0.3, probe_interval_s=0.05)
     seen_while_recovering: list[bool] = []
 
     async def on_recovered() -> None:
@@ -123,4 +121,36 @@ async def test_a_hung_redis_is_waited_for_once_then_not_until_it_answers_a_probe
         assert box.outages == 1
     finally:
         await box.close()
-        await client.aclose()
+
+
+def _with(url: str, netloc: str | None = None, db: int | None = None) -> str:
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, netloc or u.netloc, f"/{db}" if db is not None else u.path, "", ""))
+
+
+async def test_the_database_of_the_url_is_the_one_written(stack):
+    box = Outbox(_with(stack.redis_url, db=3))
+    other = aioredis.from_url(_with(stack.redis_url, db=3))
+    k = f"outbox-test:{uuid.uuid4()}"
+    try:
+        assert await box.submit([("SET", k, "in db 3")]) == [b"OK"]
+        assert await other.get(k) == b"in db 3"
+        await other.delete(k)
+    finally:
+        await box.close()
+        await other.aclose()
+
+
+async def test_a_refused_password_is_a_connection_error(stack):
+    u = urlsplit(stack.redis_url)
+    box = Outbox(_with(stack.redis_url, netloc=f":wrong@{u.hostname}:{u.port}"), timeout_s=1.0)
+    try:
+        with pytest.raises(RedisConnectionError, match="refused"):
+            await box.submit([("PING",)])
+    finally:
+        await box.close()
+
+
+async def test_an_empty_group_is_answered_at_once(outbox):
+    assert await asyncio.gather(outbox.submit([]), outbox.submit([("ECHO", "x")])) == [[], [b"x"]]
+    assert await outbox.submit([]) == []

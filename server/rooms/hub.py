@@ -27,9 +27,10 @@ import uuid
 from typing import Awaitable, Callable, Protocol
 from urllib.parse import urlparse
 
+import hiredis
 import redis.exceptions
 
-from server.outbox import Outbox, RedisUnavailable
+from server.outbox import Outbox, RedisUnavailable, pack
 from server.rooms.membership import Membership
 
 log = logging.getLogger("hangout.rooms")
@@ -53,10 +54,7 @@ class Follower(Protocol):
 
 
 def _cmd(*parts: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for p in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
-    return b"".join(out)
+    return pack([parts])
 
 
 class Hub:
@@ -308,35 +306,27 @@ class Hub:
                 writer.write(_cmd(b"PING"))
 
     async def _read_pushes(self, reader: asyncio.StreamReader) -> None:
-        readline = reader.readline
-        readexactly = reader.readexactly
+        # hiredis parses; reading RESP line by line in Python cost more than
+        # delivering the messages (loadtests/bench_bookings.py).
+        parser = hiredis.Reader()
+        read = reader.read
         loop = asyncio.get_running_loop()
         while True:
-            header = await readline()
-            if not header:
+            data = await read(65536)
+            if not data:
                 raise ConnectionError("redis closed the connection")
             self._last_rx = loop.time()
-            if header[:1] != b"*":
-                if header[:1] == b"-":
-                    log.error("redis subscriber error: %r", header)
-                continue
-            count = int(header[1:])
-            parts: list[bytes | int] = []
-            for _ in range(count):
-                line = await readline()
-                kind = line[:1]
-                if kind == b"$":
-                    size = int(line[1:])
-                    parts.append((await readexactly(size + 2))[:-2])
-                elif kind == b":":
-                    parts.append(int(line[1:]))
-                else:
-                    raise ValueError(f"unexpected RESP line {line!r}")
-            kind = parts[0]
-            if kind == b"message":
-                self._deliver(parts[1].decode(), parts[2])  # type: ignore[union-attr,arg-type]
-            elif kind == b"subscribe":
-                self._confirmed(parts[1].decode())  # type: ignore[union-attr]
+            parser.feed(data)
+            while (push := parser.gets()) is not False:
+                if not isinstance(push, list):
+                    if isinstance(push, hiredis.ReplyError):
+                        log.error("redis subscriber error: %r", push)
+                    continue
+                kind = push[0]
+                if kind == b"message":
+                    self._deliver(push[1].decode(), push[2])
+                elif kind == b"subscribe":
+                    self._confirmed(push[1].decode())
 
     def _confirmed(self, channel: str) -> None:
         futs = self._pending.get(channel)

@@ -10,7 +10,7 @@ its events in the same turn has both sent in order (the position first, so
 a client that reads on an event finds the write).
 
 The outbox has one connection of its own and speaks RESP on it directly
-(commands packed here, replies parsed by hiredis): redis-py's pipeline cost
+(hiredis packs the commands and parses the replies): redis-py's pipeline cost
 more server CPU per booking than any other part of ``bookings.create`` in
 loadtests/bench_bookings.py (encoding each argument, a timeout and a
 callback per reply). Replies come back as Redis sent them (``b"OK"``, ints,
@@ -65,21 +65,8 @@ PROBE_CHANNEL = "hangout:probe"
 
 
 def pack(commands: Sequence[Command]) -> bytes:
-    """RESP for ``commands``; arguments are bytes, str or int."""
-    out: list[bytes] = []
-    for command in commands:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            if isinstance(arg, bytes):
-                b = arg
-            elif isinstance(arg, str):
-                b = arg.encode()
-            elif isinstance(arg, int) and not isinstance(arg, bool):
-                b = b"%d" % arg
-            else:
-                raise TypeError(f"cannot send {type(arg).__name__} to redis")
-            out.append(b"$%d\r\n%b\r\n" % (len(b), b))
-    return b"".join(out)
+    """RESP for ``commands``; arguments are bytes, str, int or float."""
+    return b"".join(map(hiredis.pack_command, commands))
 
 
 class _Batch:

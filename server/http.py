@@ -11,8 +11,9 @@ import uuid
 
 from aiohttp import web
 
-from protocol.errors import RpcError
+from protocol.errors import ErrorCode, RpcError
 from server import auth as tokens
+from server.db import auth as auth_db
 from server.services import Services
 from server.socket import UNAVAILABLE_ERRORS, Connection
 
@@ -42,8 +43,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if token is not None:
         try:
             claims = tokens.decode_access_token(cfg.jwt_secret, token)
+            if await services.db.read(claims.user_id, auth_db.session_user, claims.user_id, claims.family_id) is None:
+                raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
         except RpcError as err:
-            return web.json_response({"error": err.code.value}, status=401)
+            status = 503 if err.code is ErrorCode.UNAVAILABLE else 401
+            return web.json_response({"error": err.code.value}, status=status)
+        except UNAVAILABLE_ERRORS:
+            return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
         heartbeat=cfg.ping_interval_s,

@@ -16,7 +16,7 @@ import pytest
 from protocol.client import Client
 from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
-from tests.conftest import PASSWORD, ServerProcess, new_email, post_kyc, register
+from tests.conftest import PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused
 
 UTC = dt.timezone.utc
 
@@ -27,9 +27,11 @@ async def error_of(client: Client, method: str, params: dict | None = None) -> d
     return reply["error"]
 
 
-def mint_access_token(user_id: str, ttl_s: int, family: str | None = None) -> str:
-    """A token exactly as the server issues them, with a chosen lifetime."""
-    return issue_access_token(DEV_JWT_SECRET, ttl_s, uuid.UUID(user_id), uuid.UUID(family or str(uuid.uuid4())))
+def mint_access_token(user_id: str, ttl_s: int, session: dict | None = None) -> str:
+    """A token exactly as the server issues them, with a chosen lifetime, in
+    the family (session) of ``session``'s access token, else in a made-up one."""
+    family = jwt.decode(session["access_token"], options={"verify_signature": False})["fam"] if session else str(uuid.uuid4())
+    return issue_access_token(DEV_JWT_SECRET, ttl_s, uuid.UUID(user_id), uuid.UUID(family))
 
 
 async def upgrade_status(server: ServerProcess, **kw) -> int:
@@ -344,6 +346,37 @@ async def test_logout_revokes_the_family_and_unauthenticates_the_socket(server):
         assert await c.call("auth.refresh", {"refresh_token": other["refresh_token"]})
 
 
+async def test_an_access_token_of_an_ended_session_authenticates_nowhere(server, server2, replica_db):
+    async with await server.connect() as c:
+        s = await register(c)
+        other = await c.call("auth.login", {"email": s["user"]["email"], "password": PASSWORD})
+        await c.call("auth.authenticate", {"access_token": s["access_token"]})
+        async with replay_paused(replica_db):
+            assert await c.call("auth.logout") == {}
+            # On the other process, and before the replica has replayed the logout:
+            async with await server2.connect() as c2:
+                refused = await error_of(c2, "auth.authenticate", {"access_token": s["access_token"]})
+                assert refused["code"] == "unauthenticated"
+                assert (await error_of(c2, "users.me"))["code"] == "unauthenticated"  # nothing was bound
+                # The user's other session is not affected.
+                bound = await c2.call("auth.authenticate", {"access_token": other["access_token"]})
+                assert bound["user"]["id"] == s["user"]["id"]
+            assert await upgrade_status(server2, headers={"Authorization": f"Bearer {s['access_token']}"}) == 401
+            assert await upgrade_status(server2, params={"access_token": s["access_token"]}) == 401
+            assert await upgrade_status(server2, headers={"Authorization": f"Bearer {other['access_token']}"}) == 101
+
+
+async def test_a_reused_refresh_token_ends_its_access_tokens_too(server, server2, replica_db):
+    async with await server.connect() as c:
+        s = await register(c)
+        fresh = await c.call("auth.refresh", {"refresh_token": s["refresh_token"]})
+        async with replay_paused(replica_db):
+            assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
+            async with await server2.connect() as c2:
+                for token in (s["access_token"], fresh["access_token"]):
+                    assert (await error_of(c2, "auth.authenticate", {"access_token": token}))["code"] == "unauthenticated"
+
+
 async def test_logout_leaves_the_users_events(server):
     async with await server.connect() as c:
         s = await register(c)
@@ -439,7 +472,7 @@ async def test_auth_expiring_comes_60_seconds_before_expiry(server):
     async with await server.connect() as c:
         s = await register(c)
         # A 15-minute token was bound at registration: nothing is announced.
-        token = mint_access_token(s["user"]["id"], 62)
+        token = mint_access_token(s["user"]["id"], 62, s)
         bound = time.monotonic()
         await c.call("auth.authenticate", {"access_token": token})
         expiring = await c.next_event("auth.expiring", timeout=5)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from protocol.codec import decode, encode
 from protocol.models import METHODS
-from tests.conftest import ServerProcess, register
+from tests.conftest import PASSWORD, ServerProcess, register
 
 SETTINGS = settings(
     max_examples=150,
@@ -36,9 +36,11 @@ class Prober:
     """One authenticated raw socket, replaced before it could reach its 10th
     bad frame, or once a fuzzed auth.* call has unbound it."""
 
-    def __init__(self, server: ServerProcess, token: str) -> None:
+    def __init__(self, server: ServerProcess, session: dict) -> None:
         self.server = server
-        self.token = token
+        self.email = session["user"]["email"]
+        self.token = session["access_token"]
+        self.logged_out = False
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.bad_frames = 0
@@ -46,6 +48,10 @@ class Prober:
 
     async def connect(self) -> None:
         await self.close()
+        if self.logged_out:  # a fuzzed auth.logout ended the token's session
+            async with await self.server.connect() as c:
+                self.token = (await c.call("auth.login", {"email": self.email, "password": PASSWORD}))["access_token"]
+            self.logged_out = False
         self.session = aiohttp.ClientSession()
         self.ws = await self.session.ws_connect(
             self.server.url, headers={"Authorization": f"Bearer {self.token}"}, max_msg_size=0
@@ -80,6 +86,7 @@ class Prober:
                 assert "result" in frame or error.get("code") in ("unauthenticated", "token_expired"), frame
                 if "result" not in frame:
                     self.bad_frames = 9  # authenticated again (at the upgrade) before the next frame
+                    self.logged_out = True
                 return
 
 
@@ -87,7 +94,7 @@ class Prober:
 async def prober(server):
     async with await server.connect() as c:
         session = await register(c, name="Fuzz Target")
-    p = Prober(server, session["access_token"])
+    p = Prober(server, session)
     yield p
     await p.close()
     # The process survived everything, and serves new sockets.

@@ -1,4 +1,4 @@
-"""SQL of refresh-token families."""
+"""SQL of refresh-token families, and of the session behind an access token."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import datetime as dt
 import uuid
 
 import asyncpg
+
+from server.db.users import USER_COLUMNS
 
 
 async def start_family(conn: asyncpg.Connection, user_id: uuid.UUID, token_hash: bytes, expires_at: dt.datetime) -> uuid.UUID:
@@ -56,4 +58,16 @@ async def revoke_family(conn: asyncpg.Connection, family_id: uuid.UUID, user_id:
         """UPDATE refresh_token_families SET revoked_at = now(), revoked_reason = 'logout'
            WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL""",
         family_id, user_id,
+    )
+
+
+async def session_user(conn: asyncpg.Connection, user_id: uuid.UUID, family_id: uuid.UUID | None) -> asyncpg.Record | None:
+    """The user of an access token, or None when the user is gone or the
+    token's family (its session) was revoked by logout or by a reused
+    refresh token."""
+    return await conn.fetchrow(
+        f"""SELECT {USER_COLUMNS} FROM users u WHERE u.id = $1
+            AND ($2::uuid IS NULL OR EXISTS (
+              SELECT 1 FROM refresh_token_families f WHERE f.id = $2 AND f.user_id = $1 AND f.revoked_at IS NULL))""",
+        user_id, family_id,
     )

@@ -58,9 +58,9 @@ async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
 @rpc("auth.authenticate", m.AuthenticateParams, auth=False)
 async def authenticate(call: Call, p: m.AuthenticateParams) -> m.AuthenticateResult:
     claims = tokens.decode_access_token(call.services.config.jwt_secret, p.access_token)
-    row = await call.services.db.read(claims.user_id, users_db.get_own, claims.user_id)
-    if row is None:  # the user was deleted since the token was issued
-        raise RpcError(ErrorCode.UNAUTHENTICATED, "unknown user")
+    row = await call.services.db.read(claims.user_id, auth_db.session_user, claims.user_id, claims.family_id)
+    if row is None:  # logged out, revoked, or the user is gone
+        raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
     await call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
     return m.AuthenticateResult(user=OwnUser.model_validate(dict(row)))
 
@@ -70,8 +70,10 @@ async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
     cfg = call.services.config
     new_token, new_hash = tokens.new_refresh_token()
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
+    # Whose reads must see it: a reuse revokes the family, and the session
+    # check of the family's access tokens reads a replica.
     outcome, user_id, family = await call.services.db.write(
-        None, auth_db.rotate, tokens.hash_refresh_token(p.refresh_token), new_hash, expires
+        lambda r: r[1], auth_db.rotate, tokens.hash_refresh_token(p.refresh_token), new_hash, expires
     )
     if outcome != "ok":
         raise RpcError(ErrorCode.INVALID_CREDENTIALS, "refresh token is not valid")
@@ -88,6 +90,6 @@ async def logout(call: Call, p: m.LogoutParams) -> dict:
         raise RpcError(ErrorCode.UNAUTHENTICATED)
     family: uuid.UUID | None = call.conn.token_family
     if family is not None:
-        await call.services.db.write(None, auth_db.revoke_family, family, call.user_id)
+        await call.services.db.write(call.user_id, auth_db.revoke_family, family, call.user_id)
     call.conn.unbind()
     return {}

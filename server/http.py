@@ -13,7 +13,7 @@ from aiohttp import web
 
 from protocol.errors import ErrorCode, RpcError
 from server import auth as tokens
-from server.db import auth as auth_db
+from server.handlers.auth import session_user
 from server.services import Services
 from server.socket import UNAVAILABLE_ERRORS, Connection
 
@@ -43,8 +43,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if token is not None:
         try:
             claims = tokens.decode_access_token(cfg.jwt_secret, token)
-            if await services.db.read(claims.user_id, auth_db.session_user, claims.user_id, claims.family_id) is None:
-                raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+            await session_user(services, claims)
         except RpcError as err:
             status = 503 if err.code is ErrorCode.UNAVAILABLE else 401
             return web.json_response({"error": err.code.value}, status=status)

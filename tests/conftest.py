@@ -201,6 +201,36 @@ async def replay_paused(replica_db: asyncpg.Pool) -> AsyncIterator[None]:
         await replica_db.execute("SELECT pg_wal_replay_resume()")
 
 
+async def readyz(server: ServerProcess) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(server.http + "/readyz") as r:
+            return r.status, await r.json()
+
+
+async def replica_caught_up(db: asyncpg.Pool, replica_db: asyncpg.Pool, timeout: float = 10.0) -> int:
+    """Waits until the replica has replayed everything the primary has
+    written so far; returns that position. (Replay has no event to await.)"""
+    head = await db.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await replica_db.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", head):
+        assert asyncio.get_running_loop().time() < deadline, "replica did not catch up"
+        await asyncio.sleep(0.01)
+    hi, lo = head.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+async def until_replica_has_replayed(server: ServerProcess, position: int, timeout: float = 15.0) -> None:
+    """Bounded poll of the server's own view of the replica (its health loop
+    polls the replay position): nothing to await."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        (replica,) = (await readyz(server))[1]["replicas"]
+        if replica["ok"] and replica["replay_lsn"] >= position:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"replica never replayed {position}: {replica}"
+        await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def redis_writes_hung(redis: aioredis.Redis) -> AsyncIterator[asyncio.Task]:
     """Redis that hangs rather than refuses: ``CLIENT PAUSE WRITE`` holds

@@ -16,7 +16,8 @@ import pytest
 from protocol.client import Client
 from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
-from tests.conftest import PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused
+from tests.conftest import (PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused, replica_caught_up,
+                            until_replica_has_replayed)
 
 UTC = dt.timezone.utc
 
@@ -364,6 +365,22 @@ async def test_an_access_token_of_an_ended_session_authenticates_nowhere(server,
             assert await upgrade_status(server2, headers={"Authorization": f"Bearer {s['access_token']}"}) == 401
             assert await upgrade_status(server2, params={"access_token": s["access_token"]}) == 401
             assert await upgrade_status(server2, headers={"Authorization": f"Bearer {other['access_token']}"}) == 101
+
+
+async def test_a_session_the_replica_has_not_replayed_yet_still_authenticates(server, db, replica_db):
+    async with await server.connect() as c:
+        s = await register(c)
+    # The server knows the replica has everything, the user's writes included...
+    await until_replica_has_replayed(server, await replica_caught_up(db, replica_db))
+    async with replay_paused(replica_db):
+        # A session the server did not write itself (an operator's, or one
+        # whose write position Redis lost): the replica does not know it.
+        family = await db.fetchval("INSERT INTO refresh_token_families (user_id) VALUES ($1) RETURNING id",
+                                   uuid.UUID(s["user"]["id"]))
+        token = issue_access_token(DEV_JWT_SECRET, 600, uuid.UUID(s["user"]["id"]), family)
+        async with await server.connect() as c:
+            assert (await c.call("auth.authenticate", {"access_token": token}))["user"]["id"] == s["user"]["id"]
+        assert await upgrade_status(server, headers={"Authorization": f"Bearer {token}"}) == 101
 
 
 async def test_a_reused_refresh_token_ends_its_access_tokens_too(server, server2, replica_db):

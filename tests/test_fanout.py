@@ -10,12 +10,11 @@ import contextlib
 import datetime as dt
 import uuid
 
-import aiohttp
 import pytest
 
-from server.db.pools import parse_lsn
 from tests.chat_helpers import RawSocket, _next_slot, collect_messages, messages_until, open_room, send_many
-from tests.conftest import ServerProcess, redis_writes_hung, replay_paused
+from tests.conftest import (ServerProcess, readyz, redis_writes_hung, replay_paused, replica_caught_up,
+                            until_replica_has_replayed)
 
 STORM = 200
 
@@ -26,12 +25,6 @@ def exactly_once(seqs: list[int], n: int) -> None:
     missing = sorted(set(range(1, n + 1)) - set(seqs))
     assert not missing, f"missing: {missing[:10]}"
     assert len(seqs) == n
-
-
-async def readyz(server: ServerProcess) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(server.http + "/readyz") as r:
-            return r.status, await r.json()
 
 
 async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0) -> None:
@@ -157,28 +150,6 @@ async def quick_redis_timeout_server(stack):
     await proc.stop()
 
 
-async def replica_caught_up(db, replica_db, timeout: float = 10.0) -> str:
-    """Waits until the replica has replayed everything the primary has
-    written so far; returns that position. (Replay has no event to await.)"""
-    head = await db.fetchval("SELECT pg_current_wal_insert_lsn()::text")
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await replica_db.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", head):
-        assert asyncio.get_running_loop().time() < deadline, "replica did not catch up"
-        await asyncio.sleep(0.01)
-    return head
-
-
-async def server_sees_replay(server: ServerProcess, lsn: str, timeout: float = 10.0) -> None:
-    """Waits until ``server``'s health check has seen the replica replay ``lsn``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        _, body = await readyz(server)
-        if body["replicas"][0]["replay_lsn"] >= parse_lsn(lsn):
-            return
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
-
-
 async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_timeout_server, server2, redis,
                                                                   db, replica_db):
     proc = quick_redis_timeout_server
@@ -226,7 +197,7 @@ async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_tim
             # (as the other process knows it) has replayed all but the calls
             # made during the hang. The booker's read there still sees the
             # rename: the floor of every position rose when Redis came back.
-            await server_sees_replay(server2, paused_at)
+            await until_replica_has_replayed(server2, paused_at)
             assert (await booker2.call("users.me"))["name"] == "Renamed While Redis Hung"
         # Live delivery resumes, and the host's socket, which got nothing
         # live meanwhile, ends up with every message exactly once (the gap

@@ -15,20 +15,14 @@ import aiohttp
 import pytest
 
 from protocol.errors import RpcError
-from tests.conftest import ServerProcess, post_kyc, register
-
-
-async def get_readyz(server: ServerProcess) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(server.http + "/readyz") as r:
-            return r.status, await r.json()
+from tests.conftest import ServerProcess, post_kyc, readyz, register
 
 
 async def wait_until_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
     """Bounded poll: readiness is a state, there is no event to await."""
     deadline = time.monotonic() + timeout
     while True:
-        status, body = await get_readyz(server)
+        status, body = await readyz(server)
         if status == 200 and all(r["ok"] for r in body["replicas"]):
             return body
         assert time.monotonic() < deadline, f"not ready again: {body}"
@@ -137,7 +131,7 @@ async def test_healthz_answers_ok_without_touching_dependencies(server):
 
 
 async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server, stack):
-    status, body = await get_readyz(server)
+    status, body = await readyz(server)
     assert status == 200
     assert body["ready"] is True
     assert body["primary"] == {"ok": True}
@@ -155,7 +149,7 @@ async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server
 async def test_readyz_is_503_while_redis_is_unreachable(server, stack):
     await asyncio.to_thread(stack.stop_redis)
     try:
-        status, body = await get_readyz(server)
+        status, body = await readyz(server)
         assert status == 503
         assert body["ready"] is False
         assert body["redis"]["ok"] is False
@@ -170,7 +164,7 @@ async def test_readyz_is_503_while_the_primary_does_not_answer(linked_server, li
     link.silence()
     try:
         started = time.monotonic()
-        status, body = await get_readyz(linked_server)
+        status, body = await readyz(linked_server)
         assert status == 503
         assert body["primary"]["ok"] is False
         assert body["redis"]["ok"] is True
@@ -184,7 +178,7 @@ async def test_readyz_is_503_while_the_primary_is_down(linked_server, link):
     await wait_until_ready(linked_server)
     await link.sever()
     try:
-        status, body = await get_readyz(linked_server)
+        status, body = await readyz(linked_server)
         assert status == 503
         assert body["primary"]["ok"] is False
     finally:

@@ -12,16 +12,9 @@ import asyncio
 import datetime as dt
 import time
 
-import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess, register, replay_paused
-
-
-async def readyz(server: ServerProcess) -> dict:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(server.http + "/readyz") as r:
-            return await r.json()
+from tests.conftest import ServerProcess, readyz, register, replay_paused, until_replica_has_replayed
 
 
 async def write_position(redis, *user_ids: str) -> int:
@@ -30,20 +23,12 @@ async def write_position(redis, *user_ids: str) -> int:
     return max(int(v) for v in values if v is not None)
 
 
-async def until_replica_has_replayed(server: ServerProcess, position: int, timeout: float = 15.0) -> None:
-    """Bounded poll of the server's own view of the replica (its health loop
-    polls the replay position): nothing to await."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (replica,) = (await readyz(server))["replicas"]
-        if replica["ok"] and replica["replay_lsn"] >= position:
-            return
-        assert time.monotonic() < deadline, f"replica never replayed {position}: {replica}"
-        await asyncio.sleep(0.05)
+async def readyz_body(server: ServerProcess) -> dict:
+    return (await readyz(server))[1]
 
 
 async def reads_served_by_replica(server: ServerProcess) -> int:
-    (replica,) = (await readyz(server))["replicas"]
+    (replica,) = (await readyz_body(server))["replicas"]
     return replica["reads_served"]
 
 
@@ -111,7 +96,7 @@ async def test_replica_lag_is_reported_in_readyz(server, replica_db):
         async with replay_paused(replica_db):
             await c.call("users.update", {"name": "Lagging"})
             deadline = time.monotonic() + 10
-            while not ((replica := (await readyz(server))["replicas"][0])["lag_bytes"] or 0) > 0:
+            while not ((replica := (await readyz_body(server))["replicas"][0])["lag_bytes"] or 0) > 0:
                 assert time.monotonic() < deadline, replica
                 await asyncio.sleep(0.05)
             assert replica["ok"] is True  # a little lag is not a reason to skip it
@@ -127,7 +112,7 @@ async def test_a_replica_lagging_past_the_bound_is_skipped(stack, x_and_y, repli
             async with replay_paused(replica_db):
                 await x1.call("users.update", {"name": "New Name"})
                 deadline = time.monotonic() + 10
-                while (await readyz(strict))["replicas"][0]["ok"]:  # the health loop sees the lag
+                while (await readyz_body(strict))["replicas"][0]["ok"]:  # the health loop sees the lag
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
                 served = await reads_served_by_replica(strict)
@@ -161,11 +146,11 @@ async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redi
                         assert (await y_blind.call("users.me"))["id"] == y_id
                         assert (await y_client.call("users.get", {"user_id": x_id}))["name"] == "Host X"
                         assert (await y_client.call("users.me"))["id"] == y_id
-                    (replica,) = (await readyz(blind))["replicas"]
+                    (replica,) = (await readyz_body(blind))["replicas"]
                     assert replica["ok"] is False
                     # The process with a working health loop reports it down, and why.
                     deadline = time.monotonic() + 10
-                    while not (replica := (await readyz(server))["replicas"][0])["error"]:
+                    while not (replica := (await readyz_body(server))["replicas"][0])["error"]:
                         assert time.monotonic() < deadline
                         await asyncio.sleep(0.05)
                     assert replica["ok"] is False
@@ -175,6 +160,6 @@ async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redi
         finally:
             await blind.stop()
     deadline = time.monotonic() + 15
-    while not (await readyz(server))["replicas"][0]["ok"]:
+    while not (await readyz_body(server))["replicas"][0]["ok"]:
         assert time.monotonic() < deadline, "replica never came back"
         await asyncio.sleep(0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import auth as m
@@ -13,6 +14,9 @@ from server.db import auth as auth_db
 from server.db import users as users_db
 from server.limits import LoginLimiter
 from server.rpc import Call, rpc
+
+if TYPE_CHECKING:
+    from server.services import Services
 
 
 async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
@@ -55,12 +59,25 @@ async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     return await _open_session(call, OwnUser.model_validate(user))
 
 
+async def session_user(services: Services, claims: tokens.AccessClaims) -> Any:
+    """The user of a valid access token; ``unauthenticated`` when its session
+    ended (logout, a reused refresh token) or the user is gone. Read where
+    the user's reads go; a "no" from a replica is confirmed on the primary,
+    since a session made outside this server's writes (or whose write
+    position Redis lost) may not have reached the replica yet."""
+    args = (claims.user_id, claims.family_id)
+    row = await services.db.read(claims.user_id, auth_db.session_user, *args)
+    if row is None:
+        row = await services.db.read_primary(auth_db.session_user, *args)
+    if row is None:
+        raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+    return row
+
+
 @rpc("auth.authenticate", m.AuthenticateParams, auth=False)
 async def authenticate(call: Call, p: m.AuthenticateParams) -> m.AuthenticateResult:
     claims = tokens.decode_access_token(call.services.config.jwt_secret, p.access_token)
-    row = await call.services.db.read(claims.user_id, auth_db.session_user, claims.user_id, claims.family_id)
-    if row is None:  # logged out, revoked, or the user is gone
-        raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+    row = await session_user(call.services, claims)
     await call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
     return m.AuthenticateResult(user=OwnUser.model_validate(dict(row)))
 

@@ -282,6 +282,50 @@ async def test_one_key_sent_twenty_times_at_once_makes_one_booking(server, serve
         await c.close()
 
 
+async def _as_if_booked_for(db, booking_id: str, params: dict) -> None:
+    """Rewrite a booking as if it had been made with ``params`` (times in the
+    past): what a retry sees once the start has passed, without waiting."""
+    from protocol.models.bookings import CreateParams
+    from server.handlers.bookings import request_hash
+
+    p = CreateParams.model_validate(params)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE bookings SET start_at = $2, end_at = $3, request_hash = $4 WHERE id = $1",
+                           uuid.UUID(booking_id), p.start_at, p.end_at, request_hash(p))
+        await conn.execute("UPDATE booking_busy SET during = tstzrange($2, $3, '[)') WHERE booking_id = $1",
+                           uuid.UUID(booking_id), p.start_at, p.end_at)
+
+
+async def test_a_retry_after_the_start_gets_the_original_outcome_not_a_time_error(server, db):
+    host_client, host_id = await host(server, price="50.00")
+    client, booker_id = await booker(server, balance="60.00")
+    past = slot(days=0) - H  # the hour that has just started
+    # A confirmed booking, and a failed one (its retry must be insufficient_funds again).
+    made = await book(client, host_id, slot(days=2))
+    failed_key = key()
+    failed = await refused(book(client, host_id, slot(days=3), hours=2, idempotency_key=failed_key))
+    assert failed.code.value == "insufficient_funds"
+    retries = []
+    for booking_id, k, hours in ((made["id"], None, 1), (failed.data["booking_id"], failed_key, 2)):
+        params = {"host_id": host_id, "start_at": past, "end_at": past + hours * H,
+                  "idempotency_key": k or await db.fetchval("SELECT idempotency_key FROM bookings WHERE id = $1",
+                                                            uuid.UUID(booking_id))}
+        await _as_if_booked_for(db, booking_id, params)
+        retries.append(params)
+    replay = await client.call("bookings.create", retries[0])
+    assert replay["replayed"] is True and replay["booking"]["id"] == made["id"]
+    assert replay["booking"]["start_at"] == past
+    again = await refused(client.call("bookings.create", retries[1]))
+    assert again.code.value == "insufficient_funds" and again.data == {"booking_id": failed.data["booking_id"],
+                                                                      "replayed": True}
+    assert await balance(db, booker_id) == Decimal("10.00")  # one payment, nothing more
+    # A new key with that start is a time error naming start_at.
+    err = await refused(client.call("bookings.create", dict(retries[0], idempotency_key=key())))
+    assert err.code.value == "invalid_params" and fields(err) == {"start_at"}
+    for c in (client, host_client):
+        await c.close()
+
+
 async def test_replay_returns_the_booking_as_it_is_now_and_moves_no_money(server, db):
     host_client, host_id = await host(server)
     client, booker_id = await booker(server, balance="200.00")

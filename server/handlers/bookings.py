@@ -55,6 +55,8 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
     outcome = row["outcome"]
     if outcome in _REFUSED:
         raise RpcError(_REFUSED[outcome])
+    if outcome == "start_passed":
+        raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [m.START_PASSED]})
     if outcome in ("failed", "failed_replayed"):
         raise RpcError(
             ErrorCode.INSUFFICIENT_FUNDS,

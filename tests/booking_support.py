@@ -59,20 +59,6 @@ async def book(
     return result["booking"]
 
 
-async def replica_caught_up(db: asyncpg.Pool, replica_db: asyncpg.Pool) -> None:
-    """Wait until the replica has replayed everything committed so far.
-
-    A user reads their own writes at once; other users' writes may reach a
-    replica a moment later. Tests that read what other users wrote call this
-    first. Replication has no event to await, so this polls (bounded)."""
-    target = await db.fetchval("SELECT pg_current_wal_lsn()::text")
-    for _ in range(500):
-        if await replica_db.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", target):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"replica did not replay up to {target} in 5 s")
-
-
 async def balance(db: asyncpg.Pool, user_id: str) -> Decimal:
     return await db.fetchval("SELECT balance FROM users WHERE id = $1", uuid.UUID(user_id))
 
@@ -107,3 +93,20 @@ async def move_start_to_past(db: asyncpg.Pool, booking_id: str) -> None:
             "UPDATE booking_busy SET during = tstzrange($2, $3, '[)') WHERE booking_id = $1",
             uuid.UUID(booking_id), start, end,
         )
+
+
+async def events_until(client: Client, marker: str, timeout: float = 10.0) -> list[str]:
+    """Names of the events that arrive up to and including the
+    ``user.updated`` that names the user ``marker`` (the test's own change,
+    published after what it checks, on the same channel)."""
+    names: list[str] = []
+
+    async def run() -> None:
+        while True:
+            event, data = await client.events.get()
+            names.append(event)
+            if event == "user.updated" and data["user"]["name"] == marker:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return names

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from protocol.errors import RpcError
-from tests.booking_support import balance, book, booker, host, key, move_start_to_past, slot
+from tests.booking_support import balance, book, booker, events_until, host, key, move_start_to_past, slot
 from tests.conftest import post_kyc, register, replay_paused, verified_user
 
 H = dt.timedelta(hours=1)
@@ -242,6 +242,37 @@ async def test_insufficient_funds_stores_a_failed_booking_and_moves_nothing(serv
     assert again.code.value == "insufficient_funds"
     assert again.data == {"booking_id": err.data["booking_id"], "replayed": True}
     assert await balance(db, booker_id) == Decimal("600.00")
+    await client.close()
+    await host_client.close()
+
+
+async def test_one_key_sent_at_once_while_funds_are_short_makes_one_failed_booking(server, server2, db):
+    host_client, host_id = await host(server2, price="80.00")
+    client, booker_id = await booker(server, balance="50.00")
+    k, start = key(), slot(days=4)
+    params = {"host_id": host_id, "start_at": start, "end_at": start + H, "idempotency_key": k}
+    errors = await asyncio.gather(*(refused(client.call("bookings.create", params)) for _ in range(20)))
+    assert {e.code.value for e in errors} == {"insufficient_funds"}
+    assert len({e.data["booking_id"] for e in errors}) == 1
+    assert sorted(e.data["replayed"] for e in errors) == [False] + [True] * 19
+    assert await db.fetchval("SELECT count(*) FROM bookings WHERE idempotency_key = $1", k) == 1
+    assert await balance(db, booker_id) == Decimal("50.00")
+    # The failed booking's key, from another user, is a conflict.
+    other, _ = await booker(server2, balance="500.00")
+    assert (await refused(other.call("bookings.create", params))).code.value == "idempotency_conflict"
+    for c in (client, host_client, other):
+        await c.close()
+
+
+async def test_top_up_keys_and_booking_keys_are_separate(server, db):
+    host_client, host_id = await host(server, price="10.00")
+    client, booker_id = await booker(server, balance=None)
+    k = key()
+    await client.call("wallet.topup", {"amount": "30.00", "idempotency_key": k})
+    assert (await book(client, host_id, slot(days=2), idempotency_key=k))["status"] == "confirmed"
+    # ...and the top-up's key still replays as the top-up.
+    assert (await client.call("wallet.topup", {"amount": "30.00", "idempotency_key": k}))["replayed"] is True
+    assert await balance(db, booker_id) == Decimal("20.00")
     await client.close()
     await host_client.close()
 
@@ -522,6 +553,24 @@ async def test_host_may_cancel_and_the_booker_is_refunded(server, server2, db):
     await host_client.close()
 
 
+async def test_a_host_cancel_notifies_both_and_only_the_booker_gets_wallet_updated(server, server2, db):
+    host_client, host_id = await host(server)
+    client, booker_id = await booker(server2, balance="100.00")
+    b = await book(client, host_id, slot(days=2))
+    assert (await client.next_event("wallet.updated"))["balance"] == "50.00"
+    result = await host_client.call("bookings.cancel", {"booking_id": b["id"]})
+    assert (await client.next_event("booking.cancelled"))["booking"] == result["booking"]
+    assert (await client.next_event("wallet.updated"))["balance"] == "100.00"
+    # The host's own later change is the marker: up to it, the host got the
+    # booking's two events and no wallet.updated, from either.
+    await host_client.call("users.update", {"name": "Marker"})
+    names = await events_until(host_client, "Marker")
+    assert "booking.created" in names and "booking.cancelled" in names
+    assert "wallet.updated" not in names
+    await client.close()
+    await host_client.close()
+
+
 async def test_concurrent_cancels_refund_exactly_once(server, server2, db):
     host_client, host_id = await host(server2)
     client, booker_id = await booker(server, balance="100.00")
@@ -606,6 +655,19 @@ async def test_list_by_role_and_status_newest_start_first_with_keyset_pages(serv
     assert pages == [ids(everything[i : i + 2]) for i in range(0, len(everything), 2)]
     for c in (me, h1_client, h2_client, someone):
         await c.close()
+
+
+async def test_list_gives_twenty_bookings_a_page_by_default(server):
+    host_client, host_id = await host(server, price="1.00")
+    client, _ = await booker(server, balance="100.00")
+    made = [await book(client, host_id, slot(days=2, hour=i)) for i in range(21)]
+    first = await client.call("bookings.list", {})
+    assert len(first["bookings"]) == 20 and first["next_cursor"] is not None
+    rest = await client.call("bookings.list", {"cursor": first["next_cursor"]})
+    assert len(rest["bookings"]) == 1 and rest["next_cursor"] is None
+    assert sorted(b["id"] for b in first["bookings"] + rest["bookings"]) == sorted(b["id"] for b in made)
+    await client.close()
+    await host_client.close()
 
 
 async def test_list_params_are_validated(server):

@@ -12,8 +12,8 @@ import pytest
 
 from loadtests import explain_search
 from protocol.errors import RpcError
-from tests.booking_support import book, booker, host, key, replica_caught_up, slot
-from tests.conftest import post_kyc, register, verified_user
+from tests.booking_support import book, booker, host, key, slot
+from tests.conftest import post_kyc, register, replica_caught_up, verified_user
 
 H = dt.timedelta(hours=1)
 
@@ -70,6 +70,20 @@ async def test_search_filters_orders_by_price_then_id_and_pages(server, server2,
     seen_by_other = (await hosts[0][0].call("hosts.search", {"gender": g, "min_price": 20, "max_price": 20}))["hosts"]
     assert me_id in ids(seen_by_other)
     for c in [c for c, _ in hosts] + [me, no_price, unverified, other_gender]:
+        await c.close()
+
+
+async def test_search_gives_twenty_hosts_a_page_by_default(server, db, replica_db):
+    g = gender()
+    hosts = await asyncio.gather(*(host(server, price="10.00", gender=g) for _ in range(21)))
+    me, _ = await booker(server, balance=None)
+    await replica_caught_up(db, replica_db)
+    first = await me.call("hosts.search", {"gender": g})
+    assert len(first["hosts"]) == 20 and first["next_cursor"] is not None
+    rest = await me.call("hosts.search", {"gender": g, "cursor": first["next_cursor"]})
+    assert len(rest["hosts"]) == 1 and rest["next_cursor"] is None
+    assert sorted(ids(first["hosts"] + rest["hosts"])) == sorted(uid for _, uid in hosts)
+    for c in [c for c, _ in hosts] + [me]:
         await c.close()
 
 

@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from protocol.errors import RpcError
-from tests.booking_support import balance, book, booker, host, move_to_past, slot
+from tests.booking_support import balance, book, booker, events_until, host, move_to_past, slot
 from server.config import Config
 from server.services import Services
 from server.settlement import Settlement
@@ -35,6 +35,10 @@ async def test_completion_pays_the_host_and_notifies_both_parties_on_both_proces
     for c in (host_client, host_other_device):
         assert (await c.next_event("booking.completed"))["booking"] == done
         assert (await c.next_event("wallet.updated"))["balance"] == "140.00"
+    # The payout's wallet.updated is the host's alone: the booker's own later
+    # change is the marker, and nothing came before it since booking.completed.
+    await client.call("users.update", {"name": "Marker"})
+    assert await events_until(client, "Marker") == ["user.updated"]
 
     bid = uuid.UUID(b["id"])
     assert await balance(db, host_id) == Decimal("140.00")

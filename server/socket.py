@@ -320,6 +320,8 @@ class Connection:
             params = method.params.model_validate(raw_params)
         except ValidationError as exc:
             errors = validation_errors(exc)
+        named = {e["field"] for e in errors}
+        errors += [e for e in method.params.raw_errors(raw_params) if e["field"] not in named]
         errors += nul_errors(method.params, raw_params, {e["field"] for e in errors})
         if errors:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})

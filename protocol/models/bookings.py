@@ -15,10 +15,12 @@ Decisions where the contract is silent:
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Literal, Optional
 
 from pydantic import ValidationInfo, field_validator
 
+from protocol.cursors import aware_time
 from protocol.models.common import UTC, Id, Money, PageParams, Params, Result, Time
 from protocol.models.wallet import IdempotencyKey
 
@@ -95,6 +97,8 @@ class CancelResult(Result):
 class ListParams(PageParams):
     role: Role = "any"
     status: Optional[BookingStatus] = None
+
+    cursor_key = (aware_time, uuid.UUID)  # start_at then id, as the list is ordered
 
 
 class ListResult(Result):

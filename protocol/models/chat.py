@@ -31,10 +31,12 @@ Decisions where the contract is silent:
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Optional
 
 from pydantic import Field, field_validator
 
+from protocol.cursors import aware_time
 from protocol.models.common import EmptyResult, Id, Limit, PageParams, Params, Result, Time
 
 MAX_CONTENT = 4000
@@ -71,6 +73,8 @@ class InboxConversation(Conversation):
 
 class ConversationsParams(PageParams):
     """The caller's inbox, a page at a time."""
+
+    cursor_key = (aware_time, uuid.UUID)  # last_activity_at then id, as the list is ordered
 
 
 class ConversationsResult(Result):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
+
+from protocol.cursors import decode_cursor
+from protocol.errors import RpcError
 
 UTC = dt.timezone.utc
 CENT = Decimal("0.01")
@@ -100,6 +103,13 @@ class Params(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
+    @classmethod
+    def raw_errors(cls, raw: dict[Any, Any]) -> list[dict[str, str]]:
+        """Rules over the raw params that no single field's validator can
+        check; the dispatcher reports them with the field errors, so that an
+        invalid_params names every failing field at once."""
+        return []
+
 
 class Result(BaseModel):
     """Base of every result, object and event payload."""
@@ -113,6 +123,23 @@ class PageParams(Params):
 
     limit: Limit = 20
     cursor: Optional[Cursor] = None
+
+    # The types of the sort key a cursor of this list holds.
+    cursor_key: ClassVar[tuple[Callable[[Any], Any], ...]] = ()
+
+    def after(self) -> tuple | None:
+        """The sort key of the last row of the previous page, or None."""
+        return decode_cursor(self.cursor, *self.cursor_key)
+
+    @classmethod
+    def raw_errors(cls, raw: dict[Any, Any]) -> list[dict[str, str]]:
+        cursor = raw.get("cursor")
+        if isinstance(cursor, str) and cursor:
+            try:
+                decode_cursor(cursor, *cls.cursor_key)
+            except RpcError as err:
+                return [*super().raw_errors(raw), *err.data["errors"]]
+        return super().raw_errors(raw)
 
 
 class Empty(Params):

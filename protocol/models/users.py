@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from decimal import Decimal
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -72,6 +73,17 @@ class SearchParams(PageParams):
     min_price: Optional[PositiveMoney] = None
     max_price: Optional[PositiveMoney] = None
     gender: Optional[Gender] = None
+
+    cursor_key = (Decimal, uuid.UUID)  # price then id, as the list is ordered
+
+    @classmethod
+    def raw_errors(cls, raw: dict[Any, Any]) -> list[dict[str, str]]:
+        errors = super().raw_errors(raw)
+        given = {name for name in ("start_at", "end_at") if raw.get(name) is not None}
+        if len(given) == 1:
+            (missing,) = {"start_at", "end_at"} - given
+            errors.append({"field": missing, "reason": "start_at and end_at go together"})
+        return errors
 
     @field_validator("end_at")
     @classmethod

@@ -9,11 +9,13 @@ answers with the original transaction, the current balance and
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator
 
+from protocol.cursors import aware_time
 from protocol.models.common import Id, Money, PageParams, Params, Result, Time
 
 TOPUP_MAX = Decimal("10000.00")
@@ -52,6 +54,8 @@ class TopupResult(Result):
 
 class TransactionsParams(PageParams):
     """The caller's ledger, a page at a time."""
+
+    cursor_key = (aware_time, uuid.UUID)  # created_at then id, as the list is ordered
 
 
 class TransactionsResult(Result):

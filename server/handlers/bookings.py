@@ -10,7 +10,7 @@ from protocol.errors import ErrorCode, RpcError
 from protocol.models import bookings as m
 from protocol.models.wallet import WalletUpdatedEvent
 from server import events
-from server.cursors import aware_time, decode_cursor, encode_cursor
+from protocol.cursors import encode_cursor
 from server.db import bookings as bookings_db
 from server.rpc import Call, rpc
 
@@ -102,7 +102,7 @@ async def get(call: Call, p: m.BookingIdParams) -> m.Booking:
 
 @rpc("bookings.list", m.ListParams)
 async def list_(call: Call, p: m.ListParams) -> m.ListResult:
-    after = decode_cursor(p.cursor, aware_time, uuid.UUID)
+    after = p.after()
     rows = await call.services.db.read(
         call.user_id, bookings_db.list_for, call.user_id, p.role, p.status, after, p.limit + 1
     )

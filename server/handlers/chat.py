@@ -14,7 +14,6 @@ the stream by the room membership (server/rooms/membership.py).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
 import uuid
 from typing import Any
@@ -24,7 +23,7 @@ import asyncpg
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import chat as m
 from server import events
-from server.cursors import decode_cursor, encode_cursor
+from protocol.cursors import encode_cursor
 from server.db import chat as chat_db
 from server.rpc import Call, rpc
 from server.services import Services
@@ -75,7 +74,7 @@ async def _backfill(services: Services, channel: str, after_seq: int, limit: int
 
 @rpc("chat.conversations", m.ConversationsParams)
 async def conversations(call: Call, p: m.ConversationsParams) -> m.ConversationsResult:
-    after = decode_cursor(p.cursor, dt.datetime.fromisoformat, uuid.UUID)
+    after = p.after()
     rows = await call.services.db.read(call.user_id, chat_db.inbox, call.user_id, after, p.limit + 1)
     items = []
     for r in rows[: p.limit]:

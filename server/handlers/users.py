@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from decimal import Decimal
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import users as m
 from server import events
-from server.cursors import decode_cursor, encode_cursor
+from protocol.cursors import encode_cursor
 from server.db import users as users_db
 from server.rpc import Call, rpc
 from server.services import Services
@@ -60,10 +59,7 @@ async def get(call: Call, p: m.GetParams) -> m.PublicUser:
 
 @rpc("hosts.search", m.SearchParams)
 async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
-    if (p.start_at is None) != (p.end_at is None):
-        missing = "end_at" if p.end_at is None else "start_at"
-        raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": missing, "reason": "start_at and end_at go together"}]})
-    after = decode_cursor(p.cursor, Decimal, uuid.UUID)
+    after = p.after()
     rows = await call.services.db.read(
         call.user_id, users_db.search_hosts, call.user_id, p.start_at, p.end_at,
         p.min_price, p.max_price, p.gender, after, p.limit + 1,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 
 import asyncpg
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import wallet as m
 from server import events
-from server.cursors import aware_time, decode_cursor, encode_cursor
+from protocol.cursors import encode_cursor
 from server.db import wallet as wallet_db
 from server.rpc import Call, rpc
 
@@ -43,7 +42,7 @@ async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
 
 @rpc("wallet.transactions", m.TransactionsParams)
 async def transactions(call: Call, p: m.TransactionsParams) -> m.TransactionsResult:
-    after = decode_cursor(p.cursor, aware_time, uuid.UUID)
+    after = p.after()
     rows = await call.services.db.read(call.user_id, wallet_db.transactions, call.user_id, after, p.limit + 1)
     items = [m.Transaction.model_validate(dict(r)) for r in rows[: p.limit]]
     last = items[-1] if items else None

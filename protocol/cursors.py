@@ -1,4 +1,8 @@
-"""Opaque keyset cursors: a urlsafe-base64 JSON list of the last row's sort key."""
+"""Opaque keyset cursors: a urlsafe-base64 JSON list of the last row's sort key.
+
+Clients only hand back what a page gave them. Each paginated params model
+names the types of its key (``PageParams.cursor_key``), so that a cursor
+that does not decode is reported with the other invalid params."""
 
 from __future__ import annotations
 

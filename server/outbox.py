@@ -163,6 +163,7 @@ class Outbox:
         self._answering = asyncio.Event()
         self._answering.set()
         self.on_recovered: Callable[[], Awaitable[None]] | None = None
+        self.on_open: list[Callable[[], None]] = []  # called once it sends again
         self.pipelines = 0  # sent, for tests
         self.outages = 0  # times it closed, for tests and /readyz
 
@@ -285,6 +286,8 @@ class Outbox:
                 continue
             log.warning("redis answers again")
             self._answering.set()
+            for callback in self.on_open:
+                callback()
             self._schedule(asyncio.get_running_loop())
             return
 

@@ -4,10 +4,13 @@ Decisions where the contract is silent:
 - After ``chat.join`` a socket gets each message of the room once, by
   ``seq``: a message both in the join's reply and published meanwhile is not
   sent again, and the reply comes before any ``chat.message`` of that room.
-  A message whose live publish was lost (Redis away, a process stopped
-  between commit and publish) is fetched from the database and delivered
-  late, once the loss shows (Redis back, or a later seq arrived), so events
-  may come out of seq order; clients order by ``seq``.
+  A message whose live publish was lost (Redis away or hanging, a process
+  stopped between commit and publish) is fetched from the database and
+  delivered late, once the loss shows (Redis back: the room's newest
+  unsent message is published again; or a later seq arrived), so events
+  may come out of seq order; clients order by ``seq``. Only a process that
+  stopped between commit and publish leaves it to the next message or a
+  re-join with ``since_seq``.
 - ``chat.join`` again on a joined socket (e.g. with ``since_seq`` after a
   reconnect) answers as asked; live delivery goes on without repeats.
 - ``since_seq`` is 0 or more; at or past ``last_seq`` it returns no

@@ -78,6 +78,11 @@ class Hub:
         self._repairs: dict[str, asyncio.TimerHandle | asyncio.Task] = {}
         self._repair_again: set[str] = set()
         self.repaired = 0  # messages given from PostgreSQL, for tests and /readyz
+        # Conversation channel -> (seq, envelope) of its newest message whose
+        # publish failed; published again once the outbox sends again.
+        self._unsent: dict[str, tuple[int, bytes]] = {}
+        self._resend: asyncio.Task | None = None
+        outbox.on_open.append(self._resend_unsent)
 
     # ---- naming ----------------------------------------------------------
 
@@ -173,7 +178,13 @@ class Hub:
         """Publish after commit. Never raises: with Redis down the change is
         already durable and clients recover it from PostgreSQL."""
         envelope = (skip_user.bytes if skip_user is not None else NO_ONE) + seq.to_bytes(8, "big") + frame
-        return await self._publish([(channel, envelope)])
+        sent = await self._publish([(channel, envelope)])
+        if not sent and seq and seq > self._unsent.get(channel, (0, b""))[0]:
+            # Nobody may send another message to show the gap: publish the
+            # newest one again when Redis is back. Followers that missed the
+            # ones before it see the gap and fetch them (``_watch_gap``).
+            self._unsent[channel] = (seq, envelope)
+        return sent
 
     async def publish_many(self, items: "list[tuple[str, bytes]]") -> bool:
         """Publish several ``(channel, frame)`` (no skip, no seq), in order,
@@ -214,10 +225,24 @@ class Hub:
         self._write(_cmd(b"SUBSCRIBE", channel.encode()))
         return fut
 
+    def _resend_unsent(self) -> None:
+        if self._unsent and (self._resend is None or self._resend.done()):
+            self._resend = asyncio.get_running_loop().create_task(self._publish_unsent(), name="rooms-resend")
+
+    async def _publish_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, {}
+        if not await self._publish([(channel, envelope) for channel, (_, envelope) in unsent.items()]):
+            for channel, item in unsent.items():  # away again: keep the newest of each room
+                if item[0] > self._unsent.get(channel, (0, b""))[0]:
+                    self._unsent[channel] = item
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="rooms-subscriber")
 
     async def stop(self) -> None:
+        if self._resend is not None:
+            self._resend.cancel()
+            await asyncio.gather(self._resend, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -56,6 +56,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # contract accepts one of exactly MAX_FRAME_BYTES.
         max_msg_size=cfg.max_frame_bytes + 1,
         compress=False,
+        # A text frame closes with 1003 whatever it holds; decoded, one that
+        # is not UTF-8 would be closed by aiohttp with 1007 first.
+        decode_text=False,
     )
     # The contract gives a client a whole ping interval to answer, where
     # aiohttp would wait only half of one.

@@ -259,11 +259,16 @@ class Connection:
     def _bad_frame(self, req_id: int | None, reason: str) -> None:
         self.bad_frames += 1
         if self.bad_frames >= self.config.max_bad_frames:
-            self.services.spawn(self.close(CLOSE_POLICY, "too many bad frames"))
+            # Closing from now: frames that came in the same read as this one
+            # must not run (the close frame itself goes out from a task).
+            self._stop_output(CLOSE_POLICY)
+            self.services.spawn(self._send_close(CLOSE_POLICY, "too many bad frames"))
             return
         self.send_reply(encode({"id": req_id, "error": RpcError(ErrorCode.BAD_FRAME, reason).to_wire()}))
 
     def _on_frame(self, data: bytes) -> None:
+        if self.closing:
+            return
         try:
             frame = decode(data)
         except DecodeError:

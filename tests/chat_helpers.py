@@ -191,6 +191,17 @@ class RawSocket:
             raise ConnectionError("eof")
         return chunk
 
+    async def send_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        """Write client frames ``(opcode, payload)`` in one TCP write, so that
+        the server reads them together."""
+        out = b""
+        for opcode, payload in frames:
+            mask = os.urandom(4)
+            size = len(payload)
+            length = bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + struct.pack("!H", size)
+            out += bytes([0x80 | opcode]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await asyncio.get_running_loop().sock_sendall(self.sock, out)
+
     async def call(self, method: str, params: dict) -> dict:
         self._ids += 1
         payload = encode({"id": self._ids, "method": method, "params": params})

@@ -271,8 +271,9 @@ async def test_an_expired_token_is_token_expired(server):
         jwt.encode({"sub": str(uuid.uuid4()), "exp": int(time.time()) + 600, "typ": "refresh"}, DEV_JWT_SECRET, "HS256"),
         jwt.encode({"sub": "not-a-uuid", "exp": int(time.time()) + 600, "typ": "access"}, DEV_JWT_SECRET, "HS256"),
         jwt.encode({"sub": str(uuid.uuid4()), "typ": "access"}, DEV_JWT_SECRET, "HS256"),  # no exp
+        "x" * 60_000,
     ],
-    ids=["empty", "garbage", "three-parts", "wrong-secret", "not-access", "bad-subject", "no-exp"],
+    ids=["empty", "garbage", "three-parts", "wrong-secret", "not-access", "bad-subject", "no-exp", "huge"],
 )
 async def test_an_invalid_token_is_unauthenticated(server, token):
     async with await server.connect() as c:
@@ -330,7 +331,7 @@ async def test_a_reused_refresh_token_is_refused_and_revokes_its_whole_family(se
 
 async def test_an_unknown_refresh_token_is_invalid_credentials(server):
     async with await server.connect() as c:
-        for token in ("", "made-up", "x" * 512):
+        for token in ("", "made-up", "x" * 512, "x" * 60_000):
             assert (await error_of(c, "auth.refresh", {"refresh_token": token}))["code"] == "invalid_credentials"
 
 

@@ -17,6 +17,7 @@ import msgpack
 import pytest
 
 from protocol.codec import decode, encode
+from tests.chat_helpers import RawSocket
 from tests.conftest import ServerProcess, get_when_replicated, register, row_locked, until_writes_wait_on_the_lock
 
 MAX_FRAME_BYTES = 65536
@@ -86,6 +87,17 @@ async def test_a_text_frame_closes_the_socket_with_1003(server):
     async with raw_socket(server) as ws:
         await ws.send_str('{"id": 1, "method": "users.me"}')
         assert await close_code(ws) == 1003
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_the_socket_with_1003_too(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    raw = await RawSocket.connect(server, s["access_token"])
+    try:
+        await raw.send_frames([(0x1, b"\xff\xfe not utf-8")])
+        assert await raw.close_code() == 1003
+    finally:
+        raw.close()
 
 
 async def test_a_frame_of_exactly_max_frame_bytes_is_accepted(server):
@@ -278,6 +290,19 @@ async def test_the_tenth_bad_frame_closes_the_socket_with_1008(server):
             await still_answers(ws)  # open through the 9th; valid calls do not reset the count
         await ws.send_bytes(b"\xc1")
         assert await close_code(ws) == 1008
+
+
+async def test_nothing_that_arrives_with_the_tenth_bad_frame_runs(server, db):
+    async with await server.connect() as c:
+        s = await register(c, name="Before")
+    raw = await RawSocket.connect(server, s["access_token"])
+    try:
+        update = encode({"id": 1, "method": "users.update", "params": {"name": "After"}})
+        await raw.send_frames([(0x2, b"\xc1")] * 10 + [(0x2, update)])  # one TCP write
+        assert await raw.close_code() == 1008
+    finally:
+        raw.close()
+    assert await db.fetchval("SELECT name FROM users WHERE id = $1::uuid", s["user"]["id"]) == "Before"
 
 
 # ---- how calls fail ------------------------------------------------------------

@@ -53,8 +53,11 @@ class SessionResult(Result):
     refresh_token: str
 
 
+# Tokens have no length rule of their own: any string that is not a valid
+# token is unauthenticated (access) or invalid_credentials (refresh), as the
+# contract says, and the frame size bounds the work.
 class AuthenticateParams(Params):
-    access_token: Annotated[str, Field(max_length=4096)]
+    access_token: str
 
 
 class AuthenticateResult(Result):
@@ -62,7 +65,7 @@ class AuthenticateResult(Result):
 
 
 class RefreshParams(Params):
-    refresh_token: Annotated[str, Field(max_length=512)]
+    refresh_token: str
 
 
 class RefreshResult(Result):

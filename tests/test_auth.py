@@ -329,6 +329,14 @@ async def test_a_reused_refresh_token_is_refused_and_revokes_its_whole_family(se
         assert await c.call("auth.refresh", {"refresh_token": other["refresh_token"]})
 
 
+async def test_an_expired_refresh_token_is_invalid_credentials(server, db):
+    async with await server.connect() as c:
+        s = await register(c)
+        await db.execute("UPDATE refresh_tokens SET expires_at = now() - interval '1 second' WHERE user_id = $1::uuid",
+                         s["user"]["id"])
+        assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
+
+
 async def test_an_unknown_refresh_token_is_invalid_credentials(server):
     async with await server.connect() as c:
         for token in ("", "made-up", "x" * 512, "x" * 60_000):

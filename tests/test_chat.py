@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from protocol.errors import ErrorCode, RpcError
-from tests.chat_helpers import messages_until, open_room, send_many, subscriber_count, wait_subscribers
+from protocol.codec import decode, encode
+from tests.chat_helpers import RawSocket, messages_until, open_room, send_many, subscriber_count, wait_subscribers
 from tests.conftest import register
 
 MESSAGE_KEYS = {"id", "conversation_id", "seq", "sender_id", "content", "created_at", "client_msg_id"}
@@ -54,8 +55,10 @@ async def test_only_the_two_parties_may_touch_a_conversation(room, server):
 
 async def test_methods_need_an_authenticated_socket(server):
     async with await server.connect() as anon:
-        await expect_error(ErrorCode.UNAUTHENTICATED, anon.call("chat.join", {"conversation_id": str(uuid.uuid4())}))
-        await expect_error(ErrorCode.UNAUTHENTICATED, anon.call("chat.conversations"))
+        conv = {"conversation_id": str(uuid.uuid4())}
+        for method, params in (("chat.join", conv), ("chat.leave", conv), ("chat.send", {**conv, "content": "x"}),
+                               ("chat.history", conv), ("chat.typing", conv), ("chat.conversations", {})):
+            await expect_error(ErrorCode.UNAUTHENTICATED, anon.call(method, params))
 
 
 async def test_send_returns_the_committed_message_with_gap_free_seq(room, db):
@@ -93,6 +96,52 @@ async def test_client_msg_id_stores_one_message_per_sender(room):
     assert nxt["seq"] == 4
     history = await host.call("chat.history", {"conversation_id": conv})
     assert [m["seq"] for m in history["messages"]] == [4, 3, 2, 1]
+
+
+async def test_a_client_msg_id_keeps_its_first_message_and_is_per_conversation(room, server):
+    conv, booker = room.conversation_id, room.booker.client
+    cmid = str(uuid.uuid4())
+    first = (await booker.call("chat.send", {"conversation_id": conv, "content": "first", "client_msg_id": cmid}))["message"]
+    # A retry that changed its content still answers with what was stored.
+    again = (await booker.call("chat.send", {"conversation_id": conv, "content": "edited", "client_msg_id": cmid}))["message"]
+    assert again == first and again["content"] == "first"
+    # The same id in another conversation of the same sender is another message.
+    other_room = await open_room(server, booker=room.booker)
+    try:
+        there = (await booker.call("chat.send", {"conversation_id": other_room.conversation_id, "content": "elsewhere",
+                                                 "client_msg_id": cmid}))["message"]
+        assert there["id"] != first["id"] and there["seq"] == 1 and there["content"] == "elsewhere"
+    finally:
+        await other_room.host.close()
+
+
+async def test_history_gives_50_by_default_and_up_to_100(room):
+    conv, host = room.conversation_id, room.host.client
+    await send_many(room.booker.client, conv, 101)
+    assert [m["seq"] for m in (await host.call("chat.history", {"conversation_id": conv}))["messages"]] == list(range(101, 51, -1))
+    assert len((await host.call("chat.history", {"conversation_id": conv, "limit": 100}))["messages"]) == 100
+    await expect_error(ErrorCode.INVALID_PARAMS, host.call("chat.history", {"conversation_id": conv, "limit": 101}))
+
+
+async def test_the_join_reply_comes_before_any_message_of_that_room(room, server):
+    conv = room.conversation_id
+    raw = await RawSocket.connect(server, room.host.access_token)
+    try:
+        sending = asyncio.create_task(send_many(room.booker.client, conv, 200, in_flight=8))
+        await room.booker.client.call("chat.send", {"conversation_id": conv, "content": "started"})
+        seen_before_reply = []
+        payload = encode({"id": 1, "method": "chat.join", "params": {"conversation_id": conv}})
+        await raw.send_frames([(0x2, payload)])
+        while True:
+            opcode, data = await raw.frame()
+            frame = decode(data) if opcode == 2 else {}
+            if frame.get("id") == 1:
+                break
+            seen_before_reply.append(frame.get("event"))
+        assert "chat.message" not in seen_before_reply
+        await sending
+    finally:
+        raw.close()
 
 
 async def test_content_is_1_to_4000_characters(room):
@@ -150,6 +199,8 @@ async def test_join_returns_latest_50_or_what_was_missed(room):
     assert [m["seq"] for m in missed["messages"]] == [501, 502, 503, 504, 505] and missed["truncated"] is False
     missed = await host.call("chat.join", {"conversation_id": conv, "since_seq": 505})
     assert missed["messages"] == [] and missed["last_seq"] == 505
+    ahead = await host.call("chat.join", {"conversation_id": conv, "since_seq": 9000})  # a seq from the future
+    assert ahead["messages"] == [] and ahead["last_seq"] == 505
     await expect_error(ErrorCode.INVALID_PARAMS, host.call("chat.join", {"conversation_id": conv, "since_seq": -1}))
     await expect_error(ErrorCode.INVALID_PARAMS, host.call("chat.join", {"conversation_id": conv, "since_seq": "1"}))
 
@@ -258,6 +309,9 @@ async def test_sending_stays_allowed_after_the_booking_ends(room, db):
     assert msg["seq"] == 2
     joined = await room.host.client.call("chat.join", {"conversation_id": conv})
     assert [m["content"] for m in joined["messages"]] == ["after cancel", "after end"]
+    # The inbox keeps it.
+    inbox = await room.booker.client.call("chat.conversations")
+    assert conv in [x["id"] for x in inbox["conversations"]]
 
 
 async def test_inbox_lists_conversations_by_recent_activity(server, server2):

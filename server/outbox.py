@@ -17,9 +17,10 @@ callback per reply). Replies come back as Redis sent them (``b"OK"``, ints,
 bytes), without redis-py's conversions.
 
 At most ``max_in_flight`` pipelines are in flight; groups queued meanwhile
-wait for the next one. Redis errors, timeouts and a closed outbox end a
-group's future with the exception; an error of one command is returned in
-its place in the results (``raise_on_error=False``).
+wait for the next one (on the same connection: Redis answers in order).
+Redis errors, timeouts and a closed outbox end a group's future with the
+exception; an error reply to one command is returned in its place in the
+results, as a ``redis.exceptions.ResponseError``.
 
 Redis that hangs instead of refusing: every pipeline would wait out the
 socket timeout, and so would every call behind it. After a pipeline fails

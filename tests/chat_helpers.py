@@ -169,6 +169,9 @@ class RawSocket:
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
+        # Each write leaves at once: with Nagle, a small frame written while an
+        # earlier one is unacknowledged waits for the server's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", server.port))
         key = base64.b64encode(os.urandom(16)).decode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import struct
 import time
 import uuid
 
@@ -14,8 +15,10 @@ import jwt
 import pytest
 
 from protocol.client import Client
+from protocol.codec import encode
 from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
+from tests.chat_helpers import RawSocket
 from tests.conftest import (PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused, replica_caught_up,
                             until_replica_has_replayed)
 
@@ -199,6 +202,33 @@ async def short_window_server(stack):
     proc = await ServerProcess(stack, LOGIN_MAX_FAILURES="2", LOGIN_WINDOW_S="3").start()
     yield proc
     await proc.stop()
+
+
+async def test_a_login_whose_socket_closes_mid_check_is_not_counted(server, redis):
+    async with await server.connect() as c:
+        s = await register(c)
+    email = s["user"]["email"]
+    key = f"login-failures:{email}"
+    for _ in range(3):
+        raw = await RawSocket.connect(server, s["access_token"])
+        login = encode({"id": 1, "method": "auth.login", "params": {"email": email, "password": PASSWORD}})
+        await raw.send_frames([(0x2, login)])
+        # Counted up front; close while the (argon2, slow) password check runs.
+        deadline = asyncio.get_running_loop().time() + 5
+        while await redis.get(key) is None:
+            assert asyncio.get_running_loop().time() < deadline, "the login was never counted"
+            await asyncio.sleep(0.001)
+        await raw.send_frames([(0x8, struct.pack("!H", 1000))])
+        frames = []
+        while (frame := await raw.frame())[0] != 0x8:
+            frames.append(frame)
+        assert frames == []  # cancelled: no reply went out
+        raw.close()
+    # Nothing stays counted against the email (the releases run in the background).
+    deadline = asyncio.get_running_loop().time() + 5
+    while await redis.get(key) is not None:
+        assert asyncio.get_running_loop().time() < deadline, await redis.get(key)
+        await asyncio.sleep(0.02)
 
 
 async def test_the_login_window_is_fixed_from_the_first_failure_and_a_success_does_not_reset_it(short_window_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,11 @@ async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     try:
         row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
         good = await tokens.verify_password(row["password_hash"] if row else None, p.password)
+    except asyncio.CancelledError:
+        # The socket went away mid-check: not a wrong guess either. The
+        # release cannot be awaited here; the process runs it.
+        call.services.spawn(limiter.release(p.email))
+        raise
     except Exception:
         await limiter.release(p.email)  # not a wrong guess: we could not tell
         raise

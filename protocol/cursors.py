@@ -14,6 +14,10 @@ from typing import Any, Callable, Sequence
 from protocol.errors import ErrorCode, RpcError
 
 
+# The invalid_params error of a cursor that does not decode as one of its list.
+BAD_CURSOR = {"field": "cursor", "reason": "not a cursor from this list"}
+
+
 def encode_cursor(*values: Any) -> str:
     raw = json.dumps([str(v) if not isinstance(v, (int, str)) else v for v in values], separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
@@ -39,6 +43,4 @@ def decode_cursor(cursor: str | None, *types: Callable[[Any], Any]) -> tuple | N
             raise ValueError("wrong shape")
         return tuple(t(v) for t, v in zip(types, values))
     except Exception:
-        raise RpcError(
-            ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "cursor", "reason": "not a cursor from this list"}]}
-        ) from None
+        raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [BAD_CURSOR]}) from None

@@ -175,6 +175,12 @@ class Connection:
         self._stop_output(code)
         await self._send_close(code, message)
 
+    def _close_now(self, code: int, message: str) -> None:
+        """``close`` from code that cannot wait: the socket is closing from
+        this moment, and the close frame goes out from a task."""
+        self._stop_output(code)
+        self.services.spawn(self._send_close(code, message))
+
     def _stop_output(self, code: int) -> None:
         """From now on nothing more is queued for this socket, and it leaves
         every channel at once rather than when its reader notices."""
@@ -226,8 +232,7 @@ class Connection:
         # the writer has run at all, is not the peer's doing.)
         if self._sending and self._out_event_bytes > self.config.outgoing_queue_max_bytes:
             log.info("socket %s: outgoing queue over bound, closing 1013", self.id)
-            self._stop_output(CLOSE_TRY_AGAIN)  # at once: a burst must not queue more
-            self.services.spawn(self._send_close(CLOSE_TRY_AGAIN, "outgoing queue full"))
+            self._close_now(CLOSE_TRY_AGAIN, "outgoing queue full")  # a burst must not queue more
             return
         self._out.append((frame, True))
         self._wake.set()
@@ -259,10 +264,8 @@ class Connection:
     def _bad_frame(self, req_id: int | None, reason: str) -> None:
         self.bad_frames += 1
         if self.bad_frames >= self.config.max_bad_frames:
-            # Closing from now: frames that came in the same read as this one
-            # must not run (the close frame itself goes out from a task).
-            self._stop_output(CLOSE_POLICY)
-            self.services.spawn(self._send_close(CLOSE_POLICY, "too many bad frames"))
+            # Frames that came in the same read as this one must not run.
+            self._close_now(CLOSE_POLICY, "too many bad frames")
             return
         self.send_reply(encode({"id": req_id, "error": RpcError(ErrorCode.BAD_FRAME, reason).to_wire()}))
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Callable, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
 
-from protocol.cursors import decode_cursor
+from protocol.cursors import BAD_CURSOR, decode_cursor
 from protocol.errors import RpcError
 
 UTC = dt.timezone.utc
@@ -137,8 +137,8 @@ class PageParams(Params):
         if isinstance(cursor, str) and cursor:
             try:
                 decode_cursor(cursor, *cls.cursor_key)
-            except RpcError as err:
-                return [*super().raw_errors(raw), *err.data["errors"]]
+            except RpcError:
+                return [*super().raw_errors(raw), BAD_CURSOR]
         return super().raw_errors(raw)
 
 

@@ -237,9 +237,14 @@ class Database:
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
 
+    async def _insert_head(self, deadline: float | None = PRIMARY_DEADLINE_S) -> str:
+        """The primary's WAL insert position now: it covers every write
+        acknowledged before."""
+        async with self.acquire_primary(deadline=deadline) as conn:
+            return await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+
     async def _primary_head(self, _keys: list[Any], _required: int) -> dict[None, str]:
-        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
-            return {None: await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")}
+        return {None: await self._insert_head()}
 
     def acquire_primary(self, deadline: float | None = None) -> "_Acquire":
         """A primary connection; with ``deadline``, the whole use of it is cut
@@ -316,8 +321,7 @@ class Database:
         now ends at or before the primary's current position, so that becomes
         the floor of every user's position: reads go to the primary until the
         replicas have replayed past it, then to the replicas again."""
-        async with self.acquire_primary() as conn:
-            head = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        head = await self._insert_head(deadline=None)
         await self.redis.set(RYW_FLOOR_KEY, parse_lsn(head), nx=True)
         return int(await self.redis.get(RYW_FLOOR_KEY) or parse_lsn(head))
 
@@ -326,9 +330,7 @@ class Database:
         write positions it did not record meanwhile are lost, so the floor
         of every user's position becomes the primary's current one (as in
         ``_set_floor``). Run before the outbox opens again."""
-        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
-            head = parse_lsn(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
-        await self.redis.eval(_RAISE_FLOOR_LUA, 1, RYW_FLOOR_KEY, head)
+        await self.redis.eval(_RAISE_FLOOR_LUA, 1, RYW_FLOOR_KEY, parse_lsn(await self._insert_head()))
 
     def pick_replica(self, required: int) -> Replica | None:
         if required < 0:

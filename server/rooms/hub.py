@@ -179,12 +179,16 @@ class Hub:
         already durable and clients recover it from PostgreSQL."""
         envelope = (skip_user.bytes if skip_user is not None else NO_ONE) + seq.to_bytes(8, "big") + frame
         sent = await self._publish([(channel, envelope)])
-        if not sent and seq and seq > self._unsent.get(channel, (0, b""))[0]:
+        if not sent and seq:
             # Nobody may send another message to show the gap: publish the
             # newest one again when Redis is back. Followers that missed the
             # ones before it see the gap and fetch them (``_watch_gap``).
-            self._unsent[channel] = (seq, envelope)
+            self._keep_unsent(channel, seq, envelope)
         return sent
+
+    def _keep_unsent(self, channel: str, seq: int, envelope: bytes) -> None:
+        if seq > self._unsent.get(channel, (0, b""))[0]:
+            self._unsent[channel] = (seq, envelope)
 
     async def publish_many(self, items: "list[tuple[str, bytes]]") -> bool:
         """Publish several ``(channel, frame)`` (no skip, no seq), in order,
@@ -232,9 +236,8 @@ class Hub:
     async def _publish_unsent(self) -> None:
         unsent, self._unsent = self._unsent, {}
         if not await self._publish([(channel, envelope) for channel, (_, envelope) in unsent.items()]):
-            for channel, item in unsent.items():  # away again: keep the newest of each room
-                if item[0] > self._unsent.get(channel, (0, b""))[0]:
-                    self._unsent[channel] = item
+            for channel, (seq, envelope) in unsent.items():  # away again
+                self._keep_unsent(channel, seq, envelope)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="rooms-subscriber")

@@ -61,8 +61,9 @@ class CreateParams(Params):
 
     # Time rules live here so that the error names the field that breaks them,
     # all but "start in the future": that one is checked after the
-    # idempotency key (sql/008), so that a retry sent after the start still
-    # gets its booking back. The error is the same (``START_PASSED``).
+    # idempotency key (server/db/bookings.create), so that a retry sent after
+    # the start still gets its booking back. The error is the same
+    # (``START_PASSED``).
     @field_validator("start_at")
     @classmethod
     def _start(cls, v: dt.datetime) -> dt.datetime:

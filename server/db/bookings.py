@@ -45,7 +45,15 @@ async def create(
     ``balance`` (see sql/006 for the outcomes), or ``{"outcome":
     "slot_unavailable"}`` when the host or the booker is busy then. Commits
     by itself (sql/007), so ``conn`` must not be in a transaction; a result
-    that wrote comes as ``Committed`` with the WAL position after it."""
+    that wrote comes as ``Committed`` with the WAL position after it.
+
+    A start that has passed can only be a retry (the params model leaves
+    "start in the future" to here, so that a retry sent after the start
+    still gets its original outcome): it answers from the key alone, or
+    ``{"outcome": "start_passed"}``. A start in the future goes straight on."""
+    if start_at <= dt.datetime.now(dt.timezone.utc):
+        row = await conn.fetchrow("SELECT * FROM booking_replay($1, $2, $3)", key, booker, request_hash)
+        return dict(row) if row is not None else {"outcome": "start_passed"}
     try:
         row = await conn.fetchrow(
             "CALL booking_create_committed($1, $2, $3, $4, $5, $6)",

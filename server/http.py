@@ -116,6 +116,7 @@ async def readyz(request: web.Request) -> web.Response:
             # meanwhile calls do not wait for it (server/outbox.py).
             "sending": services.outbox.available,
             "outages": services.outbox.outages,
+            "pipelines": services.outbox.pipelines,  # round trips of the outbox
         },
         "sockets": len(services.connections),
         "pid": os.getpid(),  # tells the processes of WORKERS=N apart

@@ -333,7 +333,10 @@ class Connection:
         errors += nul_errors(method.params, raw_params, {e["field"] for e in errors})
         if errors:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
-        return await method.handler(Call(self.services, self), params)
+        # The call's write positions go to Redis in the pipeline of its
+        # events, and the reply waits for them (read-your-writes).
+        async with self.services.db.recording_writes():
+            return await method.handler(Call(self.services, self), params)
 
     # ---- authentication binding -----------------------------------------
 

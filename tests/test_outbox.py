@@ -12,7 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.exceptions import ConnectionError as RedisConnectionError, ResponseError, TimeoutError as RedisTimeoutError
 
 from server.outbox import Outbox, OutboxClosed, RedisUnavailable
-from tests.conftest import free_port, redis_writes_hung
+from tests import booking_support
+from tests.conftest import ServerProcess, free_port, readyz, redis_writes_hung
 
 
 @pytest.fixture
@@ -154,3 +155,37 @@ async def test_a_refused_password_is_a_connection_error(stack):
 async def test_an_empty_group_is_answered_at_once(outbox):
     assert await asyncio.gather(outbox.submit([]), outbox.submit([("ECHO", "x")])) == [[], [b"x"]]
     assert await outbox.submit([]) == []
+
+
+# ---- a call's Redis writes, end to end ---------------------------------------
+
+
+async def _pipelines(proc: ServerProcess) -> int:
+    return (await readyz(proc))[1]["redis"]["pipelines"]
+
+
+async def test_a_write_call_sends_its_write_position_and_its_events_in_one_round_trip(stack):
+    """The write position (read-your-writes) and the events of a call are
+    queued in one loop turn and go to Redis together; the reply waits for
+    that one round trip, not for one after the other."""
+    # Settlement only at start-up: nothing else of this process talks to Redis.
+    proc = await ServerProcess(stack, SETTLEMENT_INTERVAL_S="3600").start()
+    try:
+        host_client, host_id = await booking_support.host(proc)
+        booker_client, _ = await booking_support.booker(proc)
+
+        before = await _pipelines(proc)
+        booking = await booking_support.book(booker_client, host_id, booking_support.slot(days=3))
+        assert (await host_client.next_event("booking.created"))["booking"]["id"] == booking["id"]
+        assert (await booker_client.next_event("booking.created"))["booking"]["id"] == booking["id"]
+        await booker_client.next_event("wallet.updated")
+        assert await _pipelines(proc) == before + 1
+
+        before = await _pipelines(proc)
+        await booker_client.call("wallet.topup", {"amount": "5.00", "idempotency_key": booking_support.key()})
+        await booker_client.next_event("wallet.updated")
+        assert await _pipelines(proc) == before + 1
+        await host_client.close()
+        await booker_client.close()
+    finally:
+        await proc.stop()

@@ -111,10 +111,37 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     there is nothing to undo."""
 
 
+class FairPool:
+    """An asyncpg pool that hands out connections in the order they were
+    asked for.
+
+    asyncpg's pool waits on an ``asyncio.Queue``: a freed connection wakes
+    the first waiter, but an acquire that arrives before that waiter runs
+    finds the connection and takes it, and the waiter goes back to the end
+    of the line. Under load some calls were passed over again and again: in
+    loadtests/bench_bookings.py at 50 clients, a pool of 8 gave p99 105 ms
+    against 75 ms with 20 at the same p50. A FIFO semaphore of the pool's
+    size in front (asyncio's is fair since Python 3.11.1) means the pool
+    itself never makes anyone wait."""
+
+    __slots__ = ("pool", "gate")
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.gate = asyncio.Semaphore(pool.get_max_size())
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def _create_pool(url: str, **kwargs: Any) -> FairPool:
+    return FairPool(await asyncpg.create_pool(url, **kwargs))
+
+
 @dataclass
 class Replica:
     url: str
-    pool: asyncpg.Pool | None = None
+    pool: FairPool | None = None
     healthy: bool = False
     replay_lsn: int = 0
     lag_bytes: int | None = None
@@ -127,7 +154,7 @@ class Database:
     config: Config
     redis: aioredis.Redis
     outbox: Outbox
-    primary: asyncpg.Pool | None = None
+    primary: FairPool | None = None
     replicas: list[Replica] = field(default_factory=list)
     _local_lsn: dict[uuid.UUID, int] = field(default_factory=dict)
     _health_task: asyncio.Task | None = None
@@ -151,7 +178,7 @@ class Database:
 
     async def start(self) -> None:
         assert self.config.database_url
-        self.primary = await asyncpg.create_pool(self.config.database_url, **self._pool_args())
+        self.primary = await _create_pool(self.config.database_url, **self._pool_args())
         self.replicas = [Replica(url) for url in self.config.replica_urls]
         await self.check_replicas()
         self._health_task = asyncio.create_task(self._health_loop(), name="replica-health")
@@ -193,7 +220,7 @@ class Database:
     async def _check(self, replica: Replica, head: int | None) -> None:
         try:
             if replica.pool is None:
-                replica.pool = await asyncpg.create_pool(replica.url, **{**self._pool_args(), "min_size": 1, "timeout": 2})
+                replica.pool = await _create_pool(replica.url, **{**self._pool_args(), "min_size": 1, "timeout": 2})
             async with _Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:
                 lsn = await conn.fetchval("SELECT pg_last_wal_replay_lsn()::text")
         except Exception as exc:
@@ -491,7 +518,7 @@ class _Acquire:
 
     __slots__ = ("pool", "timeout", "deadline", "conn", "expired", "_watchdog")
 
-    def __init__(self, pool: asyncpg.Pool, timeout: float, deadline: float | None = None) -> None:
+    def __init__(self, pool: FairPool, timeout: float, deadline: float | None = None) -> None:
         self.pool = pool
         self.timeout = timeout if deadline is None else min(timeout, deadline)
         self.deadline = deadline
@@ -506,7 +533,12 @@ class _Acquire:
             # asyncio.timeout, not acquire(timeout=): asyncpg's wait_for makes
             # a task per acquire (about 5 us of CPU each, measured).
             async with asyncio.timeout(self.timeout):
-                self.conn = await self.pool.acquire()
+                await self.pool.gate.acquire()
+                try:
+                    self.conn = await self.pool.pool.acquire()
+                except BaseException:
+                    self.pool.gate.release()
+                    raise
         except (asyncio.TimeoutError, OSError, asyncpg.exceptions.PostgresConnectionError,
                 asyncpg.exceptions.CannotConnectNowError) as exc:
             raise RpcError(ErrorCode.UNAVAILABLE, "database unavailable, retry") from exc
@@ -523,6 +555,9 @@ class _Acquire:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        await self.pool.release(self.conn)
+        try:
+            await self.pool.pool.release(self.conn)
+        finally:
+            self.pool.gate.release()
         if self.expired and isinstance(exc, Exception) and not isinstance(exc, RpcError):
             raise RpcError(ErrorCode.UNAVAILABLE, "database did not answer in time, retry") from exc

@@ -68,7 +68,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     services.connections.add(conn)
     try:
         if claims is not None:
-            await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+            try:
+                await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+            except RpcError:
+                pass  # the session ended meanwhile: the socket serves unbound
         await conn.serve()
     finally:
         services.connections.discard(conn)

@@ -14,6 +14,7 @@ from server.config import Config
 from server.db.pools import Database
 from server.outbox import Outbox
 from server.rooms import Hub
+from server.sessions import Sessions
 
 if TYPE_CHECKING:
     from server.socket import Connection
@@ -28,6 +29,7 @@ class Services:
     outbox: Outbox
     db: Database
     hub: Hub
+    sessions: Sessions
     connections: set["Connection"] = field(default_factory=set)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
@@ -45,11 +47,14 @@ class Services:
                         probe_interval_s=config.redis_probe_interval_s)
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
-        return cls(config=config, redis=client, outbox=outbox, db=db, hub=Hub(config.redis_url, outbox))
+        hub = Hub(config.redis_url, outbox)
+        return cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
+                   sessions=Sessions(hub, config.access_token_ttl_s))
 
     async def start(self) -> None:
         await self.db.start()
         await self.hub.start()
+        self.sessions.start()
 
     def add_worker(self, worker: Any) -> None:
         """A worker has ``start()`` and ``stop()``; stopped before the pools close."""
@@ -77,6 +82,7 @@ class Services:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sessions.stop()
         await self.hub.stop()
         await self.db.close()
         await self.outbox.close()

@@ -369,6 +369,15 @@ class Connection:
         self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
         if subscribed is not None:
             await asyncio.wait({subscribed}, timeout=2.0)
+        if family is not None and self.services.sessions.ended(family) and self.token_family == family:
+            # The session ended after it was checked (server/sessions.py).
+            self.unbind()
+            raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+
+    def session_ended(self, family: uuid.UUID) -> None:
+        """Another socket or process ended this socket's session."""
+        if self.token_family == family:
+            self.unbind()
 
     def unbind(self) -> None:
         if self.user_id is not None:

@@ -433,6 +433,56 @@ async def test_a_reused_refresh_token_ends_its_access_tokens_too(server, server2
                     assert (await error_of(c2, "auth.authenticate", {"access_token": token}))["code"] == "unauthenticated"
 
 
+async def _witness_event(witness, user_id: str, name: str) -> None:
+    """A user.updated published after what came before it on the user's
+    process: once the witness (a socket of the user's on the process
+    watched) has it, that process has handled everything published before."""
+    await witness.call("users.update", {"name": name})
+    while True:
+        event = await witness.next_event("user.updated")
+        if event["user"]["name"] == name:
+            return
+
+
+async def test_logout_unbinds_every_socket_of_that_session_on_every_process(server, server2):
+    async with await server.connect() as c, await server.connect() as same_here, \
+            await server2.connect() as same_there, await server2.connect() as witness:
+        s = await register(c)
+        uid = s["user"]["id"]
+        for sock in (same_here, same_there):
+            await sock.call("auth.authenticate", {"access_token": s["access_token"]})
+        await witness.call("auth.login", {"email": s["user"]["email"], "password": PASSWORD})  # its own session
+
+        assert await c.call("auth.logout") == {}
+        # The logging-out process unbinds its sockets before the reply.
+        assert (await error_of(same_here, "users.me"))["code"] == "unauthenticated"
+        await _witness_event(witness, uid, "After logout")
+        assert (await error_of(same_there, "users.me"))["code"] == "unauthenticated"
+        # ... and they no longer get the user's events (one would have come
+        # before that reply).
+        assert [e for e, _ in same_there.drain_events() if e == "user.updated"] == []
+        assert [e for e, _ in same_here.drain_events() if e == "user.updated"] == []
+        # The user's other session is untouched.
+        assert (await witness.call("users.me"))["id"] == uid
+
+
+async def test_a_reused_refresh_token_unbinds_the_sockets_of_its_session(server, server2):
+    async with await server.connect() as c, await server2.connect() as thief, \
+            await server2.connect() as witness:
+        s = await register(c)
+        uid = s["user"]["id"]
+        fresh = await c.call("auth.refresh", {"refresh_token": s["refresh_token"]})
+        await thief.call("auth.authenticate", {"access_token": fresh["access_token"]})
+        await witness.call("auth.login", {"email": s["user"]["email"], "password": PASSWORD})
+
+        # The old refresh token comes back: the family is revoked.
+        assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
+        assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
+        await _witness_event(witness, uid, "After reuse")
+        assert (await error_of(thief, "users.me"))["code"] == "unauthenticated"
+        assert (await witness.call("users.me"))["id"] == uid
+
+
 async def test_logout_leaves_the_users_events(server):
     async with await server.connect() as c:
         s = await register(c)

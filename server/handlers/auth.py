@@ -98,6 +98,8 @@ async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
     outcome, user_id, family = await call.services.db.write(
         lambda r: r[1], auth_db.rotate, tokens.hash_refresh_token(p.refresh_token), new_hash, expires
     )
+    if outcome == "reused":  # the family was revoked by this call
+        await call.services.sessions.end(user_id, family)
     if outcome != "ok":
         raise RpcError(ErrorCode.INVALID_CREDENTIALS, "refresh token is not valid")
     assert user_id is not None and family is not None
@@ -111,8 +113,10 @@ async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
 async def logout(call: Call, p: m.LogoutParams) -> dict:
     if call.conn.user_id is None:
         raise RpcError(ErrorCode.UNAUTHENTICATED)
-    family: uuid.UUID | None = call.conn.token_family
+    user, family = call.user_id, call.conn.token_family
     if family is not None:
-        await call.services.db.write(call.user_id, auth_db.revoke_family, family, call.user_id)
+        await call.services.db.write(user, auth_db.revoke_family, family, user)
+        # Every socket bound with this session, here and on other processes.
+        await call.services.sessions.end(user, family)
     call.conn.unbind()
     return {}

@@ -165,6 +165,10 @@ class Hub:
 
     forget = unfollow_all
 
+    def followers(self, channel: str) -> list[Follower]:
+        """The local followers of ``channel``, in a list of their own."""
+        return list(self._followers.get(channel, ()))
+
     def follows(self, follower: Follower, channel: str) -> bool:
         return channel in self._channels_of.get(follower, ())
 

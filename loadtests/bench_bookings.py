@@ -2,9 +2,12 @@
 
     python -m loadtests.bench_bookings [--clients 50] [--seconds 10] [--rounds 2] [--workers 1] [--url WS_URL]
 
-Starts the dev stack and a hangout server (``--workers`` processes), or uses
-the server at ``--url`` (its database must be ``--database-url``, the dev
-stack by default). Makes fresh verified hosts with prices and bookers with
+Starts the dev stack and a hangout server (``--workers`` processes) on a
+database of its own, ``--database`` (``hangout_bench``), dropped and made
+afresh every run, so that every run starts from the same state as pgbench's
+small database does (a booking costs PostgreSQL more as the tables grow; see
+the README). Or uses the server at ``--url`` (its database must be
+``--database-url``, the dev server's by default). Makes fresh verified hosts with prices and bookers with
 money (a sandbox top-up each, through the ledger), then measures:
 
 - ``pgbench`` (built-in TPC-B-like script) on its own database ``pgbench``
@@ -47,6 +50,10 @@ from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_by
 from protocol.codec import decode, encode
 
 PGBENCH_DB = "pgbench"
+# The cost of a booking grows with the tables (inserts into indexes of
+# random UUIDs touch pages all over them): each run starts from the same
+# empty database, beside pgbench's equally small one.
+BENCH_DB = "hangout_bench"
 HOUR = dt.timedelta(hours=1)
 MAX_HOURS_AHEAD = 89 * 24  # bookings may start at most 90 days ahead
 
@@ -205,8 +212,10 @@ def pct(values: list[float], q: float) -> float:
 async def amain(args: argparse.Namespace) -> int:
     if args.database_url:
         stack = Stack(args.database_url, [], "")
+    elif args.url:
+        stack = await asyncio.to_thread(Stack.dev)  # where the dev server is
     else:
-        stack = await asyncio.to_thread(Stack.dev)
+        stack = await asyncio.to_thread(Stack.dev, args.database)
     await ensure_pgbench_db(stack.database_url)
     server = None
     if args.url:
@@ -291,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="server processes (WORKERS)")
     ap.add_argument("--url", help="use this running server (ws://.../ws) instead of starting one")
     ap.add_argument("--database-url", help="the server's primary [the dev stack]")
+    ap.add_argument("--database", default=BENCH_DB,
+                    help="database on the dev stack, made afresh for the run [%(default)s]")
     args = ap.parse_args(argv)
     if args.hosts < args.clients:
         ap.error("--hosts must be at least --clients")

@@ -118,15 +118,23 @@ class Stack:
     redis_url: str
 
     @classmethod
-    def dev(cls) -> "Stack":
-        """The embedded dev stack (started if needed) with migrations applied."""
+    def dev(cls, database: str | None = None) -> "Stack":
+        """The embedded dev stack (started if needed) with migrations applied;
+        with ``database``, that database, made afresh (dropped first if it
+        exists), instead of the dev server's."""
         from server import devstack
         from server.db.migrate import migrate
 
         stack = devstack.from_env()
         stack.start()
-        asyncio.run(migrate(stack.database_url))
-        return cls(stack.database_url, list(stack.replica_urls), stack.redis_url)
+        if database is None:
+            asyncio.run(migrate(stack.database_url))
+            return cls(stack.database_url, list(stack.replica_urls), stack.redis_url)
+        primary = _with_database(stack.database_url, database)
+        replicas = [_with_database(url, database) for url in stack.replica_urls]
+        asyncio.run(_fresh_database(stack.database_url, database, replicas))
+        asyncio.run(migrate(primary))
+        return cls(primary, replicas, stack.redis_url)
 
     @property
     def primary_port(self) -> int:
@@ -250,6 +258,33 @@ async def access_tokens(database_url: str, users: list[uuid.UUID], ttl_s: int = 
         await conn.close()
     family_of = {r["user_id"]: r["id"] for r in families}
     return [issue_access_token(secret, ttl_s, u, family_of[u]) for u in users]
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.netloc, "/" + name, u.query, u.fragment))
+
+
+async def _fresh_database(admin_url: str, name: str, replica_urls: list[str], timeout: float = 30) -> None:
+    """Drop and create database ``name``, and wait until every replica has it."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + timeout
+    for url in replica_urls:
+        while True:  # replay has no event to wait on
+            try:
+                await (await asyncpg.connect(url)).close()
+                break
+            except (OSError, asyncpg.PostgresError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
 
 
 # ---- pgbench: the yardstick of every ratio -------------------------------------------

@@ -20,7 +20,7 @@ money (a sandbox top-up each, through the ledger), then measures:
   host is connected too and receives its ``booking.created`` events.
 
 Prints bookings/s (median of the rounds), p50/p99 latency over all
-rounds, the ratio of the medians, and where the machine's CPU went: per
+rounds (and pgbench's, from its per-transaction log), the ratio of the medians, and where the machine's CPU went: per
 booking for PostgreSQL (primary and replica), Redis, the server and this
 load generator, and per TPC-B transaction for PostgreSQL and pgbench. With
 every client keeping one call in flight, latency is clients / throughput,
@@ -65,9 +65,10 @@ async def ensure_pgbench_db(database_url: str) -> None:
     await benchlib.ensure_pgbench_db(database_url, PGBENCH_DB)
 
 
-def pgbench_tpcb(database_url: str, clients: int, seconds: int) -> tuple[float, float]:
-    """(tps, mean latency in ms) of the built-in TPC-B-like script."""
-    return benchlib.run_pgbench(database_url, PGBENCH_DB, clients, seconds, jobs=2)
+def pgbench_tpcb(database_url: str, clients: int, seconds: int, latencies: list[float]) -> tuple[float, float]:
+    """(tps, mean latency in ms) of the built-in TPC-B-like script; each
+    transaction's latency is appended to ``latencies``."""
+    return benchlib.run_pgbench(database_url, PGBENCH_DB, clients, seconds, jobs=2, latencies=latencies)
 
 
 # ---- people ---------------------------------------------------------------------------
@@ -225,6 +226,7 @@ async def amain(args: argparse.Namespace) -> int:
         url, pid = server.ws_url, server.pid
     pg_runs: list[float] = []
     pg_latencies: list[float] = []
+    pg_each: list[float] = []  # every TPC-B transaction's latency, ms
     pg_cpu: list[tuple[float, float]] = []  # CPU ms per transaction: (postgres, pgbench)
     runs: list[Run] = []
     redis_port = urlsplit(stack.redis_url).port if stack.redis_url else None
@@ -236,7 +238,8 @@ async def amain(args: argparse.Namespace) -> int:
             # pgbench's backends end with it, so PostgreSQL's share is the
             # machine's busy time less pgbench's own (an idle server's is noise).
             busy0, client0 = machine_busy()[0], _children_cpu()
-            tps, latency = await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds)
+            tps, latency = await asyncio.to_thread(pgbench_tpcb, stack.database_url, args.clients, args.seconds,
+                                                   pg_each)
             txns = max(tps * args.seconds, 1.0)
             client = _children_cpu() - client0
             pg_cpu.append(((machine_busy()[0] - busy0 - client) * 1000 / txns, client * 1000 / txns))
@@ -266,7 +269,8 @@ async def amain(args: argparse.Namespace) -> int:
     ratio = rate / pg
     p50, p99 = pct(latencies, 0.5), pct(latencies, 0.99)
     print(f"\npgbench TPC-B (-c {args.clients} -j 2): " + " / ".join(f"{x:,.0f}" for x in pg_runs)
-          + f" tps, median {pg:,.0f}; mean latency {statistics.median(pg_latencies):.1f} ms")
+          + f" tps, median {pg:,.0f}; mean latency {statistics.median(pg_latencies):.1f} ms, "
+          + f"p50 {pct(pg_each, 0.5):.1f} ms, p99 {pct(pg_each, 0.99):.1f} ms")
     print(f"CPU per TPC-B transaction: postgres {statistics.mean(c[0] for c in pg_cpu):.2f} ms, "
           f"pgbench {statistics.mean(c[1] for c in pg_cpu):.2f} ms (machine busy time less pgbench's)")
     print("bookings.create: " + " / ".join(f"{r.rate:,.0f}" for r in runs) + f" per s, median {rate:,.0f}")

@@ -324,10 +324,22 @@ async def ensure_pgbench_db(database_url: str, name: str) -> None:
 
 
 def run_pgbench(database_url: str, name: str, clients: int, seconds: int, *options: str,
-                jobs: int | None = None) -> tuple[float, float]:
+                jobs: int | None = None, latencies: list[float] | None = None) -> tuple[float, float]:
     """(tps, mean latency in ms) of pgbench with ``options`` (none: TPC-B-like;
-    ``-S``: select-only) on database ``name``."""
+    ``-S``: select-only) on database ``name``. With ``latencies``, every
+    transaction's latency (ms) is appended to it (pgbench's ``-l`` log)."""
+    import glob
     import re
+    import tempfile
+
+    if latencies is not None:
+        with tempfile.TemporaryDirectory(prefix="pgbench-log-") as log_dir:
+            result = run_pgbench(database_url, name, clients, seconds, *options, "-l",
+                                 f"--log-prefix={log_dir}/pgbench", jobs=jobs)
+            for path in glob.glob(f"{log_dir}/pgbench*"):
+                with open(path) as log:  # client id, transaction no, latency in us, ...
+                    latencies.extend(int(line.split()[2]) / 1000.0 for line in log)
+        return result
 
     jobs = jobs or min(clients, os.cpu_count() or 1)
     out = subprocess.run(

@@ -35,6 +35,10 @@ class Config:
     max_in_flight: int = 32
     ping_interval_s: float = 20.0
     outgoing_queue_max_bytes: int = 1048576
+    # The kernel's send buffer of each socket (Linux doubles it); 0 leaves
+    # the kernel's own sizing, which lets a peer that does not read hold
+    # megabytes of this process's memory beyond the queue bound.
+    socket_send_buffer_bytes: int = 262144
     login_max_failures: int = 5
     login_window_s: int = 60
     max_bad_frames: int = 10
@@ -70,6 +74,7 @@ class Config:
             max_in_flight=_int("MAX_IN_FLIGHT", cls.max_in_flight),
             ping_interval_s=_float("PING_INTERVAL_S", cls.ping_interval_s),
             outgoing_queue_max_bytes=_int("OUTGOING_QUEUE_MAX_BYTES", cls.outgoing_queue_max_bytes),
+            socket_send_buffer_bytes=_int("SOCKET_SEND_BUFFER_BYTES", cls.socket_send_buffer_bytes),
             login_max_failures=_int("LOGIN_MAX_FAILURES", cls.login_max_failures),
             login_window_s=_int("LOGIN_WINDOW_S", cls.login_window_s),
             max_bad_frames=_int("MAX_BAD_FRAMES", cls.max_bad_frames),

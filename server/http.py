@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import socket
 import uuid
 
 from aiohttp import web
@@ -64,6 +65,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # aiohttp would wait only half of one.
     ws._pong_heartbeat = cfg.ping_interval_s
     await ws.prepare(request)
+    if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
     conn = Connection(ws, services)
     services.connections.add(conn)
     try:

@@ -73,6 +73,10 @@ async def test_a_bad_or_missing_signature_is_401_and_changes_nothing(server, db,
         + body
     )
     assert await raw_http_status(server, non_ascii) == 401
+    # The signature is checked before anything in the body: an unsigned
+    # malformed body or unknown user tells the caller nothing else.
+    for unsigned in (b"not json", json.dumps({"user_id": str(uuid.uuid4()), "status": "verified"}).encode()):
+        assert await post_raw(server, unsigned, {"X-Signature": sign(unsigned, secret="not-the-webhook-secret")}) == 401
     assert await kyc_status_in_db(db, user["id"]) == "pending"
     # Nothing was pushed: the first event the socket gets is from the good call.
     assert (await post_kyc(server, user["id"], "verified")).status == 200
@@ -92,6 +96,12 @@ async def test_a_bad_or_missing_signature_is_401_and_changes_nothing(server, db,
         b'{"user_id": null, "status": "verified"}',
         b'{"user_id": 12, "status": "verified"}',
         b'{"user_id": "not-a-uuid", "status": "verified"}',
+        # int(s, 16) reads these, so uuid.UUID alone names another user.
+        b'{"user_id": "+2345678123412341234123456789abc", "status": "verified"}',
+        b'{"user_id": "2345678_123412341234123456789abc", "status": "verified"}',
+        b"[" * 100_000,  # too deep for the parser
+        b'{"user_id": "USER", "status": "verified", "score": NaN}',
+        b'{"user_id": "USER", "status": "verified", "score": Infinity}',
         b'{"user_id": "USER", "status": "approved"}',
         b'{"user_id": "USER", "status": "VERIFIED"}',
         b'{"user_id": "USER"}',

@@ -140,7 +140,13 @@ async def test_get_of_an_unknown_user_is_not_found(server):
         assert (await error_of(c, "users.get", {"user_id": str(uuid.uuid4())}))["code"] == "not_found"
 
 
-@pytest.mark.parametrize("user_id", ["not-a-uuid", "", 42, None, "1234", str(uuid.uuid4())[:-1]], ids=repr)
+# "+", whitespace and "_" are read by int(s, 16), so uuid.UUID alone would
+# take the first three as 02345678-1234-1234-1234-123456789abc.
+@pytest.mark.parametrize("user_id", [
+    "not-a-uuid", "", 42, None, "1234", str(uuid.uuid4())[:-1],
+    "+2345678123412341234123456789abc", " 2345678a-1234-1234-1234-123456789ab",
+    "2345678_123412341234123456789abc", "2345678a-1234-1234-1234-123456789abc ",
+], ids=repr)
 async def test_get_with_an_id_that_is_not_a_uuid_is_invalid_params(server, user_id):
     async with await server.connect() as c:
         await register(c)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Callable, ClassVar, Optional
@@ -16,12 +17,29 @@ UTC = dt.timezone.utc
 CENT = Decimal("0.01")
 
 
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}")
+_HYPHENATED = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def parse_uuid(text: str) -> uuid.UUID:
+    """A UUID written as 8-4-4-4-12 or 32 hex digits (either case), maybe
+    in braces, maybe after ``urn:uuid:``; anything else is a ValueError.
+    ``uuid.UUID`` alone also reads what ``int(s, 16)`` does: ``"+123..."``,
+    ``" 123..."`` or ``"12_34..."`` would name another id."""
+    core = text[9:] if text[:9].lower() == "urn:uuid:" else text
+    if core[:1] == "{" and core[-1:] == "}":
+        core = core[1:-1]
+    if not (_HEX32.fullmatch(core) or _HYPHENATED.fullmatch(core)):
+        raise ValueError("not a UUID")
+    return uuid.UUID(core)
+
+
 def _parse_id(value: Any) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
         return value
     if isinstance(value, str):
         try:
-            return uuid.UUID(value)
+            return parse_uuid(value)
         except ValueError:
             pass
     raise ValueError("must be a UUID string")

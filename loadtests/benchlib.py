@@ -167,8 +167,11 @@ class Server:
         return self.proc.pid
 
     def start(self) -> "Server":
+        from server.config import dev_secrets
+
         env = dict(
             os.environ,
+            **dev_secrets(),
             DATABASE_URL=self.stack.database_url,
             DATABASE_REPLICA_URLS=",".join(self.stack.replica_urls),
             REDIS_URL=self.stack.redis_url,
@@ -246,9 +249,9 @@ async def access_tokens(database_url: str, users: list[uuid.UUID], ttl_s: int = 
     """A fresh token family per user and an access token in it, signed with
     the server's JWT secret (JWT_SECRET, the dev secret by default)."""
     from server.auth import issue_access_token
-    from server.config import Config
+    from server.config import dev_secrets
 
-    secret = Config.from_env().jwt_secret
+    secret = dev_secrets()["JWT_SECRET"]
     conn = await asyncpg.connect(database_url)
     try:
         families = await conn.fetch(

@@ -53,8 +53,11 @@ def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
     stack = devstack.from_env()
     stack.start()
     port = free_port()
+    from server.config import dev_secrets
+
     env = dict(
         os.environ,
+        **dev_secrets(),
         DATABASE_URL=stack.database_url,
         DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
         REDIS_URL=stack.redis_url,

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from server.config import Config
+from server.config import Config, dev_secrets
 from server.runtime import settle_heap
 
 log = logging.getLogger("hangout")
@@ -28,6 +28,7 @@ def _use_devstack_if_unconfigured() -> None:
     os.environ["DATABASE_URL"] = stack.database_url
     os.environ["DATABASE_REPLICA_URLS"] = ",".join(stack.replica_urls)
     os.environ["REDIS_URL"] = stack.redis_url
+    os.environ.update(dev_secrets())
     log.info("using the embedded dev stack in %s", stack.base_dir)
 
 
@@ -84,6 +85,14 @@ def _serve_workers(n: int) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     _use_devstack_if_unconfigured()
     config = Config.from_env()
+    missing = config.missing_secrets()
+    if missing:
+        # The development values are public: a server that fell back to them
+        # would accept anyone's tokens and KYC webhooks.
+        print(f"hangout: {' and '.join(missing)} not set. Set {'them' if len(missing) > 1 else 'it'} "
+              "(a long random string), or leave DATABASE_URL unset to run on the embedded dev stack "
+              "with development secrets.", file=sys.stderr)
+        return 2
     if config.workers > 1:
         _migrate()
         return _serve_workers(config.workers)
@@ -112,17 +121,7 @@ def cmd_kyc(args: argparse.Namespace) -> int:
 def cmd_devstack(args: argparse.Namespace) -> int:
     from server import devstack
 
-    stack = devstack.from_env()
-    if args.action == "start":
-        stack.start()
-        print(f"DATABASE_URL={stack.database_url}")
-        print(f"DATABASE_REPLICA_URLS={','.join(stack.replica_urls)}")
-        print(f"REDIS_URL={stack.redis_url}")
-    elif args.action == "stop":
-        stack.stop()
-    else:
-        print(f"replica running: {stack.replica_running()}, redis running: {stack.redis_running()}")
-    return 0
+    return devstack.main([args.action])
 
 
 def main(argv: list[str] | None = None) -> int:

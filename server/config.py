@@ -5,8 +5,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
+# Published with the code: anyone could sign tokens and KYC webhooks with
+# them. ``serve`` uses them only on the embedded dev stack (or when a
+# harness that starts one passes them on, see ``dev_secrets``).
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-in-production"
 DEV_KYC_SECRET = "dev-only-kyc-webhook-secret"
+SECRETS = ("JWT_SECRET", "KYC_WEBHOOK_SECRET")
+
+
+def dev_secrets() -> dict[str, str]:
+    """Environment for a server on the embedded dev stack: the secrets set
+    in this environment, else the development ones."""
+    return {
+        "JWT_SECRET": os.environ.get("JWT_SECRET") or DEV_JWT_SECRET,
+        "KYC_WEBHOOK_SECRET": os.environ.get("KYC_WEBHOOK_SECRET") or DEV_KYC_SECRET,
+    }
 
 
 def _int(name: str, default: int) -> int:
@@ -61,8 +74,8 @@ class Config:
             database_url=os.environ.get("DATABASE_URL") or None,
             replica_urls=tuple(u.strip() for u in replicas.split(",") if u.strip()),
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
-            jwt_secret=os.environ.get("JWT_SECRET", DEV_JWT_SECRET),
-            kyc_webhook_secret=os.environ.get("KYC_WEBHOOK_SECRET", DEV_KYC_SECRET),
+            jwt_secret=os.environ.get("JWT_SECRET", ""),
+            kyc_webhook_secret=os.environ.get("KYC_WEBHOOK_SECRET", ""),
             host=os.environ.get("HOST", cls.host),
             port=_int("PORT", cls.port),
             workers=_int("WORKERS", cls.workers),
@@ -89,6 +102,10 @@ class Config:
             redis_timeout_s=_float("REDIS_TIMEOUT_S", cls.redis_timeout_s),
             redis_probe_interval_s=_float("REDIS_PROBE_INTERVAL_S", cls.redis_probe_interval_s),
         )
+
+    def missing_secrets(self) -> list[str]:
+        """Names of the secrets that are not set (empty)."""
+        return [name for name, value in zip(SECRETS, (self.jwt_secret, self.kyc_webhook_secret)) if not value]
 
     def with_(self, **changes) -> "Config":
         return replace(self, **changes)

@@ -882,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("redis", stack.redis_port)):
         print(f"{name:<12} {'running' if st[name] else 'stopped':<8} 127.0.0.1:{port}")
     print(f"DATABASE_URL={stack.database_url}")
-    print(f"REPLICA_URLS={','.join(stack.replica_urls)}")
+    print(f"DATABASE_REPLICA_URLS={','.join(stack.replica_urls)}")
     print(f"REDIS_URL={stack.redis_url}")
     if cmd == "status":
         return 0 if all(st.values()) else 1

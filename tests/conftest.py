@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 
 from protocol.client import Client
 from server import devstack
-from server.config import DEV_KYC_SECRET
+from server.config import DEV_KYC_SECRET, dev_secrets
 from server.db.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,7 @@ class ServerProcess:
         self.port = free_port()
         self.env = dict(
             os.environ,
+            **dev_secrets(),
             DATABASE_URL=stack.database_url,
             DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
             REDIS_URL=stack.redis_url,

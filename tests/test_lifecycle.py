@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 
 import aiohttp
@@ -13,7 +14,7 @@ import pytest
 
 from protocol.client import ConnectionClosed
 from protocol.errors import RpcError
-from tests.conftest import ServerProcess, register, row_locked, until_writes_wait_on_the_lock
+from tests.conftest import ROOT, ServerProcess, register, row_locked, until_writes_wait_on_the_lock
 
 
 async def until_connections_are_refused(server: ServerProcess, timeout: float = 5.0) -> None:
@@ -107,3 +108,21 @@ async def test_workers_2_runs_two_processes_on_one_port(stack):
             assert not os.path.exists(f"/proc/{pid}")
     finally:
         await proc.stop()
+
+
+@pytest.mark.parametrize("unset", [("JWT_SECRET",), ("KYC_WEBHOOK_SECRET",), ("JWT_SECRET", "KYC_WEBHOOK_SECRET")])
+async def test_a_server_given_a_database_but_not_its_secrets_refuses_to_start(stack, unset):
+    """The development secrets are public: only the embedded dev stack (no
+    DATABASE_URL) may fall back to them."""
+    proc = ServerProcess(stack)
+    for name in unset:
+        proc.env[name] = ""  # set but empty counts as not set
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "serve", cwd=ROOT, env=proc.env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(run.communicate(), 60)
+    assert run.returncode == 2
+    assert all(name in err.decode() for name in unset)
+    with pytest.raises(OSError):  # it never listened
+        await asyncio.open_connection("127.0.0.1", proc.port)

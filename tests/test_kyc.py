@@ -191,3 +191,17 @@ async def test_the_operator_command_refuses_an_unknown_status(stack, pending_use
     _, err = await proc.communicate()
     assert proc.returncode != 0
     assert "approved" in err.decode()
+
+
+async def test_the_operator_command_with_the_status_already_set_exits_0_and_pushes_nothing(stack, server, db, pending_user):
+    client, user = pending_user
+    assert (await post_kyc(server, user["id"], "verified")).status == 200
+    assert (await client.next_event("user.updated"))["user"]["kyc_status"] == "verified"
+    proc = await kyc_command(stack, user["email"], "verified")  # already verified
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert await kyc_status_in_db(db, user["id"]) == "verified"
+    # Had the command published, its PUBLISH (done before it exited) would
+    # reach the server's subscriber connection ahead of this change's.
+    assert (await post_kyc(server, user["id"], "rejected")).status == 200
+    assert (await client.next_event("user.updated"))["user"]["kyc_status"] == "rejected"

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+import uuid
 
 import pytest
 
-from tests.conftest import ServerProcess, readyz, register, replay_paused, until_replica_has_replayed
+from tests.conftest import ServerProcess, post_kyc, readyz, register, replay_paused, until_replica_has_replayed
 
 
 async def write_position(redis, *user_ids: str) -> int:
@@ -163,3 +164,22 @@ async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redi
     while not (await readyz_body(server))["replicas"][0]["ok"]:
         assert time.monotonic() < deadline, "replica never came back"
         await asyncio.sleep(0.1)
+
+
+async def test_a_kyc_change_is_read_by_the_user_on_another_process_while_the_replica_lags(
+    x_and_y, replica_db, server, db
+):
+    """Read-your-writes holds for a change the user did not make through a
+    call: the KYC webhook (on process 1) records its write position before it
+    answers, so the user's reads on process 2 do not go to the lagging replica."""
+    x1, x2, _, x_id = x_and_y
+    assert (await x2.call("users.me"))["kyc_status"] == "pending"  # x2 is bound and reads the registration
+    async with replay_paused(replica_db):
+        assert (await post_kyc(server, x_id, "verified")).status == 200
+        for client in (x1, x2):
+            assert (await client.next_event("user.updated"))["user"]["kyc_status"] == "verified"
+        # The replica process 2 would otherwise use still has the old status.
+        assert await replica_db.fetchval("SELECT kyc_status FROM users WHERE id = $1", uuid.UUID(x_id)) == "pending"
+        assert (await x2.call("users.me"))["kyc_status"] == "verified"
+        assert (await x2.call("users.get", {"user_id": x_id}))["kyc_status"] == "verified"
+    assert await db.fetchval("SELECT kyc_status FROM users WHERE id = $1", uuid.UUID(x_id)) == "verified"

@@ -8,7 +8,16 @@ import uuid
 import pytest
 
 from protocol.client import Client
-from tests.conftest import get_when_replicated, post_kyc, register, verified_user
+from protocol.errors import ErrorCode, RpcError
+from tests.booking_support import book, booker, slot
+from tests.conftest import (
+    get_when_replicated,
+    post_kyc,
+    register,
+    replica_caught_up,
+    until_replica_has_replayed,
+    verified_user,
+)
 
 PUBLIC_FIELDS = {"id", "name", "gender", "kyc_status", "price_per_hour", "created_at"}
 OWN_FIELDS = PUBLIC_FIELDS | {"email", "balance"}
@@ -161,3 +170,79 @@ async def test_get_without_a_user_id_is_invalid_params(server):
         err = await error_of(c, "users.get", {})
         assert err["code"] == "invalid_params"
         assert err["data"]["errors"][0]["field"] == "user_id"
+
+
+async def test_user_updated_is_exactly_the_users_own_view_after_kyc_and_update(server):
+    async with await server.connect() as c:
+        s = await register(c)
+        assert (await post_kyc(server, s["user"]["id"], "verified")).status == 200
+        after_kyc = (await c.next_event("user.updated"))["user"]
+        me = await c.call("users.me")
+        assert set(after_kyc) == set(me) == OWN_FIELDS  # email and balance included
+        assert after_kyc == me
+
+        updated = await c.call("users.update", {"name": "Priced", "price_per_hour": "30.00"})
+        after_update = (await c.next_event("user.updated"))["user"]
+        me = await c.call("users.me")
+        assert set(after_update) == set(me) == OWN_FIELDS
+        assert after_update == me == updated
+
+
+async def test_user_updated_from_users_update_reaches_only_that_users_sockets(server, server2):
+    async with (
+        await server.connect() as own1,
+        await server.connect() as stranger1,
+        await server2.connect() as stranger2,
+    ):
+        s = await register(own1)
+        uid = s["user"]["id"]
+        await register(stranger1)
+        await register(stranger2)
+        async with await server2.connect(access_token=s["access_token"]) as own2:
+            # The upgrade answers before the binding is done; a reply means it is.
+            assert (await own2.call("users.me"))["id"] == uid
+            await own1.call("users.update", {"name": "Only Mine"})
+            for own in (own1, own2):
+                event = await own.next_event("user.updated")
+                assert (event["user"]["id"], event["user"]["name"]) == (uid, "Only Mine")
+            # "Nothing" without sleeping: each process reads every published
+            # event from its one Redis subscriber connection, in order, and
+            # hands it to all the sockets it concerns in one go. The user has
+            # a socket on both processes and both got the event, so both
+            # processes have already dispatched it; had a stranger's socket on
+            # either been a recipient, the event would sit in its outgoing
+            # queue ahead of the reply to any call the stranger makes now
+            # (replies and events share one queue, sent in order).
+            for stranger in (stranger1, stranger2):
+                await stranger.call("users.me")
+                assert [e for e in stranger.drain_events() if e[0] == "user.updated"] == []
+
+
+@pytest.mark.parametrize("status", ["rejected", "pending"])
+async def test_a_host_leaving_verified_keeps_the_price_but_is_not_bookable_until_verified_again(
+    server, db, replica_db, status
+):
+    gender = "g" + uuid.uuid4().hex[:12]  # lets a search find this host alone
+    host, hs = await verified_user(server, price="42.00", gender=gender)
+    booker_client, _ = await booker(server)
+    host_id = hs["user"]["id"]
+    async with host, booker_client:
+        assert (await host.next_event("user.updated"))["user"]["price_per_hour"] == "42.00"
+        await until_replica_has_replayed(server, await replica_caught_up(db, replica_db))
+        assert [h["id"] for h in (await booker_client.call("hosts.search", {"gender": gender}))["hosts"]] == [host_id]
+
+        assert (await post_kyc(server, host_id, status)).status == 200
+        event = (await host.next_event("user.updated"))["user"]
+        assert (event["kyc_status"], event["price_per_hour"]) == (status, "42.00")
+        me = await host.call("users.me")
+        assert (me["kyc_status"], me["price_per_hour"]) == (status, "42.00")  # the price is kept
+        with pytest.raises(RpcError) as refused:
+            await book(booker_client, host_id, slot())
+        assert refused.value.code is ErrorCode.HOST_NOT_BOOKABLE
+        await until_replica_has_replayed(server, await replica_caught_up(db, replica_db))
+        assert (await booker_client.call("hosts.search", {"gender": gender}))["hosts"] == []
+
+        # Verified again: bookable at the price kept.
+        assert (await post_kyc(server, host_id, "verified")).status == 200
+        assert (await host.next_event("user.updated"))["user"]["price_per_hour"] == "42.00"
+        assert (await book(booker_client, host_id, slot()))["amount"] == "42.00"

@@ -64,19 +64,26 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # The contract gives a client a whole ping interval to answer, where
     # aiohttp would wait only half of one.
     ws._pong_heartbeat = cfg.ping_interval_s
-    await ws.prepare(request)
-    if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
-        sock = request.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
     conn = Connection(ws, services)
-    services.connections.add(conn)
     try:
         if claims is not None:
+            # Bound (the user's channel subscribed) before the 101 goes out:
+            # a client may count on every event published after it has the
+            # 101. Events that come meanwhile wait in the socket's queue.
             try:
                 await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
             except RpcError:
                 pass  # the session ended meanwhile: the socket serves unbound
+        await ws.prepare(request)
+    except BaseException:
+        conn.unbind()
+        raise
+    if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
+    services.connections.add(conn)
+    try:
         await conn.serve()
     finally:
         services.connections.discard(conn)

@@ -199,7 +199,6 @@ async def test_user_updated_from_users_update_reaches_only_that_users_sockets(se
         await register(stranger1)
         await register(stranger2)
         async with await server2.connect(access_token=s["access_token"]) as own2:
-            # The upgrade answers before the binding is done; a reply means it is.
             assert (await own2.call("users.me"))["id"] == uid
             await own1.call("users.update", {"name": "Only Mine"})
             for own in (own1, own2):

@@ -62,8 +62,9 @@ test: devstack
 loadtest: install
 	$(PY) -m loadtests.run_locust $(LOADTEST_ARGS)
 
+# Before the first `make install` there is no dev stack to show or stop.
 status:
-	@$(PY) -m server.devstack status
+	@if [ -x $(PY) ]; then $(PY) -m server.devstack status; else echo "not installed yet: make install"; exit 1; fi
 
 stop:
-	$(PY) -m server.devstack stop
+	@if [ -x $(PY) ]; then $(PY) -m server.devstack stop; else echo "not installed: nothing to stop"; fi

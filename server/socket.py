@@ -112,6 +112,7 @@ class Connection:
         self.user_id: uuid.UUID | None = None
         self.token_family: uuid.UUID | None = None
         self.token_expires_at: dt.datetime | None = None
+        self.events_suspended = False  # the token expired (``_suspend_events``)
         self.bad_frames = 0
         self.closing = False
         self.draining = False
@@ -344,6 +345,7 @@ class Connection:
         if self.user_id is None:
             raise RpcError(ErrorCode.UNAUTHENTICATED)
         if self.token_expires_at is not None and dt.datetime.now(dt.timezone.utc) >= self.token_expires_at:
+            self._suspend_events()  # if the timer has not fired yet
             raise RpcError(ErrorCode.TOKEN_EXPIRED)
         return self.user_id
 
@@ -354,10 +356,11 @@ class Connection:
         the user published after the reply can be missed (unless Redis is
         down, in which case the subscription is made when it is back)."""
         subscribed = None
-        if self.user_id != user_id:
+        if self.user_id != user_id or self.events_suspended:
             # Another user's events and rooms must never reach this socket.
             self.services.hub.unfollow_all(self)
             subscribed = self.services.hub.follow(self, self.services.hub.user_channel(user_id))
+        self.events_suspended = False
         self.user_id = user_id
         self.token_family = family
         self.token_expires_at = expires_at
@@ -385,10 +388,27 @@ class Connection:
         self.user_id = None
         self.token_family = None
         self.token_expires_at = None
+        self.events_suspended = False
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
 
     def _warn_expiring(self, expires_at: dt.datetime) -> None:
+        if self.token_expires_at != expires_at:
+            return
+        self.send_event(encode({"event": "auth.expiring", "data": {"expires_at": expires_at}}))
+        left = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        self._expiry_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expired, expires_at)
+
+    def _expired(self, expires_at: dt.datetime) -> None:
         if self.token_expires_at == expires_at:
-            self.send_event(encode({"event": "auth.expiring", "data": {"expires_at": expires_at}}))
+            self._suspend_events()
+
+    def _suspend_events(self) -> None:
+        """The access token has expired. The socket stays bound (its calls
+        answer ``token_expired``), but it gets none of the user's events and
+        leaves its rooms until it authenticates again: a token that leaked
+        must not keep a socket listening for longer than the token lives."""
+        if self.user_id is not None and not self.events_suspended:
+            self.services.hub.unfollow_all(self)
+            self.events_suspended = True

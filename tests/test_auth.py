@@ -20,7 +20,7 @@ from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
 from tests.chat_helpers import RawSocket
 from tests.conftest import (PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused, replica_caught_up,
-                            until_replica_has_replayed)
+                            until_replica_has_replayed, verified_user)
 
 UTC = dt.timezone.utc
 
@@ -586,3 +586,51 @@ async def test_auth_expiring_comes_60_seconds_before_expiry(server):
         assert 0.5 <= waited <= 3.5, waited  # 62 s - 60 s, give or take the second-granular exp
         assert expiring["expires_at"] == dt.datetime.fromtimestamp(jwt.decode(token, options={"verify_signature": False})["exp"], UTC)
         assert c.drain_events() == []  # one announcement, not one for the first binding
+
+
+async def test_an_expired_token_stops_the_sockets_events_until_it_authenticates_again(short_token_server):
+    """A token that leaked must not keep a socket listening for longer than
+    the token lives: at expiry the socket leaves the user's events and its
+    rooms; authenticated again, it gets the user's events, and joins its
+    rooms again with since_seq, missing nothing."""
+    server = short_token_server  # every access token lives 2 s
+    host, hs = await verified_user(server, price="10.00")
+    away, bs = await verified_user(server)  # the socket whose token will expire
+    try:
+        await away.call("wallet.topup", {"amount": "100.00", "idempotency_key": uuid.uuid4().hex})
+        start = (dt.datetime.now(UTC) + dt.timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
+        booking = (await away.call("bookings.create", {
+            "host_id": hs["user"]["id"], "start_at": start, "end_at": start + dt.timedelta(hours=1),
+            "idempotency_key": uuid.uuid4().hex,
+        }))["booking"]
+        room = {"conversation_id": booking["conversation_id"]}
+        await away.call("chat.join", room)
+        expires_at = jwt.decode(bs["access_token"], options={"verify_signature": False})["exp"]
+        await asyncio.sleep(expires_at - time.time() + 0.05)  # nothing marks expiry itself
+        assert (await error_of(away, "users.me"))["code"] == "token_expired"
+        away.drain_events()  # whatever came before expiry
+
+        # Meanwhile the user (another socket) and the host (in the room) carry on,
+        # on the same process: once these witnesses have their events, anything
+        # for `away` would be queued before the reply to its next call.
+        async with await server.connect() as other, await server.connect() as host_again:
+            await other.call("auth.login", {"email": bs["user"]["email"], "password": PASSWORD})
+            await host_again.call("auth.login", {"email": hs["user"]["email"], "password": PASSWORD})
+            await host_again.call("chat.join", room)
+            sent = (await host_again.call("chat.send", {**room, "content": "while away"}))["message"]
+            assert (await host_again.next_event("chat.message"))["message"]["seq"] == sent["seq"]
+            await other.call("wallet.topup", {"amount": "1.00", "idempotency_key": uuid.uuid4().hex})
+            await other.next_event("wallet.updated")
+            assert (await error_of(away, "users.me"))["code"] == "token_expired"
+            assert [name for name, _ in away.drain_events()] == []
+
+            # Authenticated again: the user's events come again...
+            await away.call("auth.login", {"email": bs["user"]["email"], "password": PASSWORD})
+            await other.call("wallet.topup", {"amount": "2.00", "idempotency_key": uuid.uuid4().hex})
+            assert (await away.next_event("wallet.updated"))["balance"] == (await other.next_event("wallet.updated"))["balance"]
+            # ... and the room, joined again from where the socket was, gives what it missed.
+            joined = await away.call("chat.join", {**room, "since_seq": 0})
+            assert [m["content"] for m in joined["messages"]] == ["while away"]
+    finally:
+        await host.close()
+        await away.close()

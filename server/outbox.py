@@ -70,6 +70,22 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(map(hiredis.pack_command, commands))
 
 
+class RedisAddress:
+    """Where ``REDIS_URL`` points, for the connections of our own (the outbox
+    here, the subscriber in server/rooms/hub.py): host, port, the ``AUTH``
+    to send first (or None) and the database to ``SELECT`` (or None)."""
+
+    __slots__ = ("host", "port", "auth", "db")
+
+    def __init__(self, redis_url: str) -> None:
+        url = urlparse(redis_url)
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or 6379
+        user, password = unquote(url.username or ""), unquote(url.password or "")
+        self.auth: Command | None = ("AUTH", *([user] if user else []), password) if password else None
+        self.db = int(url.path[1:]) if url.path[1:] else None
+
+
 class _Batch:
     __slots__ = ("expected", "replies", "future")
 
@@ -143,13 +159,11 @@ class _Wire(asyncio.Protocol):
 class Outbox:
     def __init__(self, redis_url: str, timeout_s: float = 2.0, max_in_flight: int = 2,
                  probe_interval_s: float = 0.5) -> None:
-        url = urlparse(redis_url)
-        self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or 6379
-        user, password = unquote(url.username or ""), unquote(url.password or "")
+        address = RedisAddress(redis_url)
+        self._host, self._port = address.host, address.port
         self._hello: list[Command] = [  # sent first on every connection
-            *([("AUTH", *([user] if user else []), password)] if password else []),
-            *([("SELECT", int(url.path[1:]))] if url.path[1:] else []),
+            *([address.auth] if address.auth else []),
+            *([("SELECT", address.db)] if address.db is not None else []),
         ]
         self._timeout = timeout_s
         self._wire: _Wire | None = None

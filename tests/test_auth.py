@@ -18,6 +18,7 @@ from protocol.client import Client
 from protocol.codec import encode
 from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
+from tests.booking_support import events_until
 from tests.chat_helpers import RawSocket
 from tests.conftest import (PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused, replica_caught_up,
                             until_replica_has_replayed, verified_user)
@@ -433,15 +434,12 @@ async def test_a_reused_refresh_token_ends_its_access_tokens_too(server, server2
                     assert (await error_of(c2, "auth.authenticate", {"access_token": token}))["code"] == "unauthenticated"
 
 
-async def _witness_event(witness, user_id: str, name: str) -> None:
+async def _witness_event(witness, name: str) -> None:
     """A user.updated published after what came before it on the user's
     process: once the witness (a socket of the user's on the process
     watched) has it, that process has handled everything published before."""
     await witness.call("users.update", {"name": name})
-    while True:
-        event = await witness.next_event("user.updated")
-        if event["user"]["name"] == name:
-            return
+    await events_until(witness, name)
 
 
 async def test_logout_unbinds_every_socket_of_that_session_on_every_process(server, server2):
@@ -456,7 +454,7 @@ async def test_logout_unbinds_every_socket_of_that_session_on_every_process(serv
         assert await c.call("auth.logout") == {}
         # The logging-out process unbinds its sockets before the reply.
         assert (await error_of(same_here, "users.me"))["code"] == "unauthenticated"
-        await _witness_event(witness, uid, "After logout")
+        await _witness_event(witness, "After logout")
         assert (await error_of(same_there, "users.me"))["code"] == "unauthenticated"
         # ... and they no longer get the user's events (one would have come
         # before that reply).
@@ -478,7 +476,7 @@ async def test_a_reused_refresh_token_unbinds_the_sockets_of_its_session(server,
         # The old refresh token comes back: the family is revoked.
         assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
         assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
-        await _witness_event(witness, uid, "After reuse")
+        await _witness_event(witness, "After reuse")
         assert (await error_of(thief, "users.me"))["code"] == "unauthenticated"
         assert (await witness.call("users.me"))["id"] == uid
 

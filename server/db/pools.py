@@ -130,6 +130,20 @@ class FairPool:
         self.pool = pool
         self.gate = asyncio.Semaphore(pool.get_max_size())
 
+    async def acquire(self) -> asyncpg.Connection:
+        await self.gate.acquire()
+        try:
+            return await self.pool.acquire()
+        except BaseException:
+            self.gate.release()
+            raise
+
+    async def release(self, conn: asyncpg.Connection) -> None:
+        try:
+            await self.pool.release(conn)
+        finally:
+            self.gate.release()
+
     async def close(self) -> None:
         await self.pool.close()
 
@@ -357,7 +371,7 @@ class Database:
         write positions it did not record meanwhile are lost, so the floor
         of every user's position becomes the primary's current one (as in
         ``_set_floor``). Run before the outbox opens again."""
-        await self.redis.eval(_RAISE_FLOOR_LUA, 1, RYW_FLOOR_KEY, parse_lsn(await self._insert_head()))
+        await self.redis.eval(_SET_MAX_LUA, 1, RYW_FLOOR_KEY, parse_lsn(await self._insert_head()))
 
     def pick_replica(self, required: int) -> Replica | None:
         if required < 0:
@@ -484,20 +498,18 @@ class _Batcher:
 # Present as long as Redis has kept its data; see Database._set_floor.
 RYW_FLOOR_KEY = "ryw:floor"
 
-# The floor only rises, and has no TTL (``_set_floor``).
-_RAISE_FLOOR_LUA = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > cur then
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-return 1
-"""
-
+# Raise KEYS[1] to ARGV[1], never lower it. With ARGV[2], the key lives that
+# many seconds from now (a user's write position); without, it keeps no TTL
+# (the floor, see ``_set_floor``).
 _SET_MAX_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-else
+  if ARGV[2] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  else
+    redis.call('SET', KEYS[1], ARGV[1])
+  end
+elseif ARGV[2] then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 1
@@ -533,12 +545,7 @@ class _Acquire:
             # asyncio.timeout, not acquire(timeout=): asyncpg's wait_for makes
             # a task per acquire (about 5 us of CPU each, measured).
             async with asyncio.timeout(self.timeout):
-                await self.pool.gate.acquire()
-                try:
-                    self.conn = await self.pool.pool.acquire()
-                except BaseException:
-                    self.pool.gate.release()
-                    raise
+                self.conn = await self.pool.acquire()
         except (asyncio.TimeoutError, OSError, asyncpg.exceptions.PostgresConnectionError,
                 asyncpg.exceptions.CannotConnectNowError) as exc:
             raise RpcError(ErrorCode.UNAVAILABLE, "database unavailable, retry") from exc
@@ -555,9 +562,6 @@ class _Acquire:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        try:
-            await self.pool.pool.release(self.conn)
-        finally:
-            self.pool.gate.release()
+        await self.pool.release(self.conn)
         if self.expired and isinstance(exc, Exception) and not isinstance(exc, RpcError):
             raise RpcError(ErrorCode.UNAVAILABLE, "database did not answer in time, retry") from exc

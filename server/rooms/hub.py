@@ -25,12 +25,11 @@ import collections
 import logging
 import uuid
 from typing import Awaitable, Callable, Protocol
-from urllib.parse import urlparse
 
 import hiredis
 import redis.exceptions
 
-from server.outbox import Outbox, RedisUnavailable, pack
+from server.outbox import Outbox, RedisAddress, RedisUnavailable, pack
 from server.rooms.membership import Membership
 
 log = logging.getLogger("hangout.rooms")
@@ -59,11 +58,8 @@ def _cmd(*parts: bytes) -> bytes:
 
 class Hub:
     def __init__(self, redis_url: str, outbox: Outbox) -> None:
-        url = urlparse(redis_url)
-        self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or 6379
-        self._password = url.password
-        self._username = url.username
+        address = RedisAddress(redis_url)  # pub/sub ignores the database
+        self._host, self._port, self._auth = address.host, address.port, address.auth
         self.outbox = outbox
         # channel -> its local followers; a room member maps to its Membership
         self._followers: dict[str, dict[Follower, Membership | None]] = {}
@@ -299,9 +295,8 @@ class Hub:
                     writer.close()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._password:
-            auth = [b"AUTH"] + ([self._username.encode()] if self._username else []) + [self._password.encode()]
-            writer.write(_cmd(*auth))
+        if self._auth is not None:
+            writer.write(pack([self._auth]))
             line = await reader.readline()
             if not line.startswith(b"+OK"):
                 raise ConnectionError(f"redis AUTH failed: {line!r}")

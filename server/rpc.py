@@ -27,13 +27,21 @@ __all__ = ["rpc", "METHODS", "Method", "Call", "RpcError", "ErrorCode"]
 class Call:
     services: "Services"
     conn: "Connection"
+    # Who the socket was bound to when the call arrived. The socket may be
+    # bound to someone else (or to no one) by the time the call finishes: a
+    # call's writes, events and read-your-writes positions stay its caller's.
+    caller: uuid.UUID | None
 
     @property
     def user_id(self) -> uuid.UUID:
         """The authenticated caller (guaranteed for ``auth=True`` methods)."""
-        uid = self.conn.user_id
-        assert uid is not None
-        return uid
+        assert self.caller is not None
+        return self.caller
+
+    def still_bound(self) -> bool:
+        """The socket is still the caller's, with its events flowing: only then
+        may the call attach the socket to the caller's things (rooms)."""
+        return self.caller is not None and self.conn.user_id == self.caller and not self.conn.events_suspended
 
 
 Handler = Callable[[Call, Any], Awaitable[Any]]

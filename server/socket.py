@@ -337,7 +337,7 @@ class Connection:
         # The call's write positions go to Redis in the pipeline of its
         # events, and the reply waits for them (read-your-writes).
         async with self.services.db.recording_writes():
-            return await method.handler(Call(self.services, self), params)
+            return await method.handler(Call(self.services, self, self.user_id), params)
 
     # ---- authentication binding -----------------------------------------
 

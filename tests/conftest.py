@@ -261,11 +261,13 @@ async def row_locked(db: asyncpg.Pool, user_id: str) -> AsyncIterator[None]:
             await tx.rollback()
 
 
-async def until_writes_wait_on_the_lock(db: asyncpg.Pool, count: int, timeout: float = 5.0) -> None:
-    """Until ``count`` updates of users wait on a lock (a bounded poll of
-    pg_stat_activity: the waiting happens inside PostgreSQL)."""
+async def until_writes_wait_on_the_lock(
+        db: asyncpg.Pool, count: int, timeout: float = 5.0, statement: str = "UPDATE users%") -> None:
+    """Until ``count`` statements like ``statement`` (updates of users by
+    default) wait on a lock (a bounded poll of pg_stat_activity: the waiting
+    happens inside PostgreSQL)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE users%'"
-    while await db.fetchval(query) < count:
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1"
+    while await db.fetchval(query, statement) < count:
         assert asyncio.get_running_loop().time() < deadline, "the writes never reached the lock"
         await asyncio.sleep(0.01)

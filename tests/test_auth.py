@@ -5,10 +5,12 @@ socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import struct
 import time
 import uuid
+from typing import AsyncIterator
 
 import aiohttp
 import jwt
@@ -19,9 +21,9 @@ from protocol.codec import encode
 from server.auth import issue_access_token
 from server.config import DEV_JWT_SECRET
 from tests.booking_support import events_until
-from tests.chat_helpers import RawSocket
+from tests.chat_helpers import RawSocket, open_room
 from tests.conftest import (PASSWORD, ServerProcess, new_email, post_kyc, register, replay_paused, replica_caught_up,
-                            until_replica_has_replayed, verified_user)
+                            row_locked, until_replica_has_replayed, until_writes_wait_on_the_lock, verified_user)
 
 UTC = dt.timezone.utc
 
@@ -632,3 +634,78 @@ async def test_an_expired_token_stops_the_sockets_events_until_it_authenticates_
     finally:
         await host.close()
         await away.close()
+
+
+# ---- a call outlives its socket's binding ----------------------------------
+# A socket may log out or authenticate as someone else while one of its calls
+# is still running. The call stays its caller's: its writes, events and
+# write positions are the caller's, and it never attaches the socket, now
+# someone else's, to the caller's rooms.
+
+
+@contextlib.asynccontextmanager
+async def conversations_locked(db) -> AsyncIterator[None]:
+    """Reads of conversations wait until the block ends: a chat.join stays in flight."""
+    async with db.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+            yield
+
+
+async def test_a_top_up_in_flight_stays_its_callers_when_the_socket_signs_in_as_someone_else(server, db):
+    switching = await server.connect()
+    a = await register(switching)
+    a_elsewhere = await server.connect(access_token=a["access_token"])
+    b_socket = await server.connect()
+    b = await register(b_socket)
+    async with row_locked(db, a["user"]["id"]):
+        topup = asyncio.create_task(
+            switching.call("wallet.topup", {"amount": "25.00", "idempotency_key": uuid.uuid4().hex}))
+        await until_writes_wait_on_the_lock(db, 1, statement="INSERT INTO topups%")
+        await switching.call("auth.authenticate", {"access_token": b["access_token"]})
+    assert (await topup)["balance"] == "25.00"
+    # A's balance goes to A's sockets only, never to B's.
+    assert (await a_elsewhere.next_event("wallet.updated"))["balance"] == "25.00"
+    await b_socket.call("users.update", {"name": "Marker B"})
+    assert "wallet.updated" not in await events_until(b_socket, "Marker B")
+    assert "wallet.updated" not in await events_until(switching, "Marker B")
+    assert (await switching.call("users.me"))["balance"] == "0.00"
+    for c in (switching, a_elsewhere, b_socket):
+        await c.close()
+
+
+async def test_a_top_up_in_flight_completes_when_its_socket_logs_out(server, db):
+    leaving = await server.connect()
+    a = await register(leaving)
+    # Another session of A's: logout ends only the socket's own.
+    a_elsewhere = await server.connect()
+    await a_elsewhere.call("auth.login", {"email": a["user"]["email"], "password": PASSWORD})
+    async with row_locked(db, a["user"]["id"]):
+        topup = asyncio.create_task(
+            leaving.call("wallet.topup", {"amount": "25.00", "idempotency_key": uuid.uuid4().hex}))
+        await until_writes_wait_on_the_lock(db, 1, statement="INSERT INTO topups%")
+        await leaving.call("auth.logout", {})
+    # Committed, so answered as such (not "internal"), and announced to A.
+    assert (await topup)["balance"] == "25.00"
+    assert (await a_elsewhere.next_event("wallet.updated"))["balance"] == "25.00"
+    assert (await error_of(leaving, "users.me"))["code"] == "unauthenticated"
+    for c in (leaving, a_elsewhere):
+        await c.close()
+
+
+async def test_a_join_in_flight_does_not_put_a_socket_now_signed_in_as_someone_else_in_the_room(server, db):
+    room = await open_room(server)
+    switching = await server.connect(access_token=room.booker.access_token)
+    b_socket = await server.connect()
+    b = await register(b_socket)
+    async with conversations_locked(db):
+        join = asyncio.create_task(switching.call_raw("chat.join", {"conversation_id": room.conversation_id}))
+        await until_writes_wait_on_the_lock(db, 1, statement="%FROM conversations%")
+        await switching.call("auth.authenticate", {"access_token": b["access_token"]})
+    assert (await join)["error"]["code"] == "unauthenticated"
+    await room.host.client.call("chat.send", {"conversation_id": room.conversation_id, "content": "for the booker only"})
+    await switching.call("users.update", {"name": "Marker B"})
+    assert "chat.message" not in await events_until(switching, "Marker B")
+    await switching.close()
+    await b_socket.close()
+    await room.close()

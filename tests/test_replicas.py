@@ -15,7 +15,9 @@ import uuid
 
 import pytest
 
-from tests.conftest import ServerProcess, post_kyc, readyz, register, replay_paused, until_replica_has_replayed
+from tests.booking_support import book, host, key, slot
+from tests.conftest import (ServerProcess, post_kyc, readyz, register, replay_paused, until_replica_has_replayed,
+                            verified_user)
 
 
 async def write_position(redis, *user_ids: str) -> int:
@@ -183,3 +185,74 @@ async def test_a_kyc_change_is_read_by_the_user_on_another_process_while_the_rep
         assert (await x2.call("users.me"))["kyc_status"] == "verified"
         assert (await x2.call("users.get", {"user_id": x_id}))["kyc_status"] == "verified"
     assert await db.fetchval("SELECT kyc_status FROM users WHERE id = $1", uuid.UUID(x_id)) == "verified"
+
+
+# ---- replays -----------------------------------------------------------------
+# A retried call that finds its key used answers with the original outcome.
+# The original may never have recorded its write position (its process died
+# after the commit, or its record is still on the way): the replay's reply
+# says the write happened, so it records the position itself. Each test
+# makes the original call on process 1, deletes what it recorded, and
+# replays on process 2 (which has no local hint either).
+
+
+@pytest.fixture
+async def funded_on_both(server, server2, redis):
+    """A verified user with 100.00, on both processes; the replica (as
+    process 2 sees it) has replayed everything up to the top-up."""
+    c1, session = await verified_user(server)
+    await c1.call("wallet.topup", {"amount": "100.00", "idempotency_key": key()})
+    uid = session["user"]["id"]
+    c2 = await server2.connect(access_token=session["access_token"])
+    await until_replica_has_replayed(server2, await write_position(redis, uid))
+    yield c1, c2, uid
+    for c in (c1, c2):
+        await c.close()
+
+
+async def test_a_replayed_top_up_is_read_by_its_user_while_the_replica_lags(funded_on_both, replica_db, redis):
+    c1, c2, uid = funded_on_both
+    params = {"amount": "25.00", "idempotency_key": uuid.uuid4().hex}
+    async with replay_paused(replica_db):
+        first = await c1.call("wallet.topup", params)
+        await redis.delete(f"ryw:{uid}")  # as if process 1 had died before recording
+        again = await c2.call("wallet.topup", params)
+        assert again["replayed"] and again["transaction"]["id"] == first["transaction"]["id"]
+        newest = (await c2.call("wallet.transactions", {"limit": 1}))["transactions"]
+        assert [t["id"] for t in newest] == [first["transaction"]["id"]]
+        assert (await c2.call("users.me"))["balance"] == "125.00"
+
+
+async def test_a_replayed_booking_is_read_by_its_booker_while_the_replica_lags(
+        funded_on_both, server, replica_db, redis):
+    c1, c2, uid = funded_on_both
+    host_client, host_id = await host(server, price="40.00")
+    start = slot(days=3)
+    params = {"host_id": host_id, "start_at": start, "end_at": start + dt.timedelta(hours=1),
+              "idempotency_key": uuid.uuid4().hex}
+    async with replay_paused(replica_db):
+        first = (await c1.call("bookings.create", params))["booking"]
+        await redis.delete(f"ryw:{uid}")
+        again = await c2.call("bookings.create", params)
+        assert again["replayed"] and again["booking"]["id"] == first["id"]
+        listed = (await c2.call("bookings.list", {"role": "booker"}))["bookings"]
+        assert [b["id"] for b in listed] == [first["id"]]
+        assert (await c2.call("users.me"))["balance"] == "60.00"
+    await host_client.close()
+
+
+async def test_a_repeated_cancel_is_read_by_its_user_while_the_replica_lags(
+        funded_on_both, server, server2, replica_db, redis):
+    c1, c2, uid = funded_on_both
+    host_client, host_id = await host(server, price="40.00")
+    booking = await book(c1, host_id, slot(days=4))
+    await until_replica_has_replayed(server2, await write_position(redis, uid))
+    async with replay_paused(replica_db):
+        await c1.call("bookings.cancel", {"booking_id": booking["id"]})
+        await redis.delete(f"ryw:{uid}")
+        again = await c2.call("bookings.cancel", {"booking_id": booking["id"]})
+        assert again["booking"]["status"] == "cancelled"
+        listed = (await c2.call("bookings.list", {"role": "booker"}))["bookings"]
+        assert [(b["id"], b["status"]) for b in listed] == [(booking["id"], "cancelled")]
+        assert (await c2.call("users.me"))["balance"] == "100.00"
+    await host_client.close()

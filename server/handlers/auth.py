@@ -111,12 +111,13 @@ async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
 # checked here instead of by the dispatcher.
 @rpc("auth.logout", m.LogoutParams, auth=False)
 async def logout(call: Call, p: m.LogoutParams) -> dict:
-    if call.conn.user_id is None:
+    if call.caller is None:
         raise RpcError(ErrorCode.UNAUTHENTICATED)
     user, family = call.user_id, call.conn.token_family
     if family is not None:
         await call.services.db.write(user, auth_db.revoke_family, family, user)
         # Every socket bound with this session, here and on other processes.
         await call.services.sessions.end(user, family)
-    call.conn.unbind()
+    if call.conn.user_id == user and call.conn.token_family == family:
+        call.conn.unbind()  # unless the socket authenticated as someone else meanwhile
     return {}

@@ -33,10 +33,13 @@ def request_hash(p: m.CreateParams) -> bytes:
 
 
 def _parties_written(row: dict[str, Any]) -> list[uuid.UUID] | None:
-    """Whose reads must see this call's write."""
+    """Whose reads must see this call's write. A replay counts as one: the
+    original call may never have recorded its position (its process died
+    after the commit, or it is still on its way), yet the reply says the
+    booking exists, so the booker's reads must see it."""
     if row["outcome"] == "created":
         return [row["user_id"], row["host_id"]]
-    if row["outcome"] == "failed":
+    if row["outcome"] in ("failed", "replayed", "failed_replayed"):
         return [row["user_id"]]
     return None
 
@@ -75,7 +78,8 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
 async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
     services = call.services
     outcome, row, balance = await services.db.write(
-        lambda r: [r[1]["user_id"], r[1]["host_id"]] if r[0] == "cancelled" else None,
+        # "unchanged" (cancelled before) records too, as a replay does.
+        lambda r: [r[1]["user_id"], r[1]["host_id"]] if r[0] in ("cancelled", "unchanged") else None,
         bookings_db.cancel, p.booking_id, call.user_id,
     )
     if outcome == "not_found":

@@ -92,6 +92,16 @@ async def conversations(call: Call, p: m.ConversationsParams) -> m.Conversations
     return m.ConversationsResult(conversations=items, next_cursor=next_cursor)
 
 
+def _require_still_bound(call: Call) -> None:
+    """A join attaches the socket to the caller's room. If the socket has
+    since logged out, authenticated as someone else, or let its token expire,
+    it must not be attached: the call fails as a call made now would."""
+    if not call.still_bound():
+        if call.conn.user_id == call.caller:
+            raise RpcError(ErrorCode.TOKEN_EXPIRED)
+        raise RpcError(ErrorCode.UNAUTHENTICATED, "the socket is no longer signed in as the caller")
+
+
 @rpc("chat.join", m.JoinParams)
 async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     services, hub, user = call.services, call.services.hub, call.user_id
@@ -101,6 +111,7 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
         raise _not_found()  # checked before subscribing: only parties ever follow a room
 
     channel = hub.conversation_channel(p.conversation_id)
+    _require_still_bound(call)  # the socket may have changed hands during the check
     member, subscribed = hub.join(call.conn, channel, user)
     last_seq: int | None = None
     try:
@@ -120,6 +131,7 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
             last_seq=conv["last_seq"],
             truncated=truncated,
         )
+        _require_still_bound(call)  # re-bound meanwhile: the join was undone with the rest
         last_seq = conv["last_seq"]
     finally:
         held = member.end_join(last_seq)

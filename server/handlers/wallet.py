@@ -24,7 +24,10 @@ def request_hash(p: m.TopupParams) -> bytes:
 async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
     try:
         outcome, transaction, balance = await call.services.db.write(
-            lambda r: call.user_id if r[0] == "created" else None,
+            # A replay records too: the original call may not have (its
+            # process may have died after the commit), yet this reply says
+            # the top-up happened, so the caller's reads must see it.
+            lambda r: call.user_id if r[0] in ("created", "replayed") else None,
             wallet_db.topup, call.user_id, p.amount, p.idempotency_key, request_hash(p),
         )
     except asyncpg.exceptions.NumericValueOutOfRangeError:

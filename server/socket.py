@@ -224,8 +224,9 @@ class Connection:
         self._wake.set()
 
     def send_event(self, frame: bytes) -> None:
-        """Queue an encoded event; never waits. Overflow closes with 1013."""
-        if self.closing:
+        """Queue an encoded event; never waits. Overflow closes with 1013.
+        Dropped while the token has expired (``_suspend_events``)."""
+        if self.closing or self.events_suspended:
             return
         self._out_event_bytes += len(frame)
         # Over the bound while the writer waits for the peer to take bytes: the
@@ -356,11 +357,14 @@ class Connection:
         the user published after the reply can be missed (unless Redis is
         down, in which case the subscription is made when it is back)."""
         subscribed = None
-        if self.user_id != user_id or self.events_suspended:
+        if self.user_id != user_id:
             # Another user's events and rooms must never reach this socket.
             self.services.hub.unfollow_all(self)
             subscribed = self.services.hub.follow(self, self.services.hub.user_channel(user_id))
+        resumed = self.events_suspended and self.user_id == user_id
         self.events_suspended = False
+        if resumed:
+            self.services.hub.resume(self)
         self.user_id = user_id
         self.token_family = family
         self.token_expires_at = expires_at
@@ -406,9 +410,11 @@ class Connection:
 
     def _suspend_events(self) -> None:
         """The access token has expired. The socket stays bound (its calls
-        answer ``token_expired``), but it gets none of the user's events and
-        leaves its rooms until it authenticates again: a token that leaked
-        must not keep a socket listening for longer than the token lives."""
-        if self.user_id is not None and not self.events_suspended:
-            self.services.hub.unfollow_all(self)
+        answer ``token_expired``), but it gets none of the user's events or
+        room messages until it authenticates again: a token that leaked must
+        not keep a socket listening for longer than the token lives. It keeps
+        its subscriptions, so that an ended session still reaches it
+        (server/sessions.py) and its rooms resume, missing nothing, once it
+        authenticates again as the same user (``Hub.resume``)."""
+        if self.user_id is not None:
             self.events_suspended = True

@@ -556,15 +556,18 @@ async def test_an_expiring_token_is_announced_then_calls_get_token_expired_until
         assert (await c.call("users.me"))["id"] == s["user"]["id"]
 
 
-async def test_logout_works_with_an_expired_access_token(short_token_server):
+async def test_logout_with_an_expired_access_token_is_token_expired_like_every_protected_call(short_token_server):
     async with await short_token_server.connect() as c:
         s = await register(c)
         expires_at = (await c.next_event("auth.expiring", timeout=1.5))["expires_at"]
         await asyncio.sleep((expires_at - dt.datetime.now(UTC)).total_seconds() + 0.05)
-        assert (await error_of(c, "users.me"))["code"] == "token_expired"
-        assert await c.call("auth.logout") == {}  # docs/protocol-notes.md: a client can always log out
+        assert (await error_of(c, "auth.logout"))["code"] == "token_expired"
+        # Nothing was revoked; with a fresh token the socket logs out.
+        fresh = await c.call("auth.refresh", {"refresh_token": s["refresh_token"]})
+        await c.call("auth.authenticate", {"access_token": fresh["access_token"]})
+        assert await c.call("auth.logout") == {}
         assert (await error_of(c, "users.me"))["code"] == "unauthenticated"
-        assert (await error_of(c, "auth.refresh", {"refresh_token": s["refresh_token"]}))["code"] == "invalid_credentials"
+        assert (await error_of(c, "auth.refresh", {"refresh_token": fresh["refresh_token"]}))["code"] == "invalid_credentials"
 
 
 async def test_a_token_bound_at_the_upgrade_is_announced_too(short_token_server):
@@ -590,9 +593,10 @@ async def test_auth_expiring_comes_60_seconds_before_expiry(server):
 
 async def test_an_expired_token_stops_the_sockets_events_until_it_authenticates_again(short_token_server):
     """A token that leaked must not keep a socket listening for longer than
-    the token lives: at expiry the socket leaves the user's events and its
-    rooms; authenticated again, it gets the user's events, and joins its
-    rooms again with since_seq, missing nothing."""
+    the token lives: from expiry the socket gets none of the user's events
+    and nothing from its rooms; authenticated again, it gets the user's
+    events, and its rooms carry on without a new chat.join, giving first
+    what was sent meanwhile."""
     server = short_token_server  # every access token lives 2 s
     host, hs = await verified_user(server, price="10.00")
     away, bs = await verified_user(server)  # the socket whose token will expire
@@ -624,13 +628,19 @@ async def test_an_expired_token_stops_the_sockets_events_until_it_authenticates_
             assert (await error_of(away, "users.me"))["code"] == "token_expired"
             assert [name for name, _ in away.drain_events()] == []
 
-            # Authenticated again: the user's events come again...
+            # Authenticated again: the room, still joined, gives what was missed...
             await away.call("auth.login", {"email": bs["user"]["email"], "password": PASSWORD})
+            assert (await away.next_event("chat.message"))["message"]["content"] == "while away"
+            # ... the user's events come again, and so do the room's new messages.
             await other.call("wallet.topup", {"amount": "2.00", "idempotency_key": uuid.uuid4().hex})
             assert (await away.next_event("wallet.updated"))["balance"] == (await other.next_event("wallet.updated"))["balance"]
-            # ... and the room, joined again from where the socket was, gives what it missed.
-            joined = await away.call("chat.join", {**room, "since_seq": 0})
-            assert [m["content"] for m in joined["messages"]] == ["while away"]
+            await host_again.call("chat.send", {**room, "content": "welcome back"})
+            assert (await away.next_event("chat.message"))["message"]["content"] == "welcome back"
+            # A join with since_seq still works, and adds no duplicate.
+            joined = await away.call("chat.join", {**room, "since_seq": sent["seq"]})
+            assert [m["content"] for m in joined["messages"]] == ["welcome back"]
+            await other.call("users.update", {"name": "Marker"})
+            assert [n for n in await events_until(away, "Marker") if n == "chat.message"] == []
     finally:
         await host.close()
         await away.close()
@@ -709,3 +719,28 @@ async def test_a_join_in_flight_does_not_put_a_socket_now_signed_in_as_someone_e
     await switching.close()
     await b_socket.close()
     await room.close()
+
+
+async def test_a_join_in_flight_when_the_token_expires_gives_the_socket_nothing_of_the_room(short_token_server, db):
+    server = short_token_server  # every access token lives 2 s: each socket logs in just before it acts
+    room = await open_room(server)
+    await room.close()
+    email = {u: await db.fetchval("SELECT email FROM users WHERE id = $1", uuid.UUID(u))
+             for u in (room.booker.user_id, room.host.user_id)}
+    away = await server.connect()
+    await away.call("auth.login", {"email": email[room.booker.user_id], "password": PASSWORD})
+    expires_at = (await away.next_event("auth.expiring", timeout=2.5))["expires_at"]
+    async with conversations_locked(db):
+        join = asyncio.create_task(away.call_raw("chat.join", {"conversation_id": room.conversation_id}))
+        await until_writes_wait_on_the_lock(db, 1, statement="%FROM conversations%")
+        await asyncio.sleep((expires_at - dt.datetime.now(UTC)).total_seconds() + 0.05)  # nothing marks expiry
+    assert (await join)["error"]["code"] == "token_expired"
+    async with await server.connect() as host, await server.connect() as witness:
+        await host.call("auth.login", {"email": email[room.host.user_id], "password": PASSWORD})
+        await host.call("chat.send", {"conversation_id": room.conversation_id, "content": "after expiry"})
+        # Authenticated again, the socket gets the user's events, and none of the room it never joined.
+        await away.call("auth.login", {"email": email[room.booker.user_id], "password": PASSWORD})
+        await witness.call("auth.login", {"email": email[room.booker.user_id], "password": PASSWORD})
+        await witness.call("users.update", {"name": "Marker"})
+        assert "chat.message" not in await events_until(away, "Marker")
+    await away.close()

@@ -107,12 +107,10 @@ async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
     return m.RefreshResult(access_token=access, refresh_token=new_token)
 
 
-# Logging out must work with an expired access token too, so the binding is
-# checked here instead of by the dispatcher.
-@rpc("auth.logout", m.LogoutParams, auth=False)
+# A protected call like any other: with an expired access token it answers
+# token_expired (authenticate with a refreshed token, then log out).
+@rpc("auth.logout", m.LogoutParams)
 async def logout(call: Call, p: m.LogoutParams) -> dict:
-    if call.caller is None:
-        raise RpcError(ErrorCode.UNAUTHENTICATED)
     user, family = call.user_id, call.conn.token_family
     if family is not None:
         await call.services.db.write(user, auth_db.revoke_family, family, user)

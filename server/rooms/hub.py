@@ -48,6 +48,9 @@ Backfill = Callable[[str, int, int], Awaitable[list[tuple[int, bytes]]]]
 
 class Follower(Protocol):
     user_id: uuid.UUID | None
+    # The access token expired: the socket keeps its memberships, paused, and
+    # gets nothing until it authenticates again (``Hub.resume``).
+    events_suspended: bool
 
     def send_event(self, frame: bytes) -> None: ...
 
@@ -443,7 +446,16 @@ class Hub:
                 self._watch_gap(m)
 
     def _members(self, channel: str) -> list[Membership]:
-        return [m for m in self._followers.get(channel, {}).values() if m is not None and m.live and m.current]
+        return [m for m in self._followers.get(channel, {}).values()
+                if m is not None and m.live and m.current and not m.paused]
+
+    def resume(self, follower: Follower) -> None:
+        """``follower`` authenticated again after its token expired: each of
+        its rooms gives it, from PostgreSQL, what it missed while paused."""
+        for channel in self._channels_of.get(follower, ()):
+            member = self._followers.get(channel, {}).get(follower)
+            if member is not None and member.done is not None:
+                self._schedule_repair(channel, 0)
 
     async def _repair(self, channel: str, attempt: int = 0) -> None:
         try:

@@ -46,6 +46,12 @@ class Membership:
         return self.follower.user_id == self.user_id
 
     @property
+    def paused(self) -> bool:
+        """The socket's token expired: it keeps its position (``done``) and
+        is given nothing until it authenticates again."""
+        return self.follower.events_suspended
+
+    @property
     def live(self) -> bool:
         """Has a position and is not in the middle of a join."""
         return self.done is not None and self.holds == 0
@@ -53,6 +59,8 @@ class Membership:
     def offer(self, seq: int, frame: bytes) -> None:
         """Give the socket an event unless it already has it (``seq`` 0: an
         event outside the message sequence, such as typing)."""
+        if self.paused:
+            return  # not taken: fetched from PostgreSQL on resume (``Hub.resume``)
         if self.holds:
             self.held.append((seq, frame))
             return

@@ -119,11 +119,19 @@ class Connection:
         self._calls: set[asyncio.Task] = set()
         self._out: collections.deque[tuple[bytes, bool]] = collections.deque()
         self._out_event_bytes = 0
+        # Replies queued and not yet handed to the transport. At the in-flight
+        # limit the socket's frames are not read until the peer takes some:
+        # a client that sends without reading cannot queue replies without
+        # bound (replies are never dropped, so they must be bounded here).
+        self._out_replies = 0
+        self._replies_room = asyncio.Event()
+        self._replies_room.set()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._close_code: int | None = None
-        self._flushed: asyncio.Future | None = None  # set by drain() at shutdown
+        self._flushed: asyncio.Future | None = None  # see _flush
+        self._close_task: asyncio.Task | None = None  # sends the close frame, after the queued replies
         self._sending = False  # the writer is inside send_bytes
 
     # ---- lifecycle -------------------------------------------------------
@@ -150,6 +158,10 @@ class Connection:
                 return
             if self.closing:
                 return
+            if not self._replies_room.is_set():
+                await self._replies_room.wait()
+                if self.closing:
+                    return
 
     async def _teardown(self) -> None:
         self.closing = True
@@ -160,6 +172,9 @@ class Connection:
             task.cancel()
         if self._calls:
             await asyncio.gather(*self._calls, return_exceptions=True)
+        if self._close_task is not None:
+            # Closing with a code: the replies queued before it go out first.
+            await asyncio.gather(self._close_task, return_exceptions=True)
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -180,24 +195,33 @@ class Connection:
         """``close`` from code that cannot wait: the socket is closing from
         this moment, and the close frame goes out from a task."""
         self._stop_output(code)
-        self.services.spawn(self._send_close(code, message))
+        self._close_task = self.services.spawn(self._send_close(code, message))
 
     def _stop_output(self, code: int) -> None:
         """From now on nothing more is queued for this socket, and it leaves
-        every channel at once rather than when its reader notices."""
+        every channel at once rather than when its reader notices. Queued
+        events are dropped; queued replies still go out, before the close
+        frame (a reply may tell of a committed change)."""
         self._close_code = code
         self.closing = True
+        replies = [item for item in self._out if not item[1]]
         self._out.clear()
+        self._out.extend(replies)
         self._out_event_bytes = 0
+        self._replies_room.set()  # the reader stops now, whatever is queued
         self.services.hub.forget(self)
 
     async def _send_close(self, code: int, message: str) -> None:
-        # The close frame goes behind what the transport and the kernel
-        # already hold. A peer that stopped reading sees it only once it reads
-        # all that, so it gets longer before the connection is cut.
+        # The close frame goes behind the queued replies, and behind what the
+        # transport and the kernel already hold. A peer that stopped reading
+        # sees it only once it reads all that, so it gets longer before the
+        # connection is cut.
         timeout = SLOW_PEER_CLOSE_S if code == CLOSE_TRY_AGAIN else 2.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), timeout)
+            await self._flush(timeout)
+            await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), max(0.1, deadline - loop.time()))
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
             # A peer that reads nothing cannot take a close frame either.
             transport = self.ws._req.transport if self.ws._req is not None else None
@@ -209,18 +233,41 @@ class Connection:
         self.draining = True
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=timeout)
-        # Let the writer flush the replies of the calls that just finished.
-        if self._out:
-            self._flushed = asyncio.get_running_loop().create_future()
-            await asyncio.wait({self._flushed}, timeout=1.0)
+        await self._flush(1.0)  # the replies of the calls that just finished
         await self.close(CLOSE_GOING_AWAY, "server shutting down")
 
+    async def _flush(self, timeout: float) -> None:
+        """Until the writer has handed every queued frame to the transport
+        (or has stopped), at most ``timeout`` seconds."""
+        if not (self._out or self._sending) or self._writer is None or self._writer.done():
+            return
+        if self._flushed is None or self._flushed.done():
+            self._flushed = asyncio.get_running_loop().create_future()
+        await asyncio.wait({self._flushed}, timeout=timeout)
+
     # ---- outgoing --------------------------------------------------------
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._calls)
+
+    @property
+    def queued_replies(self) -> int:
+        """Replies queued and not yet handed to the transport."""
+        return self._out_replies
+
+    @property
+    def reading_paused(self) -> bool:
+        """The socket's frames are not read until the peer takes replies."""
+        return not self._replies_room.is_set()
 
     def send_reply(self, frame: bytes) -> None:
         if self.closing:
             return
         self._out.append((frame, False))
+        self._out_replies += 1
+        if self._out_replies >= self.config.max_in_flight:
+            self._replies_room.clear()
         self._wake.set()
 
     def send_event(self, frame: bytes) -> None:
@@ -242,22 +289,33 @@ class Connection:
     async def _write_loop(self) -> None:
         out = self._out
         ws = self.ws
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while out:
-                frame, is_event = out.popleft()
-                if is_event:
-                    self._out_event_bytes -= len(frame)
-                # Only observable by others while send_bytes is suspended,
-                # i.e. waiting for the transport to drain.
-                self._sending = True
-                try:
-                    await ws.send_bytes(frame)
-                except (ConnectionError, RuntimeError):
-                    return
-                finally:
-                    self._sending = False
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while out:
+                    frame, is_event = out.popleft()
+                    if is_event:
+                        self._out_event_bytes -= len(frame)
+                    # Only observable by others while send_bytes is suspended,
+                    # i.e. waiting for the transport to drain.
+                    self._sending = True
+                    try:
+                        await ws.send_bytes(frame)
+                    except (ConnectionError, RuntimeError):
+                        return
+                    finally:
+                        self._sending = False
+                    if not is_event:
+                        self._out_replies -= 1
+                        if self._out_replies < self.config.max_in_flight:
+                            self._replies_room.set()
+                if self._flushed is not None and not self._flushed.done():
+                    self._flushed.set_result(None)
+        finally:
+            # Stopped (the peer is gone): nothing more will be written, so
+            # neither the reader nor a flush may wait for it.
+            self._replies_room.set()
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(None)
 

@@ -17,3 +17,19 @@ async def crash(call: Call, p: CrashParams) -> dict:
     """A handler with a bug: the dispatcher must answer ``internal`` with a
     correlation id, log it, and keep the socket."""
     raise RuntimeError("deliberate bug for the internal-error test")
+
+
+class SocketsParams(Params):
+    pass
+
+
+@rpc("test.sockets", SocketsParams, auth=False)
+async def sockets(call: Call, p: SocketsParams) -> dict:
+    """The process's sockets as the outgoing side sees them, by user."""
+    return {
+        "sockets": [
+            {"user_id": str(c.user_id), "calls_in_flight": c.calls_in_flight, "queued_replies": c.queued_replies,
+             "reading_paused": c.reading_paused}
+            for c in call.services.connections if c.user_id is not None
+        ]
+    }

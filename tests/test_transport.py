@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import tempfile
 import time
 from typing import AsyncIterator
@@ -17,7 +18,7 @@ import msgpack
 import pytest
 
 from protocol.codec import decode, encode
-from tests.chat_helpers import RawSocket
+from tests.chat_helpers import RawSocket, open_room
 from tests.conftest import ServerProcess, get_when_replicated, register, row_locked, until_writes_wait_on_the_lock
 
 MAX_FRAME_BYTES = 65536
@@ -305,6 +306,25 @@ async def test_nothing_that_arrives_with_the_tenth_bad_frame_runs(server, db):
     assert await db.fetchval("SELECT name FROM users WHERE id = $1::uuid", s["user"]["id"]) == "Before"
 
 
+async def test_ten_bad_frames_in_one_read_get_their_nine_replies_before_1008(server):
+    async with await server.connect() as c:
+        s = await register(c)
+    raw = await RawSocket.connect(server, s["access_token"], rcvbuf=65536)
+    try:
+        await raw.send_frames([(0x2, b"\xc1")] * 10)  # one TCP write: the server reads them together
+        replies = []
+        while True:
+            opcode, data = await raw.frame()
+            if opcode == 0x8:
+                break
+            replies.append(decode(data))
+        assert struct.unpack("!H", data[:2])[0] == 1008
+        # Replies queued before a close go out before the close frame.
+        assert [(r["id"], r["error"]["code"]) for r in replies] == [(None, "bad_frame")] * 9
+    finally:
+        raw.close()
+
+
 # ---- how calls fail ------------------------------------------------------------
 
 
@@ -428,3 +448,68 @@ async def test_replies_do_not_count_toward_the_outgoing_queue_bound(stack):
 
 async def still_answers_as_user(ws: aiohttp.ClientWebSocketResponse) -> None:
     assert "result" in await ask(ws, {"id": 99999, "method": "users.me"})
+
+
+async def socket_state(ws: aiohttp.ClientWebSocketResponse, user_id: str) -> dict:
+    """The server's view of the user's sockets, taken together."""
+    states = [x for x in (await ask(ws, {"id": 1, "method": "test.sockets"}))["result"]["sockets"]
+              if x["user_id"] == user_id]
+    return {"reading_paused": any(x["reading_paused"] for x in states),
+            "calls_in_flight": sum(x["calls_in_flight"] for x in states),
+            "queued_replies": max(x["queued_replies"] for x in states)}
+
+
+async def test_a_socket_that_sends_without_reading_is_not_read_past_the_in_flight_limit(server_with_test_methods):
+    """Replies are never dropped, so they must be bounded: once the replies
+    queued for a socket reach the in-flight limit (32), the server stops
+    reading its frames until the peer takes some (TCP pushes back on the
+    client). Before, a client that kept sending but never read made the
+    server queue replies, and grow, without bound."""
+    server = server_with_test_methods
+    room = await open_room(server)
+    booker = room.booker
+    conv = room.conversation_id
+    for i in range(20):
+        await booker.client.call("chat.send", {"conversation_id": conv, "content": f"{i:04d}" + "x" * 3996})
+    deadline = time.monotonic() + 10
+    while len((await booker.client.call("chat.history", {"conversation_id": conv, "limit": 20}))["messages"]) < 20:
+        assert time.monotonic() < deadline, "the replica never replayed the messages"
+        await asyncio.sleep(0.02)
+
+    def history(req_id: int) -> tuple[int, bytes]:  # each reply about 80 KB: a few fill the kernel's buffer
+        return 0x2, encode({"id": req_id, "method": "chat.history", "params": {"conversation_id": conv, "limit": 20}})
+
+    raw = await RawSocket.connect(server, booker.access_token, rcvbuf=4096)
+    sent = 0
+    try:
+        async with raw_socket(server) as probe:
+            while True:
+                assert sent < 300, "the server kept reading a socket whose replies piled up"
+                await raw.send_frames([history(sent + i + 1) for i in range(10)])
+                sent += 10
+                deadline = time.monotonic() + 10
+                while True:  # until those calls are done, or the server stopped reading (bounded poll)
+                    state = await socket_state(probe, booker.user_id)
+                    if state["reading_paused"] or state["calls_in_flight"] == 0:
+                        break
+                    assert time.monotonic() < deadline, state
+                    await asyncio.sleep(0.01)
+                if state["reading_paused"]:
+                    break
+            assert state["queued_replies"] <= 2 * 32 + 1, state
+            # More frames now wait in the kernel; once the client reads, every
+            # call is answered, none refused, none lost.
+            await raw.send_frames([history(sent + i + 1) for i in range(10)])
+            sent += 10
+            answered = {}
+            while len(answered) < sent:
+                opcode, data = await raw.frame()
+                frame = decode(data)
+                if opcode == 0x2 and "id" in frame:
+                    answered[frame["id"]] = frame
+            assert sorted(answered) == list(range(1, sent + 1))
+            assert [f.get("error") for f in answered.values() if "error" in f] == []
+            assert all(len(f["result"]["messages"]) == 20 for f in answered.values())
+    finally:
+        raw.close()
+        await room.close()

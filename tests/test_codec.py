@@ -70,9 +70,23 @@ def test_a_decode_error_is_a_value_error():
     assert issubclass(DecodeError, ValueError)
 
 
-def test_a_timestamp_out_of_datetime_range_is_a_decode_error():
-    with pytest.raises(DecodeError):
-        decode(msgpack.packb(msgpack.Timestamp(2**62, 0)))
+@pytest.mark.parametrize(
+    "ts",
+    [msgpack.Timestamp(2**62, 0), msgpack.Timestamp(-(2**62), 0), msgpack.Timestamp(253402300800, 0),
+     msgpack.Timestamp(-62135596801, 0)],
+    ids=repr,
+)
+def test_a_timestamp_out_of_datetime_range_is_left_for_the_models(ts):
+    # Still a request frame: the params models name the field (invalid_params).
+    assert decode(msgpack.packb({"at": [ts], "t": ts})) == {"at": [ts], "t": ts}
+    assert decode(msgpack.packb(ts)) == ts
+
+
+def test_a_timestamp_at_the_ends_of_datetime_range_decodes_as_a_datetime():
+    first, last = msgpack.Timestamp(-62135596800, 0), msgpack.Timestamp(253402300799, 999_999_000)
+    assert decode(msgpack.packb([first, {"t": last}])) == [
+        dt.datetime(1, 1, 1, tzinfo=UTC), {"t": dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)}
+    ]
 
 
 def test_maps_may_have_non_string_keys():
@@ -157,6 +171,18 @@ def test_times_accept_timestamps_and_rfc3339_with_offset(given):
     ids=repr,
 )
 def test_times_refuse_a_missing_offset_and_other_types(given):
+    assert errors_of(at=given) == ["at"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["0001-01-01T00:00:00+14:00", "9999-12-31T23:00:00-14:00", "0001-01-01T00:00:00+00:00:01",
+     dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+     msgpack.Timestamp(2**62, 0), msgpack.Timestamp(-62135596801, 0), msgpack.Timestamp(253402300800, 0)],
+    ids=repr,
+)
+def test_times_that_utc_cannot_hold_are_a_field_error(given):
+    # OverflowError from astimezone is no validation error: it was `internal`.
     assert errors_of(at=given) == ["at"]
 
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 
 from protocol.cursors import BAD_CURSOR, decode_cursor
 from protocol.errors import RpcError
+from protocol.times import UTC, read_time
 
-UTC = dt.timezone.utc
 CENT = Decimal("0.01")
 
 
@@ -71,23 +71,7 @@ def _parse_money(value: Any) -> Decimal:
 
 
 def _parse_time(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        when = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("z", "Z")):
-            text = text[:-1] + "+00:00"
-        try:
-            when = dt.datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError("must be an RFC 3339 time with an offset") from None
-        if "T" not in text.upper():
-            raise ValueError("must be an RFC 3339 time with an offset")
-    else:
-        raise ValueError("must be a timestamp or an RFC 3339 string")
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError("time must carry a UTC offset")
-    return when.astimezone(UTC)
+    return read_time(value)
 
 
 def _dump_money(value: Decimal) -> str:

@@ -10,6 +10,7 @@ import uuid
 import msgpack
 import pytest
 
+from protocol.cursors import encode_cursor
 from protocol.errors import RpcError
 from tests.conftest import register
 
@@ -43,7 +44,7 @@ async def test_a_search_range_given_by_half_is_named_with_the_other_bad_fields(s
         assert await invalid_fields(c, "hosts.search", {"start_at": start}) == {"end_at"}
 
 
-# ---- times that datetime or PostgreSQL cannot hold ---------------
+# ---- times and cursors that datetime or PostgreSQL cannot hold ---------------
 
 # A whole hour that UTC cannot hold (datetime's years are 1 to 9999), as an
 # RFC 3339 string and as MessagePack Timestamps beyond datetime's range.
@@ -80,6 +81,29 @@ async def test_a_time_out_of_datetime_range_is_invalid_params_naming_its_field(s
         await register(c)
         for method, params, field in time_inputs(bad):
             assert await invalid_fields(c, method, params) == {field}, (method, field)
+
+
+# Times of the same list's kind, but with a time that UTC cannot hold.
+TIME_CURSORS = ["wallet.transactions", "bookings.list", "chat.conversations"]
+
+
+@pytest.mark.parametrize("method", TIME_CURSORS)
+@pytest.mark.parametrize("when", [BEFORE_YEAR_1, AFTER_YEAR_9999])
+async def test_a_cursor_holding_a_time_out_of_range_is_invalid_params(server, method, when):
+    async with await server.connect() as c:
+        await register(c)
+        assert await invalid_fields(c, method, {"cursor": encode_cursor(when, uuid.uuid4())}) == {"cursor"}
+
+
+@pytest.mark.parametrize("method", TIME_CURSORS)
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59.999999+00:00"])
+async def test_a_cursor_at_the_ends_of_the_time_range_is_served(server, method, when):
+    """What validation lets through, PostgreSQL takes: no internal error
+    further down for the first and last instants a datetime holds."""
+    async with await server.connect() as c:
+        await register(c)
+        page = await c.call(method, {"cursor": encode_cursor(when, uuid.uuid4())})
+        assert page["next_cursor"] is None
 
 
 async def test_times_at_the_ends_of_the_range_are_served_or_refused_by_rule(server):

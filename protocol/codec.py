@@ -5,11 +5,12 @@ decimal strings and ids as canonical UUID strings. Pydantic models already
 dump money and ids as strings; ``_default`` covers values that reach the
 encoder directly.
 
-A Timestamp decodes as an aware UTC datetime; one beyond the years 1-9999 a
-datetime holds stays a ``msgpack.Timestamp``: the frame is still a request,
-and the params models judge the value (``protocol.models.common.Time``), so
-that it is ``invalid_params`` naming its field rather than a frame that
-cannot be read (whose error could not even carry the call's id).
+A Timestamp that a datetime holds exactly decodes as an aware UTC datetime.
+Any other (a part below the microsecond, or beyond years 1-9999) stays a
+``msgpack.Timestamp``: the frame is still a request, and the params models
+judge the value (``protocol.models.common.Time``), so that it is
+``invalid_params`` naming its field rather than a frame that cannot be read,
+and its nanoseconds are not dropped before a rule can see them.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def _time(value: Any) -> Any:
     if type(value) is not msgpack.Timestamp:
         return value
     try:
-        return timestamp_time(value)
+        when, truncated = timestamp_time(value)
     except ValueError:
         return value
+    return value if truncated else when
 
 
 def _times_in_map(obj: dict[Any, Any]) -> dict[Any, Any]:

@@ -71,7 +71,17 @@ def _parse_money(value: Any) -> Decimal:
 
 
 def _parse_time(value: Any) -> dt.datetime:
-    return read_time(value)
+    # Where a time is only compared (search and availability ranges), it is
+    # read rounded down to the microsecond, as PostgreSQL keeps times.
+    return read_time(value)[0]
+
+
+def _parse_time_whole_hour(value: Any) -> dt.datetime:
+    # (Named _parse_time* so that protocol.docs shows the field as a time.)
+    when, truncated = read_time(value)
+    if truncated or when.minute or when.second or when.microsecond:
+        raise ValueError("must be a whole UTC hour")
+    return when
 
 
 def _dump_money(value: Decimal) -> str:
@@ -81,6 +91,9 @@ def _dump_money(value: Decimal) -> str:
 Id = Annotated[uuid.UUID, PlainValidator(_parse_id), PlainSerializer(str, return_type=str)]
 Money = Annotated[Decimal, PlainValidator(_parse_money), PlainSerializer(_dump_money, return_type=str)]
 Time = Annotated[dt.datetime, PlainValidator(_parse_time)]
+# A time that is a whole UTC hour exactly: a remainder even below the
+# microsecond is refused, not dropped.
+WholeHour = Annotated[dt.datetime, PlainValidator(_parse_time_whole_hour)]
 
 
 def _parse_money_positive(value: Any) -> Decimal:

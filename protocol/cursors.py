@@ -12,6 +12,7 @@ import json
 from typing import Any, Callable, Sequence
 
 from protocol.errors import ErrorCode, RpcError
+from protocol.times import in_utc
 
 
 # The invalid_params error of a cursor that does not decode as one of its list.
@@ -25,11 +26,9 @@ def encode_cursor(*values: Any) -> str:
 
 def aware_time(text: str) -> dt.datetime:
     """A cursor's time value (written with ``datetime.isoformat()``), which
-    must carry its offset."""
-    when = dt.datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        raise ValueError("time without offset")
-    return when
+    must carry its offset, in UTC: a time that UTC cannot hold is no cursor
+    of ours (and would otherwise fail in asyncpg, as ``internal``)."""
+    return in_utc(dt.datetime.fromisoformat(text))
 
 
 def decode_cursor(cursor: str | None, *types: Callable[[Any], Any]) -> tuple | None:

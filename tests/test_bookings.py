@@ -8,6 +8,7 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 
+import msgpack
 import pytest
 
 from protocol.errors import RpcError
@@ -440,6 +441,34 @@ async def test_time_rules_are_invalid_params_naming_the_field(server, name, star
         err = await refused(c.call("bookings.create", _params(str(uuid.uuid4()), base + start, base + end)))
         assert err.code.value == "invalid_params"
         assert fields(err) == {field}
+
+
+def _timestamp(when: dt.datetime, nanoseconds: int = 0) -> msgpack.Timestamp:
+    return msgpack.Timestamp(int(when.timestamp()), nanoseconds)
+
+
+async def test_a_start_or_end_nanoseconds_past_the_hour_is_not_a_whole_hour(server):
+    """A datetime holds microseconds; what is below them must not be dropped
+    before the whole-hour rule sees it (a booking at :00 confirmed for it)."""
+    host_client, host_id = await host(server)
+    client, _ = await booker(server)
+    start = slot(days=2)
+    for start_at, end_at, field in (
+        (_timestamp(start, 999), _timestamp(start + H), "start_at"),
+        (_timestamp(start, 1), _timestamp(start + H), "start_at"),
+        (_timestamp(start), _timestamp(start + H, 1), "end_at"),
+        (start.isoformat().replace("+00:00", ".000000001Z"), start + H, "start_at"),
+        (start, (start + H).isoformat().replace("+00:00", ".0000000001+00:00"), "end_at"),
+    ):
+        err = await refused(client.call("bookings.create", _params(host_id, start_at, end_at)))
+        assert err.code.value == "invalid_params", (start_at, end_at)
+        assert fields(err) == {field}, (start_at, end_at)
+    # The same hours to the nanosecond, and zeros past the sixth digit, are whole.
+    end_at = (start + H).isoformat().replace("+00:00", ".000000000Z")
+    booking = (await client.call("bookings.create", _params(host_id, _timestamp(start), end_at)))["booking"]
+    assert (booking["status"], booking["start_at"]) == ("confirmed", start)
+    await client.close()
+    await host_client.close()
 
 
 async def test_twelve_hours_and_ninety_days_are_allowed(server):

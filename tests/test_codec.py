@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from protocol.codec import DecodeError, decode, encode
 from protocol.errors import ErrorCode, RpcError
-from protocol.models.common import Id, Limit, Money, Params, Result, Time
+from protocol.models.common import Id, Limit, Money, Params, Result, Time, WholeHour
 
 UTC = dt.timezone.utc
 
@@ -70,9 +70,23 @@ def test_a_decode_error_is_a_value_error():
     assert issubclass(DecodeError, ValueError)
 
 
-def test_a_timestamp_out_of_datetime_range_is_a_decode_error():
-    with pytest.raises(DecodeError):
-        decode(msgpack.packb(msgpack.Timestamp(2**62, 0)))
+@pytest.mark.parametrize(
+    "ts",
+    [msgpack.Timestamp(2**62, 0), msgpack.Timestamp(-(2**62), 0), msgpack.Timestamp(253402300800, 0),
+     msgpack.Timestamp(-62135596801, 0), msgpack.Timestamp(0, 1), msgpack.Timestamp(3600, 999)],
+    ids=repr,
+)
+def test_a_timestamp_no_datetime_holds_exactly_is_left_for_the_models(ts):
+    # Still a request frame: the params models name the field (invalid_params).
+    assert decode(msgpack.packb({"at": [ts], "t": ts})) == {"at": [ts], "t": ts}
+    assert decode(msgpack.packb(ts)) == ts
+
+
+def test_a_timestamp_at_the_ends_of_datetime_range_decodes_as_a_datetime():
+    first, last = msgpack.Timestamp(-62135596800, 0), msgpack.Timestamp(253402300799, 999_999_000)
+    assert decode(msgpack.packb([first, {"t": last}])) == [
+        dt.datetime(1, 1, 1, tzinfo=UTC), {"t": dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)}
+    ]
 
 
 def test_maps_may_have_non_string_keys():
@@ -158,6 +172,50 @@ def test_times_accept_timestamps_and_rfc3339_with_offset(given):
 )
 def test_times_refuse_a_missing_offset_and_other_types(given):
     assert errors_of(at=given) == ["at"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["0001-01-01T00:00:00+14:00", "9999-12-31T23:00:00-14:00", "0001-01-01T00:00:00+00:00:01",
+     dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+     msgpack.Timestamp(2**62, 0), msgpack.Timestamp(-62135596801, 0), msgpack.Timestamp(253402300800, 0)],
+    ids=repr,
+)
+def test_times_that_utc_cannot_hold_are_a_field_error(given):
+    # OverflowError from astimezone is no validation error: it was `internal`.
+    assert errors_of(at=given) == ["at"]
+
+
+@pytest.mark.parametrize(
+    "given",
+    [msgpack.Timestamp(1893553445, 999), "2030-01-02T03:04:05.000000999Z", "2030-01-02T03:04:05.0000009999+00:00"],
+    ids=repr,
+)
+def test_times_below_the_microsecond_are_rounded_down(given):
+    assert Sample.model_validate({"at": given}).at == dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+class Hours(Params):
+    at: WholeHour
+
+
+@pytest.mark.parametrize(
+    "given",
+    [msgpack.Timestamp(1893553200, 1), msgpack.Timestamp(1893553200, 999), "2030-01-02T03:00:00.000000001Z",
+     "2030-01-02T03:00:00.0000000000001Z", "2030-01-02T03:00:00.000001Z", "2030-01-02T03:00:01Z", "2030-01-02T04:00:00+00:30"],
+    ids=repr,
+)
+def test_a_whole_hour_refuses_any_remainder_even_below_the_microsecond(given):
+    with pytest.raises(ValidationError) as exc:
+        Hours.model_validate({"at": given})
+    assert [e["loc"] for e in exc.value.errors()] == [("at",)]
+
+
+@pytest.mark.parametrize(
+    "given", [msgpack.Timestamp(1893553200, 0), "2030-01-02T03:00:00.000000000Z", "2030-01-02T05:00:00+02:00"], ids=repr
+)
+def test_a_whole_hour_is_accepted_in_every_form(given):
+    assert Hours.model_validate({"at": given}).at == dt.datetime(2030, 1, 2, 3, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("given", [0, 101, -1, "5", 5.0, True], ids=repr)

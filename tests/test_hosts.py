@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import uuid
 
+import msgpack
 import pytest
 
 from loadtests import explain_search
@@ -202,3 +203,28 @@ async def test_search_uses_the_bookable_index_and_the_busy_gist_index_at_scale(s
     report = await explain_search.run(stack.database_url, users=100_000, bookings=200_000)
     for case in report:
         assert not case.problems, f"{case.name}:\n{case.plan}"
+
+
+async def test_range_bounds_below_the_microsecond_are_read_rounded_down(server, db, replica_db):
+    """A Timestamp keeps nanoseconds that a datetime cannot; a search or an
+    availability range is read to the microsecond, rounded down."""
+    g = gender()
+    (h, h_id), (customer, _) = await asyncio.gather(host(server, price="10.00", gender=g), booker(server))
+    day = slot(days=14)
+    await book(customer, h_id, day + H)  # busy 01:00-02:00
+    await replica_caught_up(db, replica_db)  # the host's price is another user's write
+
+    def ts(when: dt.datetime, nanoseconds: int) -> msgpack.Timestamp:
+        return msgpack.Timestamp(int(when.timestamp()), nanoseconds)
+
+    async def busy(frm, to) -> list:
+        result = await customer.call("hosts.availability", {"host_id": h_id, "from": frm, "to": to})
+        return [(x["start_at"], x["end_at"]) for x in result["busy"]]
+
+    assert await busy(ts(day, 999), ts(day + 3 * H, 1)) == [(day + H, day + 2 * H)]
+    assert await busy(ts(day + 2 * H, 999), ts(day + 3 * H, 999)) == []  # read as from 02:00
+    assert await busy(ts(day, 999), ts(day + H, 999)) == []  # read as to 01:00
+    found = await customer.call("hosts.search", {"gender": g, "start_at": ts(day + 2 * H, 1), "end_at": ts(day + 3 * H, 1)})
+    assert [x["id"] for x in found["hosts"]] == [h_id]
+    for client in (h, customer):
+        await client.close()

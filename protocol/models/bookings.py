@@ -21,7 +21,7 @@ from typing import Literal, Optional
 from pydantic import ValidationInfo, field_validator
 
 from protocol.cursors import aware_time
-from protocol.models.common import UTC, Id, Money, PageParams, Params, Result, Time
+from protocol.models.common import UTC, Id, Money, PageParams, Params, Result, Time, WholeHour
 from protocol.models.wallet import IdempotencyKey
 
 # The invalid_params error of a new booking whose start is not in the future.
@@ -48,15 +48,10 @@ class Booking(Result):
     conversation_id: Optional[Id]  # null for a failed booking
 
 
-def _whole_hour(v: dt.datetime) -> None:
-    if v.minute or v.second or v.microsecond:
-        raise ValueError("must be a whole UTC hour")
-
-
 class CreateParams(Params):
     host_id: Id
-    start_at: Time
-    end_at: Time
+    start_at: WholeHour
+    end_at: WholeHour
     idempotency_key: IdempotencyKey
 
     # Time rules live here so that the error names the field that breaks them,
@@ -67,7 +62,6 @@ class CreateParams(Params):
     @field_validator("start_at")
     @classmethod
     def _start(cls, v: dt.datetime) -> dt.datetime:
-        _whole_hour(v)
         if v - dt.datetime.now(UTC) > MAX_AHEAD:
             raise ValueError("must be at most 90 days ahead")
         return v
@@ -75,7 +69,6 @@ class CreateParams(Params):
     @field_validator("end_at")
     @classmethod
     def _end(cls, v: dt.datetime, info: ValidationInfo) -> dt.datetime:
-        _whole_hour(v)
         start = info.data.get("start_at")
         if start is not None and not MIN_HOURS * HOUR <= v - start <= MAX_HOURS * HOUR:
             raise ValueError(f"must be {MIN_HOURS} to {MAX_HOURS} hours after start_at")

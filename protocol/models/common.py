@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidat
 
 from protocol.cursors import BAD_CURSOR, decode_cursor
 from protocol.errors import RpcError
+from protocol.times import UTC, read_time
 
-UTC = dt.timezone.utc
 CENT = Decimal("0.01")
 
 
@@ -71,23 +71,17 @@ def _parse_money(value: Any) -> Decimal:
 
 
 def _parse_time(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        when = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.endswith(("z", "Z")):
-            text = text[:-1] + "+00:00"
-        try:
-            when = dt.datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError("must be an RFC 3339 time with an offset") from None
-        if "T" not in text.upper():
-            raise ValueError("must be an RFC 3339 time with an offset")
-    else:
-        raise ValueError("must be a timestamp or an RFC 3339 string")
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError("time must carry a UTC offset")
-    return when.astimezone(UTC)
+    # Where a time is only compared (search and availability ranges), it is
+    # read rounded down to the microsecond, as PostgreSQL keeps times.
+    return read_time(value)[0]
+
+
+def _parse_time_whole_hour(value: Any) -> dt.datetime:
+    # (Named _parse_time* so that protocol.docs shows the field as a time.)
+    when, truncated = read_time(value)
+    if truncated or when.minute or when.second or when.microsecond:
+        raise ValueError("must be a whole UTC hour")
+    return when
 
 
 def _dump_money(value: Decimal) -> str:
@@ -97,6 +91,9 @@ def _dump_money(value: Decimal) -> str:
 Id = Annotated[uuid.UUID, PlainValidator(_parse_id), PlainSerializer(str, return_type=str)]
 Money = Annotated[Decimal, PlainValidator(_parse_money), PlainSerializer(_dump_money, return_type=str)]
 Time = Annotated[dt.datetime, PlainValidator(_parse_time)]
+# A time that is a whole UTC hour exactly: a remainder even below the
+# microsecond is refused, not dropped.
+WholeHour = Annotated[dt.datetime, PlainValidator(_parse_time_whole_hour)]
 
 
 def _parse_money_positive(value: Any) -> Decimal:

@@ -87,10 +87,12 @@ async def cancel(
     """Cancel a confirmed booking before its start and refund the booker.
 
     Returns (outcome, booking, booker balance); outcome is ``cancelled``,
-    ``unchanged`` (it already was), ``invalid_state`` or ``not_found``."""
+    ``unchanged`` (it already was), ``invalid_state``, ``not_found`` or
+    ``balance_limit`` (the refund would take the booker's balance over
+    ``BALANCE_MAX``; nothing changed)."""
     async with conn.transaction():
         row = await conn.fetchrow(
-            """SELECT user_id, status, start_at > now() AS before_start FROM bookings
+            """SELECT user_id, amount, status, start_at > now() AS before_start FROM bookings
                WHERE id = $1 AND (user_id = $2 OR host_id = $2) FOR UPDATE""",
             booking_id, party,
         )
@@ -101,7 +103,11 @@ async def cancel(
         if row["status"] != "confirmed" or not row["before_start"]:
             return "invalid_state", None, None
         booker = row["user_id"]
-        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker)
+        refund_fits = await conn.fetchval(
+            "SELECT balance + $2 <= $3 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker, row["amount"], BALANCE_MAX
+        )
+        if not refund_fits:
+            return "balance_limit", None, None
         await conn.execute(
             "UPDATE bookings SET status = 'cancelled', updated_at = now() WHERE id = $1", booking_id
         )

@@ -5,6 +5,11 @@ Every server process runs one ``Settlement`` worker. Each pass settles due
 bookings in batches (``FOR UPDATE SKIP LOCKED``, see
 ``server.db.bookings.settle_due``), so processes share the work instead of
 queueing on each other, and a booking locked by one is never paid by another.
+
+A booking whose payout its host's wallet cannot hold (the balance has a
+limit) is passed over, stays confirmed and is logged at WARNING once a
+pass; it settles in a later pass once the balance allows. It never holds up
+the other bookings.
 """
 
 from __future__ import annotations
@@ -26,8 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("hangout.settlement")
 
 
-def _parties(result: tuple[list, dict]) -> list[uuid.UUID]:
-    completed, _ = result
+# Unpayable bookings named in a pass's warning; the count covers the rest.
+_UNPAYABLE_LOGGED = 20
+
+
+def _parties(result: tuple[list, dict, int]) -> list[uuid.UUID]:
+    completed, _, _ = result
     return list({u for r in completed for u in (r["user_id"], r["host_id"])})
 
 
@@ -63,18 +72,33 @@ class Settlement:
             await asyncio.sleep(self.interval_s)
 
     async def settle_due(self) -> int:
-        """Settle everything due now; returns how many bookings this process settled."""
+        """Settle everything due now; returns how many bookings this process
+        settled. Then logs the due bookings left unpaid because their host's
+        balance cannot take the payout."""
         total = 0
         while True:
-            count = await self.settle_batch()
-            total += count
-            if count < self.batch_size:
-                return total
+            settled, taken = await self.settle_batch()
+            total += settled
+            if taken < self.batch_size:
+                break
+        await self.report_unpayable()
+        return total
 
-    async def settle_batch(self) -> int:
-        completed, balances = await self.services.db.write(_parties, bookings_db.settle_due, self.batch_size)
+    async def report_unpayable(self) -> None:
+        rows = await self.services.db.read_primary(bookings_db.unpayable_due, _UNPAYABLE_LOGGED + 1)
+        for r in rows[:_UNPAYABLE_LOGGED]:
+            log.warning(
+                "booking %s is due but not settled: its payout of %s would take host %s's balance of %s over its limit",
+                r["id"], r["amount"], r["host_id"], r["balance"],
+            )
+        if len(rows) > _UNPAYABLE_LOGGED:
+            log.warning("more due bookings than these %d are not settled for the same reason", _UNPAYABLE_LOGGED)
+
+    async def settle_batch(self) -> tuple[int, int]:
+        """One batch: (bookings settled, due bookings locked)."""
+        completed, balances, taken = await self.services.db.write(_parties, bookings_db.settle_due, self.batch_size)
         if not completed:
-            return 0
+            return 0, taken
         self.settled += len(completed)
         log.info("settled %d bookings", len(completed))
         # Published only now that the payouts are committed, in one round trip.
@@ -85,4 +109,4 @@ class Settlement:
         for host, balance in balances.items():
             batch.append(([host], "wallet.updated", WalletUpdatedEvent(balance=balance)))
         await events.to_users_many(self.services, batch)
-        return len(completed)
+        return len(completed), taken

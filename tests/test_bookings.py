@@ -631,6 +631,37 @@ async def test_cancel_after_start_or_of_a_failed_booking_is_invalid_state(server
     await host_client.close()
 
 
+async def test_cancel_whose_refund_would_overflow_the_booker_balance_is_invalid_state_and_moves_nothing(
+    server, server2, db
+):
+    host_client, host_id = await host(server2, price="50.00")
+    client, booker_id = await booker(server, balance="100.00")
+    b = await book(client, host_id, slot(days=2))
+    bid = uuid.UUID(b["id"])
+    # users.balance is DECIMAL(12,2): a refund of 50.00 cannot be stored on top of this.
+    full = Decimal("9999999960.00")
+    await db.execute("UPDATE users SET balance = $2 WHERE id = $1", uuid.UUID(booker_id), full)
+    busy = await db.fetchval("SELECT count(*) FROM booking_busy WHERE booking_id = $1", bid)
+    for party in (client, host_client):
+        err = await refused(party.call("bookings.cancel", {"booking_id": b["id"]}))
+        assert err.code.value == "invalid_state"
+        assert "limit" in err.message
+    assert (await client.call("bookings.get", {"booking_id": b["id"]}))["status"] == "confirmed"
+    assert await balance(db, booker_id) == full
+    assert await db.fetchval("SELECT count(*) FROM payments WHERE booking_id = $1 AND type = 'refund'", bid) == 0
+    assert await db.fetchval(
+        "SELECT count(*) FROM transactions WHERE reference_id = $1 AND type = 'booking_refund'", bid
+    ) == 0
+    assert busy > 0 and await db.fetchval("SELECT count(*) FROM booking_busy WHERE booking_id = $1", bid) == busy
+    # Once the balance can take the refund, the cancel goes through, refunded once.
+    await db.execute("UPDATE users SET balance = $2 WHERE id = $1", uuid.UUID(booker_id), Decimal("50.00"))
+    assert (await client.call("bookings.cancel", {"booking_id": b["id"]}))["booking"]["status"] == "cancelled"
+    assert await balance(db, booker_id) == Decimal("100.00")
+    assert await db.fetchval("SELECT count(*) FROM payments WHERE booking_id = $1 AND type = 'refund'", bid) == 1
+    await client.close()
+    await host_client.close()
+
+
 async def test_a_third_user_gets_not_found_everywhere(server, server2):
     host_client, host_id = await host(server)
     client, _ = await booker(server)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import uuid
 from decimal import Decimal
 
@@ -14,6 +15,7 @@ import pytest
 from protocol.errors import RpcError
 from tests.booking_support import balance, book, booker, events_until, host, move_to_past, slot
 from server.config import Config
+from server.db.bookings import BALANCE_MAX
 from server.services import Services
 from server.settlement import Settlement
 from tests.conftest import verified_user
@@ -118,3 +120,118 @@ async def test_cancelled_and_failed_bookings_are_never_settled(server, db):
     assert await balance(db, host_id) == Decimal("50.00")
     await client.close()
     await host_client.close()
+
+
+# ---- wallets that cannot take a payout ---------------------------------------
+
+
+async def payouts(db, booking_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Payout payments and booking_payout transactions per booking, as
+    {id: (payments, transactions)}; a booking with neither is absent."""
+    rows = await db.fetch(
+        """SELECT b.id::text,
+                  (SELECT count(*) FROM payments p WHERE p.booking_id = b.id AND p.type = 'payout') AS paid,
+                  (SELECT count(*) FROM transactions t WHERE t.reference_id = b.id AND t.type = 'booking_payout') AS led
+           FROM bookings b WHERE b.id = ANY($1::uuid[])""",
+        [uuid.UUID(i) for i in booking_ids],
+    )
+    return {r["id"]: (r["paid"], r["led"]) for r in rows if r["paid"] or r["led"]}
+
+
+async def statuses(db, booking_ids: list[str]) -> dict[str, str]:
+    rows = await db.fetch("SELECT id::text, status FROM bookings WHERE id = ANY($1::uuid[])", [uuid.UUID(i) for i in booking_ids])
+    return dict(rows)
+
+
+async def set_balance(db, user_id: str, amount: Decimal) -> None:
+    await db.execute("UPDATE users SET balance = $2 WHERE id = $1", uuid.UUID(user_id), amount)
+
+
+async def test_the_balance_limit_is_the_balance_column_s(db):
+    precision, scale = await db.fetchrow(
+        """SELECT numeric_precision, numeric_scale FROM information_schema.columns
+           WHERE table_schema = current_schema() AND table_name = 'users' AND column_name = 'balance'"""
+    )
+    assert BALANCE_MAX == Decimal(10) ** (precision - scale) - Decimal(10) ** -scale
+
+
+async def test_a_host_whose_balance_cannot_take_a_payout_holds_up_no_other_booking(stack, server, server2, db, caplog):
+    full_client, full_id = await host(server, price="50.00")
+    hosts = await asyncio.gather(*(host(server2 if i % 2 else server, price=f"{20 + i}.00") for i in range(3)))
+    bookers = await asyncio.gather(booker(server), booker(server2))
+    day = slot(days=5)
+    # The full host's bookings end first, so they come first in every due batch.
+    stuck = [await book(bc, full_id, day + 2 * j * H) for j, (bc, _) in enumerate(bookers)]
+    others = await asyncio.gather(*(
+        book(bc, hid, day + (4 + 2 * i + j) * H) for i, (_, hid) in enumerate(hosts) for j, (bc, _) in enumerate(bookers)
+    ))
+    full = Decimal("9999999995.00")
+    await set_balance(db, full_id, full)
+    await move_to_past(db, *(b["id"] for b in others), *(b["id"] for b in reversed(stuck)))
+
+    # Both processes' workers settle every other booking, each paid once.
+    for bc, _ in bookers:
+        seen = {(await bc.next_event("booking.completed", timeout=15))["booking"]["id"] for _ in range(3)}
+        assert seen <= {b["id"] for b in others} and len(seen) == 3
+    other_ids = [b["id"] for b in others]
+    stuck_ids = [b["id"] for b in stuck]
+    assert await statuses(db, other_ids) == {i: "completed" for i in other_ids}
+    assert await payouts(db, other_ids) == {i: (1, 1) for i in other_ids}
+    for i, (_, hid) in enumerate(hosts):
+        assert await balance(db, hid) == Decimal(20 + i) * 2
+    # The full host's bookings stay confirmed and unpaid, and a pass says so.
+    services = Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url))
+    await services.db.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hangout.settlement"):
+            await Settlement(services).settle_due()
+    finally:
+        await services.db.close()
+        await services.redis.aclose()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for i in stuck_ids:
+        assert any(i in w for w in warned), (i, warned)
+    assert await statuses(db, stuck_ids) == {i: "confirmed" for i in stuck_ids}
+    assert await payouts(db, stuck_ids) == {}
+    assert await balance(db, full_id) == full
+
+    # Once the host's balance can take them, they settle, each paid once.
+    await set_balance(db, full_id, Decimal("0.00"))
+    seen = {(await full_client.next_event("booking.completed", timeout=15))["booking"]["id"] for _ in range(2)}
+    assert seen == set(stuck_ids)
+    assert await statuses(db, stuck_ids) == {i: "completed" for i in stuck_ids}
+    assert await payouts(db, stuck_ids) == {i: (1, 1) for i in stuck_ids}
+    assert await balance(db, full_id) == Decimal("100.00")
+    for c, _ in [(full_client, None), *hosts, *bookers]:
+        await c.close()
+
+
+async def test_payouts_to_one_host_that_fit_only_one_by_one_settle_one_now_and_the_other_later(server, server2, db):
+    host_client, host_id = await host(server, price="50.00")
+    other_client, other_id = await host(server2, price="30.00")
+    client, _ = await booker(server2)
+    day = slot(days=6)
+    first, second = await book(client, host_id, day), await book(client, host_id, day + 2 * H)
+    other = await book(client, other_id, day + 4 * H)
+    # Room for one payout of 50.00, not for two.
+    await set_balance(db, host_id, BALANCE_MAX - Decimal("60.00"))
+    await move_to_past(db, other["id"], second["id"], first["id"])
+
+    seen = {(await client.next_event("booking.completed", timeout=15))["booking"]["id"] for _ in range(2)}
+    assert other["id"] in seen and len(seen & {first["id"], second["id"]}) == 1
+    (paid,) = seen - {other["id"]}
+    (unpaid,) = {first["id"], second["id"]} - seen
+    assert await statuses(db, [other["id"], first["id"], second["id"]]) == {
+        other["id"]: "completed", paid: "completed", unpaid: "confirmed"
+    }
+    assert await payouts(db, [other["id"], first["id"], second["id"]]) == {other["id"]: (1, 1), paid: (1, 1)}
+    assert await balance(db, host_id) == BALANCE_MAX - Decimal("10.00")
+    assert await balance(db, other_id) == Decimal("30.00")
+
+    # Room again (the host spent some): the other one settles, paid once.
+    await db.execute("UPDATE users SET balance = balance - 100 WHERE id = $1", uuid.UUID(host_id))
+    assert (await client.next_event("booking.completed", timeout=15))["booking"]["id"] == unpaid
+    assert await payouts(db, [first["id"], second["id"]]) == {first["id"]: (1, 1), second["id"]: (1, 1)}
+    assert await balance(db, host_id) == BALANCE_MAX - Decimal("60.00")
+    for c in (client, host_client, other_client):
+        await c.close()

@@ -31,6 +31,11 @@ BOOKING_SELECT = f"""SELECT {BOOKING_COLUMNS}, c.id AS conversation_id
 # exclusion constraint on booking_busy catches every other overlap.
 _ACTIVE_START_INDEX = "uq_bookings_host_start_active"
 
+# The largest balance a wallet can hold: users.balance is DECIMAL(12,2)
+# (sql/001). Storing more fails with "numeric field overflow", so money is
+# only moved into a wallet that can take it.
+BALANCE_MAX = Decimal("9999999999.99")
+
 
 async def create(
     conn: asyncpg.Connection,
@@ -82,10 +87,12 @@ async def cancel(
     """Cancel a confirmed booking before its start and refund the booker.
 
     Returns (outcome, booking, booker balance); outcome is ``cancelled``,
-    ``unchanged`` (it already was), ``invalid_state`` or ``not_found``."""
+    ``unchanged`` (it already was), ``invalid_state``, ``not_found`` or
+    ``balance_limit`` (the refund would take the booker's balance over
+    ``BALANCE_MAX``; nothing changed)."""
     async with conn.transaction():
         row = await conn.fetchrow(
-            """SELECT user_id, status, start_at > now() AS before_start FROM bookings
+            """SELECT user_id, amount, status, start_at > now() AS before_start FROM bookings
                WHERE id = $1 AND (user_id = $2 OR host_id = $2) FOR UPDATE""",
             booking_id, party,
         )
@@ -96,7 +103,11 @@ async def cancel(
         if row["status"] != "confirmed" or not row["before_start"]:
             return "invalid_state", None, None
         booker = row["user_id"]
-        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker)
+        refund_fits = await conn.fetchval(
+            "SELECT balance + $2 <= $3 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker, row["amount"], BALANCE_MAX
+        )
+        if not refund_fits:
+            return "balance_limit", None, None
         await conn.execute(
             "UPDATE bookings SET status = 'cancelled', updated_at = now() WHERE id = $1", booking_id
         )
@@ -154,27 +165,46 @@ async def list_for(
     )
 
 
-async def settle_due(conn: asyncpg.Connection, batch: int) -> tuple[list[asyncpg.Record], dict[uuid.UUID, Decimal]]:
+async def settle_due(
+    conn: asyncpg.Connection, batch: int
+) -> tuple[list[asyncpg.Record], dict[uuid.UUID, Decimal], int]:
     """Complete up to ``batch`` confirmed bookings whose end has passed and
-    pay their hosts. Returns (completed bookings, new balance per host).
+    pay their hosts. Returns (completed bookings, new balance per host,
+    how many due bookings this call locked: fewer than ``batch`` means none
+    were left for it).
 
     SKIP LOCKED lets any number of processes settle side by side, each
     booking by exactly one; the payout key, unique per booking, makes a
-    second payout impossible even so."""
+    second payout impossible even so.
+
+    A payout is only made into a wallet that can hold it (``BALANCE_MAX``):
+    a booking whose payout cannot be stored is passed over and stays
+    confirmed, due again once its host's balance allows (``unpayable_due``
+    lists such bookings), and never holds up the others."""
     async with conn.transaction():
+        # The balance here may be behind; the wallets locked below decide.
         due = await conn.fetch(
-            """SELECT id, host_id FROM bookings
-               WHERE status = 'confirmed' AND end_at <= now()
-               ORDER BY end_at LIMIT $1 FOR UPDATE SKIP LOCKED""",
-            batch,
+            """SELECT b.id, b.host_id, b.amount FROM bookings b JOIN users h ON h.id = b.host_id
+               WHERE b.status = 'confirmed' AND b.end_at <= now() AND h.balance + b.amount <= $2
+               ORDER BY b.end_at LIMIT $1 FOR UPDATE OF b SKIP LOCKED""",
+            batch, BALANCE_MAX,
         )
         if not due:
-            return [], {}
-        ids = [r["id"] for r in due]
-        await conn.execute(
-            "SELECT 1 FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE",
+            return [], {}, 0
+        wallets = await conn.fetch(
+            "SELECT id, balance FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE",
             sorted({r["host_id"] for r in due}),
         )
+        # Payouts to one host that fit one by one may not fit together: pay
+        # them oldest end first while they fit; the rest stay confirmed.
+        room = {w["id"]: BALANCE_MAX - w["balance"] for w in wallets}
+        ids = []
+        for r in due:
+            if r["amount"] <= room[r["host_id"]]:
+                room[r["host_id"]] -= r["amount"]
+                ids.append(r["id"])
+        if not ids:
+            return [], {}, len(due)
         await conn.execute(
             "UPDATE bookings SET status = 'completed', updated_at = now() WHERE id = ANY($1::uuid[])", ids
         )
@@ -198,4 +228,15 @@ async def settle_due(conn: asyncpg.Connection, batch: int) -> tuple[list[asyncpg
             ids,
         )
         completed = await conn.fetch(f"{BOOKING_SELECT} WHERE b.id = ANY($1::uuid[]) ORDER BY b.end_at", ids)
-        return completed, {r["id"]: r["balance"] for r in balances}
+        return completed, {r["id"]: r["balance"] for r in balances}, len(due)
+
+
+async def unpayable_due(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    """Up to ``limit`` due confirmed bookings that settlement passes over
+    because their host's balance cannot take the payout, oldest end first."""
+    return await conn.fetch(
+        """SELECT b.id, b.host_id, b.amount, h.balance FROM bookings b JOIN users h ON h.id = b.host_id
+           WHERE b.status = 'confirmed' AND b.end_at <= now() AND h.balance + b.amount > $2
+           ORDER BY b.end_at LIMIT $1""",
+        limit, BALANCE_MAX,
+    )

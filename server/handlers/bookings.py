@@ -86,6 +86,8 @@ async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
         raise RpcError(ErrorCode.NOT_FOUND)
     if outcome == "invalid_state":
         raise RpcError(ErrorCode.INVALID_STATE, "only a confirmed booking can be cancelled, before it starts")
+    if outcome == "balance_limit":
+        raise RpcError(ErrorCode.INVALID_STATE, "the refund would take the booker's balance over its limit")
     booking = _booking(row)
     if outcome == "cancelled":
         await events.to_users_many(services, [

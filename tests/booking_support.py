@@ -64,7 +64,7 @@ async def balance(db: asyncpg.Pool, user_id: str) -> Decimal:
 
 
 async def move_to_past(db: asyncpg.Pool, *booking_ids: str, hours_ago: int = 2) -> None:
-    """Make bookings (and their busy rows) end in the past, keeping their
+    """Make bookings (their busy rows follow: sql/008) end in the past, keeping their
     length, so that settlement finds them due, all in one transaction. The
     first ends ``hours_ago`` hours ago and each next one ends where the one
     before starts, so they never overlap."""
@@ -75,9 +75,6 @@ async def move_to_past(db: asyncpg.Pool, *booking_ids: str, hours_ago: int = 2) 
             row = await conn.fetchrow("SELECT start_at, end_at FROM bookings WHERE id = $1", bid)
             start = end - (row["end_at"] - row["start_at"])
             await conn.execute("UPDATE bookings SET start_at = $2, end_at = $3 WHERE id = $1", bid, start, end)
-            await conn.execute(
-                "UPDATE booking_busy SET during = tstzrange($2, $3, '[)') WHERE booking_id = $1", bid, start, end
-            )
             end = start
 
 
@@ -88,10 +85,6 @@ async def move_start_to_past(db: asyncpg.Pool, booking_id: str) -> None:
         end = start + dt.timedelta(hours=24)
         await conn.execute(
             "UPDATE bookings SET start_at = $2, end_at = $3 WHERE id = $1", uuid.UUID(booking_id), start, end
-        )
-        await conn.execute(
-            "UPDATE booking_busy SET during = tstzrange($2, $3, '[)') WHERE booking_id = $1",
-            uuid.UUID(booking_id), start, end,
         )
 
 

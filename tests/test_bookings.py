@@ -119,6 +119,52 @@ async def test_both_parties_see_a_new_booking_on_the_other_process_while_the_rep
 # ---- overlap ----------------------------------------------------------------
 
 
+async def test_the_database_refuses_an_overlap_written_around_the_code(server, db):
+    """No overlap even for a booking the server's code never wrote: busy rows
+    follow every write to bookings (sql/008), so the exclusion constraint
+    sees bookings inserted, re-activated or moved by hand too."""
+    import asyncpg
+
+    host_client, host_id = await host(server, price="20.00")
+    client, booker_id = await booker(server)
+    taken = await book(client, host_id, slot(days=7, hour=10), hours=2)  # [10:00, 12:00)
+    hid, bid = uuid.UUID(host_id), uuid.UUID(booker_id)
+    start = slot(days=7, hour=11)
+
+    async def insert(status: str, begin: dt.datetime, hours: int = 1) -> uuid.UUID:
+        return await db.fetchval(
+            """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
+               VALUES ($1, $2, $3, $4, $5, $6, 20) RETURNING id""",
+            bid, hid, begin, begin + dt.timedelta(hours=hours), key(), status)
+
+    async def busy(booking_id: uuid.UUID) -> list[tuple[str, dt.datetime, dt.datetime]]:
+        rows = await db.fetch("""SELECT role, lower(during) AS s, upper(during) AS e FROM booking_busy
+                                 WHERE booking_id = $1 ORDER BY role""", booking_id)
+        return [(r["role"], r["s"], r["e"]) for r in rows]
+
+    with pytest.raises(asyncpg.exceptions.ExclusionViolationError):
+        await insert("confirmed", start)  # [11:00, 12:00) inside the taken one
+    # Inactive rows hold nothing; made active over the taken time, refused.
+    cancelled = await insert("cancelled", start)
+    assert await busy(cancelled) == []
+    with pytest.raises(asyncpg.exceptions.ExclusionViolationError):
+        await db.execute("UPDATE bookings SET status = 'confirmed' WHERE id = $1", cancelled)
+    # Moved clear of it, it may be active; its busy rows move with its times.
+    later = slot(days=7, hour=14)
+    await db.execute("UPDATE bookings SET start_at = $2, end_at = $3, status = 'confirmed' WHERE id = $1",
+                     cancelled, later, later + H)
+    assert await busy(cancelled) == [("booker", later, later + H), ("host", later, later + H)]
+    with pytest.raises(asyncpg.exceptions.ExclusionViolationError):  # moved back onto the taken one
+        await db.execute("UPDATE bookings SET start_at = $2, end_at = $3 WHERE id = $1", cancelled, start, start + H)
+    for status in ("completed", "failed", "cancelled"):  # no longer active: the time is free
+        await db.execute("UPDATE bookings SET status = 'confirmed' WHERE id = $1", cancelled)
+        await db.execute("UPDATE bookings SET status = $2 WHERE id = $1", cancelled, status)
+        assert await busy(cancelled) == []
+    assert len(await busy(uuid.UUID(taken["id"]))) == 2
+    for c in (host_client, client):
+        await c.close()
+
+
 async def test_fifty_bookers_race_for_one_slot_and_exactly_one_wins(server, server2, db):
     host_client, host_id = await host(server, price="30.00")
     bookers = await asyncio.gather(*(booker(server if i % 2 else server2, balance="100.00") for i in range(50)))
@@ -324,8 +370,6 @@ async def _as_if_booked_for(db, booking_id: str, params: dict) -> None:
     async with db.acquire() as conn, conn.transaction():
         await conn.execute("UPDATE bookings SET start_at = $2, end_at = $3, request_hash = $4 WHERE id = $1",
                            uuid.UUID(booking_id), p.start_at, p.end_at, request_hash(p))
-        await conn.execute("UPDATE booking_busy SET during = tstzrange($2, $3, '[)') WHERE booking_id = $1",
-                           uuid.UUID(booking_id), p.start_at, p.end_at)
 
 
 async def test_a_retry_after_the_start_gets_the_original_outcome_not_a_time_error(server, db):

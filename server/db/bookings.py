@@ -3,7 +3,8 @@ reads, and settlement.
 
 Lock order, the same everywhere a booking's money moves, so that none of
 these transactions can deadlock with another: the booking row, then wallet
-rows (users) in id order, then booking_busy rows. bookings.create has no
+rows (users) in id order, then booking_busy rows (written by the database
+itself, from the write to the booking: sql/008). bookings.create has no
 booking row yet and starts at the wallets of both parties, which also keeps
 two overlapping inserts into booking_busy from waiting on each other (see
 sql/006_bookings_create.sql).
@@ -111,7 +112,6 @@ async def cancel(
         await conn.execute(
             "UPDATE bookings SET status = 'cancelled', updated_at = now() WHERE id = $1", booking_id
         )
-        await conn.execute("DELETE FROM booking_busy WHERE booking_id = $1", booking_id)
         # The refund's key is unique per booking: refunded at most once, whatever happens above.
         await conn.execute(
             """INSERT INTO payments (booking_id, user_id, amount, type, status, idempotency_key)
@@ -208,7 +208,6 @@ async def settle_due(
         await conn.execute(
             "UPDATE bookings SET status = 'completed', updated_at = now() WHERE id = ANY($1::uuid[])", ids
         )
-        await conn.execute("DELETE FROM booking_busy WHERE booking_id = ANY($1::uuid[])", ids)
         await conn.execute(
             """INSERT INTO payments (booking_id, user_id, amount, type, status, idempotency_key)
                SELECT id, host_id, amount, 'payout', 'completed', 'payout:' || id

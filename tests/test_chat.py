@@ -98,6 +98,21 @@ async def test_client_msg_id_stores_one_message_per_sender(room):
     assert [m["seq"] for m in history["messages"]] == [4, 3, 2, 1]
 
 
+async def test_one_client_msg_id_sent_at_once_from_sockets_on_two_processes_stores_one_message(room, server, server2):
+    """The de-duplication is the database's, not a process's: retries of one
+    id racing on several sockets of the sender, on both processes, store one
+    message and spend one seq."""
+    conv = room.conversation_id
+    sockets = [await room.booker.socket(server if i % 2 else server2) for i in range(6)]
+    params = {"conversation_id": conv, "content": "once", "client_msg_id": str(uuid.uuid4())}
+    replies = await asyncio.gather(*(c.call("chat.send", params) for c in sockets for _ in range(5)))
+    assert len({(r["message"]["id"], r["message"]["seq"]) for r in replies}) == 1
+    nxt = (await room.booker.client.call("chat.send", {"conversation_id": conv, "content": "next"}))["message"]
+    assert nxt["seq"] == replies[0]["message"]["seq"] + 1
+    history = await room.booker.client.call("chat.history", {"conversation_id": conv})  # read-your-writes
+    assert [m["content"] for m in history["messages"]][:2] == ["next", "once"]
+
+
 async def test_a_client_msg_id_keeps_its_first_message_and_is_per_conversation(room, server):
     conv, booker = room.conversation_id, room.booker.client
     cmid = str(uuid.uuid4())

@@ -10,7 +10,7 @@ import pytest
 from protocol.errors import ErrorCode, RpcError
 from protocol.codec import decode, encode
 from tests.chat_helpers import RawSocket, messages_until, open_room, send_many, subscriber_count, wait_subscribers
-from tests.conftest import register
+from tests.conftest import PASSWORD, register
 
 MESSAGE_KEYS = {"id", "conversation_id", "seq", "sender_id", "content", "created_at", "client_msg_id"}
 CONVERSATION_KEYS = {"id", "booking_id", "user_id", "host_id", "created_at", "last_seq"}
@@ -357,3 +357,19 @@ async def test_inbox_lists_conversations_by_recent_activity(server, server2):
     finally:
         for r in rooms:
             await r.close()
+
+
+async def test_a_joined_socket_that_swaps_in_a_fresh_token_keeps_its_room_and_events(room, server):
+    """auth.authenticate with a new token of the same user (how a long-lived
+    socket refreshes) changes nothing else: the room and the user's events
+    carry on."""
+    conv, booker = room.conversation_id, room.booker.client
+    await booker.call("chat.join", {"conversation_id": conv})
+    email = (await booker.call("users.me"))["email"]
+    other = await room.booker.socket(server)
+    fresh = await other.call("auth.login", {"email": email, "password": PASSWORD})
+    await booker.call("auth.authenticate", {"access_token": fresh["access_token"]})
+    sent = (await room.host.client.call("chat.send", {"conversation_id": conv, "content": "still here?"}))["message"]
+    assert (await booker.next_event("chat.message"))["message"]["seq"] == sent["seq"]
+    await other.call("users.update", {"name": "Renamed"})
+    assert (await booker.next_event("user.updated"))["user"]["name"] == "Renamed"

@@ -112,11 +112,14 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception:
             return False
 
+    # Read before the checks below, which wait for a connection themselves.
+    waiting = db.primary.waiting if db.primary is not None else 0
     primary, redis_up = await asyncio.gather(primary_ok(), redis_ok())
     from server.db.pools import redact
 
     body = {
-        "primary": {"ok": primary},
+        # Calls waiting for a primary connection: the pool (DB_POOL_MAX) is all in use.
+        "primary": {"ok": primary, "waiting": waiting},
         "replicas": [
             {
                 "url": redact(r.url), "ok": r.healthy, "lag_bytes": r.lag_bytes, "error": r.error,

@@ -4,6 +4,7 @@ dispatcher paths that no real method may reach on purpose."""
 
 from __future__ import annotations
 
+from protocol.errors import ErrorCode, RpcError
 from protocol.models.common import Params
 from server.rpc import Call, rpc
 
@@ -33,3 +34,20 @@ async def sockets(call: Call, p: SocketsParams) -> dict:
             for c in call.services.connections if c.user_id is not None
         ]
     }
+
+
+class FailParams(Params):
+    fail: bool
+
+
+@rpc("test.fail_position_lookups", FailParams, auth=False)
+async def fail_position_lookups(call: Call, p: FailParams) -> dict:
+    """Fault injection: while on, reading the primary's WAL position after a
+    commit fails as if the primary had stopped answering just then."""
+    from server.db.pools import _Batcher
+
+    async def unavailable(_keys: list, _required: int) -> dict:
+        raise RpcError(ErrorCode.UNAVAILABLE, "injected by test.fail_position_lookups")
+
+    call.services.db._heads = _Batcher(unavailable, max_running=1) if p.fail else None
+    return {}

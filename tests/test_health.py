@@ -134,7 +134,7 @@ async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server
     status, body = await readyz(server)
     assert status == 200
     assert body["ready"] is True
-    assert body["primary"] == {"ok": True}
+    assert body["primary"] == {"ok": True, "waiting": 0}
     assert body["redis"]["ok"] is True
     assert len(body["replicas"]) == len(stack.replica_urls)
     for replica in body["replicas"]:

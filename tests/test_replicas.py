@@ -256,3 +256,31 @@ async def test_a_repeated_cancel_is_read_by_its_user_while_the_replica_lags(
         assert [(b["id"], b["status"]) for b in listed] == [(booking["id"], "cancelled")]
         assert (await c2.call("users.me"))["balance"] == "100.00"
     await host_client.close()
+
+
+async def test_a_committed_write_whose_position_cannot_be_read_is_answered_and_read_back(stack, server, replica_db):
+    """After a commit the server reads the primary's WAL position for
+    read-your-writes. If it cannot (the primary stopped answering just then;
+    here a test-only method makes that look-up fail), the call is still
+    answered with its result: the write is committed, and "unavailable"
+    would invite a retry that writes twice. The user's reads then go to the
+    primary until the record expires."""
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", LOG_LEVEL="ERROR").start()
+    try:
+        async with await proc.connect() as c:
+            s = await register(c)
+            await until_replica_has_replayed(proc, (await readyz_body(proc))["replicas"][0]["replay_lsn"])
+            async with replay_paused(replica_db):
+                await c.call("test.fail_position_lookups", {"fail": True})
+                try:
+                    result = await c.call("wallet.topup", {"amount": "5.00", "idempotency_key": uuid.uuid4().hex})
+                finally:
+                    await c.call("test.fail_position_lookups", {"fail": False})
+                assert result["balance"] == "5.00"
+                # The replica has not replayed the top-up: these reads went to the primary.
+                assert (await c.call("users.me"))["balance"] == "5.00"
+                assert [t["amount"] for t in (await c.call("wallet.transactions"))["transactions"]] == ["5.00"]
+                async with await server.connect(access_token=s["access_token"]) as elsewhere:  # from Redis
+                    assert (await elsewhere.call("users.me"))["balance"] == "5.00"
+    finally:
+        await proc.stop()

@@ -55,6 +55,10 @@ _REPLICA_FAILURES = (
 # ``write``/``read`` is cut off after this long. A replica that does not
 # answer a read within REPLICA_DEADLINE_S is skipped for the primary.
 PRIMARY_DEADLINE_S = 4.0
+# The write position of a write whose position could not be read after its
+# commit: past any replica's, so the writer's reads go to the primary until
+# the record expires.
+UNKNOWN_POSITION = "80000000/00000000"  # 2**63: no real position gets there
 REPLICA_DEADLINE_S = 2.0
 
 
@@ -124,14 +128,19 @@ class FairPool:
     size in front (asyncio's is fair since Python 3.11.1) means the pool
     itself never makes anyone wait."""
 
-    __slots__ = ("pool", "gate")
+    __slots__ = ("pool", "gate", "waiting")
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.gate = asyncio.Semaphore(pool.get_max_size())
+        self.waiting = 0  # callers waiting for a connection (/readyz)
 
     async def acquire(self) -> asyncpg.Connection:
-        await self.gate.acquire()
+        self.waiting += 1
+        try:
+            await self.gate.acquire()
+        finally:
+            self.waiting -= 1
         try:
             return await self.pool.acquire()
         except BaseException:
@@ -274,7 +283,15 @@ class Database:
                 # Any position read after the commit covers it, so writes that
                 # committed meanwhile share one look-up (and free their
                 # connection before it).
-                lsn = await self._heads.get(None)
+                try:
+                    lsn = await self._heads.get(None)
+                except RpcError as exc:
+                    # The write is committed: answering "unavailable" now would
+                    # invite a retry that writes twice. Its position is unknown,
+                    # so these users' reads go to the primary for a while.
+                    log.warning("a committed write's WAL position could not be read (%s): its users read "
+                                "from the primary for %ss", exc.message, self.config.ryw_ttl_s)
+                    lsn = UNKNOWN_POSITION
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
 
@@ -296,7 +313,9 @@ class Database:
     async def remember_write(self, users: list[uuid.UUID], lsn_text: str) -> None:
         lsn = parse_lsn(lsn_text)
         for u in users:
-            if self._local_lsn.get(u, 0) < lsn:
+            # The local hint has no expiry: an unknown position lives in Redis
+            # only, where it expires with the other positions (RYW_TTL_S).
+            if self._local_lsn.get(u, 0) < lsn and lsn_text != UNKNOWN_POSITION:
                 self._local_lsn[u] = lsn
         if len(self._local_lsn) > 100_000:  # keep the local hint bounded
             self._local_lsn.clear()
@@ -509,7 +528,9 @@ if tonumber(ARGV[1]) > cur then
   else
     redis.call('SET', KEYS[1], ARGV[1])
   end
-elseif ARGV[2] then
+elseif ARGV[2] and cur < 9223372036854775808 then
+  -- A later write keeps the position alive, but not UNKNOWN_POSITION (2**63):
+  -- that one expires on time.
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 1

@@ -101,19 +101,38 @@ async def test_a_text_frame_that_is_not_utf8_closes_the_socket_with_1003_too(ser
         raw.close()
 
 
+async def accepts_a_frame_of(ws: aiohttp.ClientWebSocketResponse, size: int, req_id: int) -> None:
+    data = frame_of_size(size, req_id)
+    assert len(data) == size
+    await ws.send_bytes(data)
+    reply = await next_frame(ws)
+    assert reply["id"] == req_id and reply["error"]["code"] == "unauthenticated"
+
+
 async def test_a_frame_of_exactly_max_frame_bytes_is_accepted(server):
     async with raw_socket(server) as ws:
-        data = frame_of_size(MAX_FRAME_BYTES, req_id=77)
-        assert len(data) == MAX_FRAME_BYTES
-        await ws.send_bytes(data)
-        reply = await next_frame(ws)
-        assert reply["id"] == 77 and reply["error"]["code"] == "unauthenticated"
+        await accepts_a_frame_of(ws, MAX_FRAME_BYTES, req_id=77)
 
 
 async def test_a_frame_one_byte_over_max_frame_bytes_closes_the_socket_with_1009(server):
     async with raw_socket(server) as ws:
         await ws.send_bytes(frame_of_size(MAX_FRAME_BYTES + 1))
         assert await close_code(ws) == 1009
+
+
+SMALL_FRAME_BYTES = 1024
+
+
+async def test_max_frame_bytes_is_configurable_exactly_it_is_accepted_one_byte_more_closes_1009(stack):
+    proc = await ServerProcess(stack, MAX_FRAME_BYTES=str(SMALL_FRAME_BYTES)).start()
+    try:
+        async with raw_socket(proc) as ws:
+            await accepts_a_frame_of(ws, SMALL_FRAME_BYTES, req_id=78)
+            # The limit is the setting's, not the default's: far below 65,536.
+            await ws.send_bytes(frame_of_size(SMALL_FRAME_BYTES + 1))
+            assert await close_code(ws) == 1009
+    finally:
+        await proc.stop()
 
 
 async def test_the_server_selects_hangout_v1_when_the_client_asks_for_it(server):

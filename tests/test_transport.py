@@ -312,6 +312,21 @@ async def test_the_tenth_bad_frame_closes_the_socket_with_1008(server):
         assert await close_code(ws) == 1008
 
 
+async def test_frames_with_a_uint_id_but_no_usable_method_count_toward_the_tenth_too(server):
+    no_method = [
+        {"id": 0}, {"id": 1, "params": {}}, {"id": 2, "method": None}, {"id": 3, "method": 5},
+        {"id": 4, "method": b"users.me"}, {"id": 5, "method": ["users.me"]}, {"id": 6, "method": {"name": "users.me"}},
+        {"id": 7, "method": 1.5}, {"id": MAX_UINT64},
+    ]
+    async with raw_socket(server) as ws:
+        for frame in no_method:  # nine of them: still open
+            reply = await ask(ws, frame)
+            assert (reply["id"], reply["error"]["code"]) == (frame["id"], "bad_frame")
+            await still_answers(ws)
+        await ws.send_bytes(encode({"id": 99, "method": True}))  # the tenth
+        assert await close_code(ws) == 1008
+
+
 async def test_nothing_that_arrives_with_the_tenth_bad_frame_runs(server, db):
     async with await server.connect() as c:
         s = await register(c, name="Before")

@@ -145,6 +145,21 @@ async def test_transactions_are_signed_newest_first_in_keyset_pages(server):
     await host_client.close()
 
 
+async def test_transactions_without_a_limit_come_twenty_to_a_page(server):
+    async with await server.connect() as c:
+        await register(c)
+        for i in range(25):
+            await c.call("wallet.topup", {"amount": f"{i + 1}.00", "idempotency_key": key()})
+        newest_first = [f"{i}.00" for i in range(25, 0, -1)]
+
+        first = await c.call("wallet.transactions")
+        assert [t["amount"] for t in first["transactions"]] == newest_first[:20]
+        assert first["next_cursor"] is not None
+        rest = await c.call("wallet.transactions", {"cursor": first["next_cursor"]})
+        assert [t["amount"] for t in rest["transactions"]] == newest_first[20:]
+        assert rest["next_cursor"] is None
+
+
 async def test_transactions_params_are_validated(server):
     async with await server.connect() as c:
         await register(c)

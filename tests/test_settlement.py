@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 
 from protocol.errors import RpcError
-from tests.booking_support import balance, book, booker, events_until, host, move_to_past, slot
+from tests.booking_support import balance, book, booker, events_until, host, move_start_to_past, move_to_past, slot
 from server.config import Config
 from server.db.bookings import BALANCE_MAX
 from server.services import Services
@@ -122,6 +122,40 @@ async def test_cancelled_and_failed_bookings_are_never_settled(server, db):
     await host_client.close()
 
 
+async def settlement_pass(stack) -> int:
+    """One whole settlement pass, run here and awaited (besides the workers
+    of the server processes); returns how many bookings it settled."""
+    services = Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url))
+    await services.db.start()
+    try:
+        return await Settlement(services).settle_due()
+    finally:
+        await services.db.close()
+        await services.redis.aclose()
+
+
+async def test_a_booking_that_has_started_but_not_ended_is_not_settled(stack, server, db):
+    host_client, host_id = await host(server, price="40.00")
+    client, _ = await booker(server, balance="300.00")
+    started = await book(client, host_id, slot(days=2))
+    ended = await book(client, host_id, slot(days=3))
+    await move_start_to_past(db, started["id"])  # began an hour ago, ends in 23 hours
+    await move_to_past(db, ended["id"])  # moved second: a pass that settles it saw both
+
+    done = (await client.next_event("booking.completed", timeout=15))["booking"]
+    assert done["id"] == ended["id"]
+    await settlement_pass(stack)  # and one more, awaited, after it
+    assert await statuses(db, [started["id"], ended["id"]]) == {started["id"]: "confirmed", ended["id"]: "completed"}
+    assert await payouts(db, [started["id"], ended["id"]]) == {ended["id"]: (1, 1)}
+    assert await balance(db, host_id) == Decimal("40.00")
+    assert await db.fetchval("SELECT count(*) FROM booking_busy WHERE booking_id = $1", uuid.UUID(started["id"])) == 2
+    # No booking.completed for the started one reached the booker either.
+    await client.call("users.update", {"name": "Marker"})
+    assert await events_until(client, "Marker") == ["user.updated"]
+    await client.close()
+    await host_client.close()
+
+
 # ---- wallets that cannot take a payout ---------------------------------------
 
 
@@ -180,14 +214,8 @@ async def test_a_host_whose_balance_cannot_take_a_payout_holds_up_no_other_booki
     for i, (_, hid) in enumerate(hosts):
         assert await balance(db, hid) == Decimal(20 + i) * 2
     # The full host's bookings stay confirmed and unpaid, and a pass says so.
-    services = Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url))
-    await services.db.start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="hangout.settlement"):
-            await Settlement(services).settle_due()
-    finally:
-        await services.db.close()
-        await services.redis.aclose()
+    with caplog.at_level(logging.WARNING, logger="hangout.settlement"):
+        await settlement_pass(stack)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for i in stuck_ids:
         assert any(i in w for w in warned), (i, warned)

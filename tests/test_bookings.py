@@ -455,6 +455,54 @@ async def test_a_refused_call_stores_nothing_and_its_key_can_be_used_again(serve
         await c.close()
 
 
+async def test_a_failure_late_in_create_leaves_nothing_of_the_booking(server, db):
+    """All or nothing: the conversation is written last (sql/006, sql/008);
+    a failure there, injected in the database for this booker alone, must
+    take the booking, its busy rows, the debit, the payment and the ledger
+    line with it."""
+    host_client, host_id = await host(server, price="45.00")
+    client, booker_id = await booker(server, balance="200.00")
+    start, k = slot(days=4), key()
+    name = f"test_fail_conversation_{uuid.uuid4().hex}"  # this test's own, never another's
+    await db.execute(f"""
+        CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'injected failure'; END $$;
+        CREATE TRIGGER {name} BEFORE INSERT ON conversations FOR EACH ROW
+          WHEN (NEW.user_id = '{uuid.UUID(booker_id)}'::uuid) EXECUTE FUNCTION {name}();""")
+    try:
+        err = await refused(book(client, host_id, start, hours=2, idempotency_key=k))
+        assert err.code.value == "internal"
+    finally:
+        await db.execute(f"DROP TRIGGER {name} ON conversations; DROP FUNCTION {name}();")
+
+    bid, hid = uuid.UUID(booker_id), uuid.UUID(host_id)
+
+    async def written() -> dict[str, int]:
+        return dict(await db.fetchrow(
+            """SELECT (SELECT count(*) FROM bookings WHERE idempotency_key = $1 OR user_id = $2) AS bookings,
+                      (SELECT count(*) FROM payments WHERE user_id = $2) AS payments,
+                      (SELECT count(*) FROM transactions WHERE user_id = $2 AND type = 'booking_payment') AS ledger,
+                      (SELECT count(*) FROM booking_busy WHERE user_id = ANY(ARRAY[$2, $3])) AS busy,
+                      (SELECT count(*) FROM conversations WHERE user_id = $2) AS conversations""",
+            k, bid, hid))
+
+    assert await written() == {"bookings": 0, "payments": 0, "ledger": 0, "busy": 0, "conversations": 0}
+    assert await balance(db, booker_id) == Decimal("200.00")
+    assert (await client.call("users.me"))["balance"] == "200.00"
+    # Nothing was announced either.
+    await client.call("users.update", {"name": "Marker"})
+    assert await events_until(client, "Marker") == ["user.updated"]
+    # The slot and the key are still free: the same call now books, once,
+    # and writes what the failed one did not.
+    result = await client.call("bookings.create", {
+        "host_id": host_id, "start_at": start, "end_at": start + 2 * H, "idempotency_key": k})
+    assert (result["replayed"], result["booking"]["status"]) == (False, "confirmed")
+    assert await written() == {"bookings": 1, "payments": 1, "ledger": 1, "busy": 2, "conversations": 1}
+    assert await balance(db, booker_id) == Decimal("110.00")
+    for c in (client, host_client):
+        await c.close()
+
+
 # ---- validation and refusals ---------------------------------------------------
 
 

@@ -414,6 +414,10 @@ class Connection:
         Returns once the user's channel is subscribed, so that no event about
         the user published after the reply can be missed (unless Redis is
         down, in which case the subscription is made when it is back)."""
+        if family is not None and self.services.sessions.ended(family):
+            # The session ended after it was checked, before this: the call
+            # fails, and the earlier binding stays as it was.
+            raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
         subscribed = None
         if self.user_id != user_id:
             # Another user's events and rooms must never reach this socket.

@@ -51,3 +51,19 @@ async def fail_position_lookups(call: Call, p: FailParams) -> dict:
 
     call.services.db._heads = _Batcher(unavailable, max_running=1) if p.fail else None
     return {}
+
+
+class SessionParams(Params):
+    user_id: str
+    family_id: str
+
+
+@rpc("test.hear_session_ended", SessionParams, auth=False)
+async def hear_session_ended(call: Call, p: SessionParams) -> dict:
+    """This process hears that a session ended, as from server/sessions.py's
+    channel, without the session being revoked in the database: what a
+    process sees when the news overtakes its own check of the session."""
+    import uuid
+
+    call.services.sessions.send_event(uuid.UUID(p.user_id).bytes + uuid.UUID(p.family_id).bytes)
+    return {}

@@ -335,6 +335,27 @@ async def test_a_failed_authenticate_keeps_the_earlier_binding(server):
             assert (await c.call("users.me"))["id"] == s["user"]["id"]
 
 
+async def test_an_authenticate_whose_session_ended_meanwhile_keeps_the_earlier_binding(stack):
+    """The session is checked in the database, then the socket is bound. If
+    this process hears in between that the session ended (test-only
+    test.hear_session_ended stands in for that news), the call fails and
+    the socket stays bound as before, with its events."""
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1").start()
+    try:
+        async with await proc.connect() as c, await proc.connect() as other:
+            a = await register(c)
+            b = await register(other)
+            family = jwt.decode(b["access_token"], options={"verify_signature": False})["fam"]
+            await c.call("test.hear_session_ended", {"user_id": b["user"]["id"], "family_id": family})
+            assert (await error_of(c, "auth.authenticate", {"access_token": b["access_token"]}))["code"] == "unauthenticated"
+            assert (await c.call("users.me"))["id"] == a["user"]["id"]
+            async with await proc.connect(access_token=a["access_token"]) as a_elsewhere:
+                await a_elsewhere.call("users.update", {"name": "Still A"})
+            assert (await c.next_event("user.updated"))["user"]["name"] == "Still A"
+    finally:
+        await proc.stop()
+
+
 # ---- refresh and logout ----------------------------------------------------
 
 

@@ -36,6 +36,7 @@ class Sessions:
     """Follows ``CHANNEL`` on the hub like a socket that belongs to nobody."""
 
     user_id = None  # never skipped by a publish that skips a user
+    events_suspended = False  # a hub Follower; it has no token to expire
 
     def __init__(self, hub: "Hub", remember_s: float) -> None:
         self.hub = hub

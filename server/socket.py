@@ -124,6 +124,7 @@ class Connection:
         # a client that sends without reading cannot queue replies without
         # bound (replies are never dropped, so they must be bounded here).
         self._out_replies = 0
+        self.replies = 0  # replies queued over the socket's life (tests, via test.sockets)
         self._replies_room = asyncio.Event()
         self._replies_room.set()
         self._wake = asyncio.Event()
@@ -265,6 +266,7 @@ class Connection:
         if self.closing:
             return
         self._out.append((frame, False))
+        self.replies += 1
         self._out_replies += 1
         if self._out_replies >= self.config.max_in_flight:
             self._replies_room.clear()

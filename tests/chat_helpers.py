@@ -107,18 +107,23 @@ async def collect_messages(client: Client, count: int, *, timeout: float = 30.0)
 
 async def messages_until(client: Client, seq: int, *, timeout: float = 30.0) -> list[int]:
     """Seqs of chat.message events up to and including the one with ``seq``."""
-    seqs: list[int] = []
+    return [data["message"]["seq"] for name, data in await events_until_message(client, seq, timeout=timeout)
+            if name == "chat.message"]
+
+
+async def events_until_message(client: Client, seq: int, *, timeout: float = 30.0) -> list[tuple[str, dict]]:
+    """Every event (name, data) up to and including the chat.message with ``seq``."""
+    events: list[tuple[str, dict]] = []
 
     async def run() -> None:
         while True:
             name, data = await client.events.get()
-            if name == "chat.message":
-                seqs.append(data["message"]["seq"])
-                if data["message"]["seq"] == seq:
-                    return
+            events.append((name, data))
+            if name == "chat.message" and data["message"]["seq"] == seq:
+                return
 
     await asyncio.wait_for(run(), timeout)
-    return seqs
+    return events
 
 
 async def send_many(

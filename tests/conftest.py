@@ -208,6 +208,18 @@ async def readyz(server: ServerProcess) -> tuple[int, dict]:
             return r.status, await r.json()
 
 
+async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0) -> None:
+    """The hub's reconnection is visible in /readyz; poll it, bounded."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status, body = await readyz(server)
+        if status == 200 and body["redis"]["subscriber_connected"]:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"hub did not reconnect: {body}")
+        await asyncio.sleep(0.05)
+
+
 async def replica_caught_up(db: asyncpg.Pool, replica_db: asyncpg.Pool, timeout: float = 10.0) -> int:
     """Waits until the replica has replayed everything the primary has
     written so far; returns that position. (Replay has no event to await.)"""

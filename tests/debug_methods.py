@@ -29,7 +29,8 @@ async def sockets(call: Call, p: SocketsParams) -> dict:
     """The process's sockets as the outgoing side sees them, by user."""
     return {
         "sockets": [
-            {"user_id": str(c.user_id), "calls_in_flight": c.calls_in_flight, "queued_replies": c.queued_replies,
+            {"user_id": str(c.user_id), "replies": c.replies, "calls_in_flight": c.calls_in_flight,
+             "queued_replies": c.queued_replies,
              "reading_paused": c.reading_paused}
             for c in call.services.connections if c.user_id is not None
         ]

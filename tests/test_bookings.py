@@ -268,8 +268,8 @@ async def test_failed_booking_holds_no_slot(server, server2, db):
 async def test_insufficient_funds_stores_a_failed_booking_and_moves_nothing(server, db):
     host_client, host_id = await host(server, price="60.00")
     client, booker_id = await booker(server, balance="100.00")
-    k = key()
-    err = await refused(book(client, host_id, slot(days=2), hours=2, idempotency_key=k))
+    k, start = key(), slot(days=2)  # one slot for both calls, even across an hour boundary
+    err = await refused(book(client, host_id, start, hours=2, idempotency_key=k))
     assert err.code.value == "insufficient_funds"
     assert err.data["replayed"] is False
     failed = await client.call("bookings.get", {"booking_id": err.data["booking_id"]})
@@ -285,7 +285,7 @@ async def test_insufficient_funds_stores_a_failed_booking_and_moves_nothing(serv
     ) == 0
     # The same key answers the same way, even after the booker has topped up.
     await client.call("wallet.topup", {"amount": "500.00", "idempotency_key": key()})
-    again = await refused(book(client, host_id, slot(days=2), hours=2, idempotency_key=k))
+    again = await refused(book(client, host_id, start, hours=2, idempotency_key=k))
     assert again.code.value == "insufficient_funds"
     assert again.data == {"booking_id": err.data["booking_id"], "replayed": True}
     assert await balance(db, booker_id) == Decimal("600.00")

@@ -9,8 +9,9 @@ import pytest
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.codec import decode, encode
-from tests.chat_helpers import RawSocket, messages_until, open_room, send_many, subscriber_count, wait_subscribers
-from tests.conftest import PASSWORD, register
+from tests.chat_helpers import (RawSocket, events_until_message, messages_until, open_room, send_many, subscriber_count,
+                                wait_subscribers)
+from tests.conftest import PASSWORD, register, replica_caught_up
 
 MESSAGE_KEYS = {"id", "conversation_id", "seq", "sender_id", "content", "created_at", "client_msg_id"}
 CONVERSATION_KEYS = {"id", "booking_id", "user_id", "host_id", "created_at", "last_seq"}
@@ -46,8 +47,8 @@ async def test_only_the_two_parties_may_touch_a_conversation(room, server):
             await expect_error(ErrorCode.NOT_FOUND, stranger.call("chat.history", {"conversation_id": cid}))
             await expect_error(ErrorCode.NOT_FOUND, stranger.call("chat.typing", {"conversation_id": cid}))
         assert (await stranger.call("chat.conversations"))["conversations"] == []
-        # Nothing the stranger tried was stored.
-        history = await room.host.client.call("chat.history", {"conversation_id": conv})
+        # Nothing the stranger tried was stored (read by the sender: read-your-writes).
+        history = await room.booker.client.call("chat.history", {"conversation_id": conv})
         assert [m["content"] for m in history["messages"]] == ["hi"]
     finally:
         await stranger.close()
@@ -94,7 +95,7 @@ async def test_client_msg_id_stores_one_message_per_sender(room):
     assert hosts["id"] != first["id"] and hosts["seq"] == 3
     nxt = (await booker.call("chat.send", {"conversation_id": conv, "content": "next"}))["message"]
     assert nxt["seq"] == 4
-    history = await host.call("chat.history", {"conversation_id": conv})
+    history = await booker.call("chat.history", {"conversation_id": conv})  # the last writer: read-your-writes
     assert [m["seq"] for m in history["messages"]] == [4, 3, 2, 1]
 
 
@@ -131,11 +132,11 @@ async def test_a_client_msg_id_keeps_its_first_message_and_is_per_conversation(r
 
 
 async def test_history_gives_50_by_default_and_up_to_100(room):
-    conv, host = room.conversation_id, room.host.client
+    conv, reader = room.conversation_id, room.booker.client  # the sender reads: read-your-writes
     await send_many(room.booker.client, conv, 101)
-    assert [m["seq"] for m in (await host.call("chat.history", {"conversation_id": conv}))["messages"]] == list(range(101, 51, -1))
-    assert len((await host.call("chat.history", {"conversation_id": conv, "limit": 100}))["messages"]) == 100
-    await expect_error(ErrorCode.INVALID_PARAMS, host.call("chat.history", {"conversation_id": conv, "limit": 101}))
+    assert [m["seq"] for m in (await reader.call("chat.history", {"conversation_id": conv}))["messages"]] == list(range(101, 51, -1))
+    assert len((await reader.call("chat.history", {"conversation_id": conv, "limit": 100}))["messages"]) == 100
+    await expect_error(ErrorCode.INVALID_PARAMS, reader.call("chat.history", {"conversation_id": conv, "limit": 101}))
 
 
 async def test_the_join_reply_comes_before_any_message_of_that_room(room, server):
@@ -252,8 +253,7 @@ async def test_typing_reaches_only_the_other_party(room, server2):
     # own sockets got no typing before it.
     last = (await host.call("chat.send", {"conversation_id": conv, "content": "marker"}))["message"]
     for c in (booker, booker2):
-        await messages_until(c, last["seq"])
-        assert [name for name, _ in c.drain_events() if name == "chat.typing"] == []
+        assert "chat.typing" not in [name for name, _ in await events_until_message(c, last["seq"])]
     # Typing works without joining too, and is not stored.
     host3 = await room.host.socket(server2)
     assert await host3.call("chat.typing", {"conversation_id": conv}) == {}
@@ -307,6 +307,7 @@ async def test_rebinding_to_another_user_leaves_the_room(room, server):
     await room.booker.client.call("chat.join", {"conversation_id": conv})
     marker = (await room.host.client.call("chat.send", {"conversation_id": conv, "content": "m"}))["message"]
     await messages_until(room.booker.client, marker["seq"])
+    await s.call("users.me")  # a reply follows every event queued before it
     assert [d for n, d in s.drain_events() if n == "chat.message"] == [], sent
 
 
@@ -315,7 +316,7 @@ async def test_sending_stays_allowed_after_the_booking_ends(room, db):
     cancelled = await room.booker.client.call("bookings.cancel", {"booking_id": room.booking_id})
     assert cancelled["booking"]["status"] == "cancelled"
     msg = (await room.host.client.call("chat.send", {"conversation_id": conv, "content": "after cancel"}))["message"]
-    history = await room.booker.client.call("chat.history", {"conversation_id": conv, "limit": 1})
+    history = await room.host.client.call("chat.history", {"conversation_id": conv, "limit": 1})  # the sender reads
     assert history["messages"][0]["id"] == msg["id"]
     # Completion needs end_at to pass (settlement); set the status directly.
     async with db.acquire() as c:
@@ -329,7 +330,7 @@ async def test_sending_stays_allowed_after_the_booking_ends(room, db):
     assert conv in [x["id"] for x in inbox["conversations"]]
 
 
-async def test_inbox_lists_conversations_by_recent_activity(server, server2):
+async def test_inbox_lists_conversations_by_recent_activity(server, server2, db, replica_db):
     first_room = await open_room(server, server2)
     booker = first_room.booker  # one booker, three hosts
     rooms = [first_room] + [await open_room(server, server2, booker=booker) for _ in range(2)]
@@ -337,6 +338,7 @@ async def test_inbox_lists_conversations_by_recent_activity(server, server2):
         a, b, c_ = (r.conversation_id for r in rooms)
         await booker.client.call("chat.send", {"conversation_id": b, "content": "to b"})
         last_a = (await rooms[0].host.client.call("chat.send", {"conversation_id": a, "content": "to a"}))["message"]
+        await replica_caught_up(db, replica_db)  # the host's message is another user's write for the booker
         inbox = await booker.client.call("chat.conversations")
         ids = [x["id"] for x in inbox["conversations"]]
         assert ids == [a, b, c_] and inbox["next_cursor"] is None

@@ -14,7 +14,7 @@ import pytest
 
 from tests.chat_helpers import RawSocket, _next_slot, collect_messages, messages_until, open_room, send_many
 from tests.conftest import (ServerProcess, readyz, redis_writes_hung, replay_paused, replica_caught_up,
-                            until_replica_has_replayed)
+                            until_replica_has_replayed, wait_subscriber_connected)
 
 STORM = 200
 
@@ -25,18 +25,6 @@ def exactly_once(seqs: list[int], n: int) -> None:
     missing = sorted(set(range(1, n + 1)) - set(seqs))
     assert not missing, f"missing: {missing[:10]}"
     assert len(seqs) == n
-
-
-async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0) -> None:
-    """The hub's reconnection is visible in /readyz; poll it, bounded."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        status, body = await readyz(server)
-        if status == 200 and body["redis"]["subscriber_connected"]:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"hub did not reconnect: {body}")
-        await asyncio.sleep(0.05)
 
 
 async def test_concurrent_sends_reach_every_joined_socket_exactly_once(server, server2):

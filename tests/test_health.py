@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from protocol.errors import RpcError
-from tests.conftest import ServerProcess, post_kyc, readyz, register
+from tests.conftest import ServerProcess, post_kyc, readyz, register, wait_subscriber_connected
 
 
 async def wait_until_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
@@ -146,7 +146,7 @@ async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server
     assert isinstance(body["pid"], int)
 
 
-async def test_readyz_is_503_while_redis_is_unreachable(server, stack):
+async def test_readyz_is_503_while_redis_is_unreachable(server, server2, stack):
     await asyncio.to_thread(stack.stop_redis)
     try:
         status, body = await readyz(server)
@@ -157,6 +157,10 @@ async def test_readyz_is_503_while_redis_is_unreachable(server, stack):
     finally:
         await asyncio.to_thread(stack.start_redis)
     await wait_until_ready(server)
+    # Both session servers have their hub back before the next test: a user
+    # channel subscribed while a hub reconnects would miss events.
+    for s in (server, server2):
+        await wait_subscriber_connected(s)
 
 
 async def test_readyz_is_503_while_the_primary_does_not_answer(linked_server, link):

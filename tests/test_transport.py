@@ -457,7 +457,8 @@ async def test_replies_do_not_count_toward_the_outgoing_queue_bound(stack):
     # with ~1.2 KiB replies through a 4 KiB receive window without reading:
     # ~700 KiB of replies wait in the server's queue, and every one of them
     # is still delivered.
-    proc = await ServerProcess(stack, OUTGOING_QUEUE_MAX_BYTES="1024", MAX_IN_FLIGHT="1000").start()
+    proc = await ServerProcess(stack, OUTGOING_QUEUE_MAX_BYTES="1024", MAX_IN_FLIGHT="1000",
+                               HANGOUT_TEST_METHODS="1").start()
     try:
         async with await proc.connect() as c:
             s = await register(c)
@@ -470,7 +471,16 @@ async def test_replies_do_not_count_toward_the_outgoing_queue_bound(stack):
         ) as ws:
             for i in range(calls):
                 await ws.send_bytes(encode({"id": i, "method": "users.me"}))
-            await asyncio.sleep(0.5)  # a slow reader: the point of the test
+            # A slow reader: every call is answered before the client reads
+            # any reply (a bounded poll of the server's own view).
+            async with raw_socket(proc) as probe:
+                deadline = time.monotonic() + 20
+                while True:
+                    state = await socket_state(probe, s["user"]["id"])
+                    if state["replies"] >= calls:
+                        break
+                    assert time.monotonic() < deadline, state
+                    await asyncio.sleep(0.01)
             replies = [await next_frame(ws) for _ in range(calls)]
             assert sorted(r["id"] for r in replies) == list(range(calls))
             assert all(len(r["result"]["name"]) == 255 for r in replies)
@@ -488,7 +498,8 @@ async def socket_state(ws: aiohttp.ClientWebSocketResponse, user_id: str) -> dic
     """The server's view of the user's sockets, taken together."""
     states = [x for x in (await ask(ws, {"id": 1, "method": "test.sockets"}))["result"]["sockets"]
               if x["user_id"] == user_id]
-    return {"reading_paused": any(x["reading_paused"] for x in states),
+    return {"replies": sum(x["replies"] for x in states),
+            "reading_paused": any(x["reading_paused"] for x in states),
             "calls_in_flight": sum(x["calls_in_flight"] for x in states),
             "queued_replies": max(x["queued_replies"] for x in states)}
 

@@ -127,17 +127,20 @@ class Connection:
         self.replies = 0  # replies queued over the socket's life (tests, via test.sockets)
         self._replies_room = asyncio.Event()
         self._replies_room.set()
+        self._writer_stopped = False  # nothing more can be written: the reader must not wait for it
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._close_code: int | None = None
         self._flushed: asyncio.Future | None = None  # see _flush
         self._close_task: asyncio.Task | None = None  # sends the close frame, after the queued replies
+        self._serve_task: asyncio.Task | None = None  # runs the reader, then the teardown
         self._sending = False  # the writer is inside send_bytes
 
     # ---- lifecycle -------------------------------------------------------
 
     async def serve(self) -> None:
+        self._serve_task = asyncio.current_task()
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
         try:
             await self._read_loop()
@@ -161,8 +164,8 @@ class Connection:
                 return
             if not self._replies_room.is_set():
                 await self._replies_room.wait()
-                if self.closing:
-                    return
+            if self.closing or self._writer_stopped:
+                return  # (a writer that stopped means the peer is gone)
 
     async def _teardown(self) -> None:
         self.closing = True
@@ -190,6 +193,10 @@ class Connection:
         if self._close_code is not None:
             return
         self._stop_output(code)
+        if asyncio.current_task() is not self._serve_task:
+            # Closed from elsewhere (shutdown): the teardown waits for it
+            # rather than stop the writer under the flush.
+            self._close_task = asyncio.current_task()
         await self._send_close(code, message)
 
     def _close_now(self, code: int, message: str) -> None:
@@ -268,7 +275,7 @@ class Connection:
         self._out.append((frame, False))
         self.replies += 1
         self._out_replies += 1
-        if self._out_replies >= self.config.max_in_flight:
+        if self._out_replies >= self.config.max_in_flight and not self._writer_stopped:
             self._replies_room.clear()
         self._wake.set()
 
@@ -317,6 +324,7 @@ class Connection:
         finally:
             # Stopped (the peer is gone): nothing more will be written, so
             # neither the reader nor a flush may wait for it.
+            self._writer_stopped = True
             self._replies_room.set()
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(None)

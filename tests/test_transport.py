@@ -19,7 +19,8 @@ import pytest
 
 from protocol.codec import decode, encode
 from tests.chat_helpers import RawSocket, open_room
-from tests.conftest import ServerProcess, get_when_replicated, register, row_locked, until_writes_wait_on_the_lock
+from tests.conftest import (ServerProcess, get_when_replicated, readyz, register, row_locked,
+                            until_writes_wait_on_the_lock)
 
 MAX_FRAME_BYTES = 65536
 MAX_IN_FLIGHT = 32
@@ -558,3 +559,22 @@ async def test_a_socket_that_sends_without_reading_is_not_read_past_the_in_fligh
     finally:
         raw.close()
         await room.close()
+
+
+async def test_a_client_that_sends_a_burst_and_hangs_up_leaves_nothing_behind(server):
+    """A burst of calls (past the in-flight limit, so that replies pile up
+    and reading pauses), then the client is gone: the server's side of the
+    socket still ends, and leaves every channel."""
+    async with await server.connect() as c:
+        s = await register(c)
+    before = (await readyz(server))[1]["sockets"]
+    for _ in range(3):
+        raw = await RawSocket.connect(server, s["access_token"], rcvbuf=4096)
+        frames = [(0x2, encode({"id": i, "method": "users.me"})) for i in range(200)]
+        await raw.send_frames(frames)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()  # a reset: nothing more is read or written
+    deadline = time.monotonic() + 15
+    while (await readyz(server))[1]["sockets"] > before:
+        assert time.monotonic() < deadline, "a socket of a client that hung up never ended"
+        await asyncio.sleep(0.05)

@@ -26,7 +26,7 @@ Decisions where the contract is silent:
   Closing the socket, ``auth.logout`` or re-authenticating as someone else
   leaves every room. An expired access token pauses the socket's rooms: no
   ``chat.message`` until it authenticates again as the same user, and then
-  first the messages it missed, without a new ``chat.join``.
+  the messages it missed, without a new ``chat.join``.
 - ``chat.conversations`` lists every conversation of the caller, as booker
   or host, whatever its booking's status: by last activity (the last message,
   or the conversation's creation), newest first. ``last_message`` is the one

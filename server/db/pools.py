@@ -57,7 +57,7 @@ _REPLICA_FAILURES = (
 PRIMARY_DEADLINE_S = 4.0
 # The write position of a write whose position could not be read after its
 # commit: past any replica's, so the writer's reads go to the primary until
-# the record expires.
+# the record expires (RYW_TTL_S after the user's last write, as any record).
 UNKNOWN_POSITION = "80000000/00000000"  # 2**63: no real position gets there
 REPLICA_DEADLINE_S = 2.0
 
@@ -285,12 +285,12 @@ class Database:
                 # connection before it).
                 try:
                     lsn = await self._heads.get(None)
-                except RpcError as exc:
-                    # The write is committed: answering "unavailable" now would
+                except Exception as exc:  # no connection, a deadline, a dropped or restarting primary...
+                    # The write is committed: answering an error now would
                     # invite a retry that writes twice. Its position is unknown,
                     # so these users' reads go to the primary for a while.
-                    log.warning("a committed write's WAL position could not be read (%s): its users read "
-                                "from the primary for %ss", exc.message, self.config.ryw_ttl_s)
+                    log.warning("a committed write's WAL position could not be read (%r): its users read "
+                                "from the primary for %ss", exc, self.config.ryw_ttl_s)
                     lsn = UNKNOWN_POSITION
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
@@ -312,15 +312,16 @@ class Database:
 
     async def remember_write(self, users: list[uuid.UUID], lsn_text: str) -> None:
         lsn = parse_lsn(lsn_text)
-        for u in users:
-            # The local hint has no expiry: an unknown position lives in Redis
-            # only, where it expires with the other positions (RYW_TTL_S).
-            if self._local_lsn.get(u, 0) < lsn and lsn_text != UNKNOWN_POSITION:
-                self._local_lsn[u] = lsn
-        if len(self._local_lsn) > 100_000:  # keep the local hint bounded
-            self._local_lsn.clear()
+        # The local hint has no expiry: an unknown position lives in Redis
+        # only, where it expires with the other positions (RYW_TTL_S).
+        if lsn_text != UNKNOWN_POSITION:
             for u in users:
-                self._local_lsn[u] = lsn
+                if self._local_lsn.get(u, 0) < lsn:
+                    self._local_lsn[u] = lsn
+            if len(self._local_lsn) > 100_000:  # keep the local hint bounded
+                self._local_lsn.clear()
+                for u in users:
+                    self._local_lsn[u] = lsn
         # Keep the highest position; a plain SET could move it back.
         recorded = self.outbox.submit([("EVAL", _SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.config.ryw_ttl_s) for u in users])
         deferred = _DEFERRED_RECORDS.get()
@@ -528,9 +529,9 @@ if tonumber(ARGV[1]) > cur then
   else
     redis.call('SET', KEYS[1], ARGV[1])
   end
-elseif ARGV[2] and cur < 9223372036854775808 then
-  -- A later write keeps the position alive, but not UNKNOWN_POSITION (2**63):
-  -- that one expires on time.
+elseif ARGV[2] then
+  -- A later write keeps the higher position alive for its own sake; behind
+  -- UNKNOWN_POSITION (2**63) too, which then covers it.
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 1

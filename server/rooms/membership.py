@@ -59,11 +59,12 @@ class Membership:
     def offer(self, seq: int, frame: bytes) -> None:
         """Give the socket an event unless it already has it (``seq`` 0: an
         event outside the message sequence, such as typing)."""
-        if self.paused:
-            return  # not taken: fetched from PostgreSQL on resume (``Hub.resume``)
         if self.holds:
+            # A join is reading: hold, paused or not (released after its reply).
             self.held.append((seq, frame))
             return
+        if self.paused:
+            return  # not taken: fetched from PostgreSQL on resume (``Hub.resume``)
         if seq:
             if self.done is None or not self._take(seq):
                 return

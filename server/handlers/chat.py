@@ -136,7 +136,7 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     finally:
         held = member.end_join(last_seq)
         if member.done is None and not member.holds:
-            hub.unfollow(call.conn, channel)  # never joined: no position to deliver from
+            hub.drop(member)  # never joined: no position to deliver from
         else:
             # The dispatcher queues this call's reply in the same step as our
             # return, before any callback runs: events held during the read

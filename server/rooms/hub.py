@@ -158,6 +158,12 @@ class Hub:
             self._cancel_repair(channel)
             self._write(_cmd(b"UNSUBSCRIBE", channel.encode()))
 
+    def drop(self, member: Membership) -> None:
+        """Unfollow ``member``'s room, unless the socket's entry there is by
+        now another membership (the socket was re-bound and joined again)."""
+        if self._followers.get(member.channel, {}).get(member.follower) is member:
+            self.unfollow(member.follower, member.channel)
+
     def unfollow_all(self, follower: Follower) -> None:
         for channel in list(self._channels_of.get(follower, ())):
             self.unfollow(follower, channel)

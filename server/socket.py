@@ -101,6 +101,17 @@ def dump_result(result: Any) -> Any:
     return result
 
 
+class _Placeholder:
+    """Holds a user's channel subscribed while ``Connection.bind`` waits for
+    Redis, so that the socket itself changes only once the wait is over."""
+
+    user_id = None
+    events_suspended = False
+
+    def send_event(self, frame: bytes) -> None:
+        pass
+
+
 class Connection:
     """A client socket: its auth binding, in-flight calls and outgoing queue."""
 
@@ -424,19 +435,34 @@ class Connection:
         Returns once the user's channel is subscribed, so that no event about
         the user published after the reply can be missed (unless Redis is
         down, in which case the subscription is made when it is back)."""
-        if family is not None and self.services.sessions.ended(family):
+        sessions, hub = self.services.sessions, self.services.hub
+        if family is not None and sessions.ended(family):
             # The session ended after it was checked, before this: the call
             # fails, and the earlier binding stays as it was.
             raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
-        subscribed = None
         if self.user_id != user_id:
-            # Another user's events and rooms must never reach this socket.
-            self.services.hub.unfollow_all(self)
-            subscribed = self.services.hub.follow(self, self.services.hub.user_channel(user_id))
+            # The new user's channel is subscribed before the socket changes
+            # at all, on behalf of a placeholder: if the session ends while
+            # Redis confirms, the call fails with the earlier binding (its
+            # user, its rooms) as it was. Past the wait nothing awaits, so
+            # no news can fall between the last check and the switch.
+            channel = hub.user_channel(user_id)
+            placeholder = _Placeholder()
+            subscribed = hub.follow(placeholder, channel)
+            try:
+                if subscribed is not None:
+                    await asyncio.wait({subscribed}, timeout=2.0)
+                if family is not None and sessions.ended(family):
+                    raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+                # Another user's events and rooms must never reach this socket.
+                hub.unfollow_all(self)
+                hub.follow(self, channel)  # subscribed already (or made when Redis is back)
+            finally:
+                hub.unfollow(placeholder, channel)
         resumed = self.events_suspended and self.user_id == user_id
         self.events_suspended = False
         if resumed:
-            self.services.hub.resume(self)
+            hub.resume(self)
         self.user_id = user_id
         self.token_family = family
         self.token_expires_at = expires_at
@@ -446,12 +472,6 @@ class Connection:
         lead = self.config.auth_expiring_lead_s
         delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - lead)
         self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
-        if subscribed is not None:
-            await asyncio.wait({subscribed}, timeout=2.0)
-        if family is not None and self.services.sessions.ended(family) and self.token_family == family:
-            # The session ended after it was checked (server/sessions.py).
-            self.unbind()
-            raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
 
     def session_ended(self, family: uuid.UUID) -> None:
         """Another socket or process ended this socket's session."""

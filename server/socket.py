@@ -138,7 +138,6 @@ class Connection:
         self.replies = 0  # replies queued over the socket's life (tests, via test.sockets)
         self._replies_room = asyncio.Event()
         self._replies_room.set()
-        self._writer_stopped = False  # nothing more can be written: the reader must not wait for it
         self._wake = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -258,13 +257,18 @@ class Connection:
     async def _flush(self, timeout: float) -> None:
         """Until the writer has handed every queued frame to the transport
         (or has stopped), at most ``timeout`` seconds."""
-        if not (self._out or self._sending) or self._writer is None or self._writer.done():
+        if not (self._out or self._sending) or self._writer is None or self._writer_stopped:
             return
         if self._flushed is None or self._flushed.done():
             self._flushed = asyncio.get_running_loop().create_future()
         await asyncio.wait({self._flushed}, timeout=timeout)
 
     # ---- outgoing --------------------------------------------------------
+
+    @property
+    def _writer_stopped(self) -> bool:
+        """Nothing more can be written (the peer is gone): nobody may wait for the writer."""
+        return self._writer is not None and self._writer.done()
 
     @property
     def calls_in_flight(self) -> int:
@@ -335,7 +339,6 @@ class Connection:
         finally:
             # Stopped (the peer is gone): nothing more will be written, so
             # neither the reader nor a flush may wait for it.
-            self._writer_stopped = True
             self._replies_room.set()
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(None)

@@ -128,7 +128,7 @@ class Hub:
 
     def release(self, member: Membership, held: list[tuple[int, bytes]]) -> None:
         """Give a member the events held during its join (after its reply)."""
-        if self._followers.get(member.channel, {}).get(member.follower) is not member:
+        if not self._is_entry(member):
             return  # left (or the socket closed) meanwhile
         for seq, frame in held:
             member.offer(seq, frame)
@@ -161,8 +161,12 @@ class Hub:
     def drop(self, member: Membership) -> None:
         """Unfollow ``member``'s room, unless the socket's entry there is by
         now another membership (the socket was re-bound and joined again)."""
-        if self._followers.get(member.channel, {}).get(member.follower) is member:
+        if self._is_entry(member):
             self.unfollow(member.follower, member.channel)
+
+    def _is_entry(self, member: Membership) -> bool:
+        """``member`` is still its socket's entry in its room."""
+        return self._followers.get(member.channel, {}).get(member.follower) is member
 
     def unfollow_all(self, follower: Follower) -> None:
         for channel in list(self._channels_of.get(follower, ())):

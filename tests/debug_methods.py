@@ -68,3 +68,47 @@ async def hear_session_ended(call: Call, p: SessionParams) -> dict:
 
     call.services.sessions.send_event(uuid.UUID(p.user_id).bytes + uuid.UUID(p.family_id).bytes)
     return {}
+
+
+class HoldParams(Params):
+    hold: bool
+
+
+@rpc("test.hold_subscriptions", HoldParams, auth=False)
+async def hold_subscriptions(call: Call, p: HoldParams) -> dict:
+    """Fault injection: while on, Redis's confirmations of this process's new
+    subscriptions are held back, as if Redis were slow to answer SUBSCRIBE;
+    turned off, the held ones are passed on in order. Returns the channels
+    held so far."""
+    import asyncio
+
+    hub = call.services.hub
+    state = hub.__dict__.setdefault("_test_hold", {"held": [], "seen": asyncio.Event()})
+    if p.hold:
+        def hold(channel: str) -> None:
+            state["held"].append(channel)
+            state["seen"].set()
+
+        hub._confirmed = hold
+        return {"held": state["held"]}
+    held = list(state["held"])
+    hub.__dict__.pop("_confirmed", None)  # the class's own again
+    del hub.__dict__["_test_hold"]
+    for channel in held:
+        hub._confirmed(channel)
+    return {"held": held}
+
+
+class NoParams(Params):
+    pass
+
+
+@rpc("test.subscription_held", NoParams, auth=False)
+async def subscription_held(call: Call, p: NoParams) -> dict:
+    """Answers once test.hold_subscriptions has held a confirmation (at most
+    5 s), with the channels held."""
+    import asyncio
+
+    state = call.services.hub.__dict__["_test_hold"]
+    await asyncio.wait_for(state["seen"].wait(), 5.0)
+    return {"held": state["held"]}

@@ -356,6 +356,45 @@ async def test_an_authenticate_whose_session_ended_meanwhile_keeps_the_earlier_b
         await proc.stop()
 
 
+async def test_a_session_that_ends_while_its_channel_is_subscribed_leaves_the_earlier_binding(stack, server):
+    """Rebinding to user B first subscribes B's channel and waits for Redis
+    to confirm it; only then does the socket change. News that B's session
+    ended, heard during that wait (Redis's confirmation is held back by
+    test.hold_subscriptions meanwhile), fails the call, and the socket keeps
+    user A's binding, events included: it never gets B's, and it is not
+    left bound as A but deaf to A's. B lives on another process, so that
+    this one has no subscription to B's channel already."""
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1").start()
+    try:
+        async with await proc.connect() as c, await proc.connect() as ops, await server.connect() as b_socket:
+            a = await register(c)
+            b = await register(b_socket)
+            family = jwt.decode(b["access_token"], options={"verify_signature": False})["fam"]
+            await ops.call("test.hold_subscriptions", {"hold": True})
+            try:
+                rebind = asyncio.create_task(error_of(c, "auth.authenticate", {"access_token": b["access_token"]}))
+                held = await ops.call("test.subscription_held")
+                assert f"u:{b['user']['id']}" in held["held"]
+                await ops.call("test.hear_session_ended", {"user_id": b["user"]["id"], "family_id": family})
+            finally:
+                await ops.call("test.hold_subscriptions", {"hold": False})
+            assert (await rebind)["code"] == "unauthenticated"
+            assert (await c.call("users.me"))["id"] == a["user"]["id"]
+            async with await proc.connect(access_token=a["access_token"]) as a_elsewhere:
+                await a_elsewhere.call("users.update", {"name": "Still A"})
+            assert (await c.next_event("user.updated"))["user"]["name"] == "Still A"
+            # B's next event reaches a socket of B's on this process (a new
+            # session: this process holds B's first one as ended), and not c.
+            async with await proc.connect() as b_here:
+                await b_here.call("auth.login", {"email": b["user"]["email"], "password": PASSWORD})
+                await b_socket.call("users.update", {"name": "B"})
+                assert (await b_here.next_event("user.updated"))["user"]["name"] == "B"
+            await c.call("users.me")
+            assert [name for name, _ in c.drain_events()] == []
+    finally:
+        await proc.stop()
+
+
 # ---- refresh and logout ----------------------------------------------------
 
 

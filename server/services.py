@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Coroutine
 
 import redis.asyncio as aioredis
 
 from server.config import Config
+from server.db import auth as auth_db
 from server.db.pools import Database
 from server.outbox import Outbox
 from server.rooms import Hub
@@ -48,8 +50,19 @@ class Services:
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
         hub = Hub(config.redis_url, outbox)
-        return cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
-                   sessions=Sessions(hub, config.access_token_ttl_s))
+        services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
+                       sessions=Sessions(hub, config.access_token_ttl_s))
+
+        def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
+            return [(c.user_id, c.token_family) for c in services.connections
+                    if c.user_id is not None and c.token_family is not None]
+
+        async def revoked(families: list[uuid.UUID]) -> list[tuple[uuid.UUID, uuid.UUID]]:
+            rows = await db.read_primary(auth_db.revoked_among, families)
+            return [(r["user_id"], r["id"]) for r in rows]
+
+        services.sessions.check_with(bound, revoked)
+        return services
 
     async def start(self) -> None:
         await self.db.start()

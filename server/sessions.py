@@ -15,21 +15,37 @@ channel is subscribed. That closes the gap of a socket whose session check
 passed just before the session ended, and whose binding came just after the
 news: one of the two always sees the other, since both run on the loop.
 
-With Redis away the news is lost, like any event: such sockets keep working
-until they re-authenticate or their token expires (the database still
-refuses new bindings).
+News published while a process is away from Redis (Redis restarting, or
+this process's link to it lost) does not reach that process. So when its
+subscription to the channel is made again, the process asks the database
+which of its sockets' sessions have ended meanwhile, and unbinds those
+(``resubscribed``). A session that ends after that question is answered is
+heard on the channel, which is subscribed again by then. With Redis down
+for good, no process hears anything: such sockets keep working until they
+re-authenticate or their token expires (the database still refuses new
+bindings).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 if TYPE_CHECKING:
     from server.rooms import Hub
 
 CHANNEL = "sessions:ended"
+CATCH_UP_ATTEMPTS = 10
+CATCH_UP_RETRY_S = 1.0
+
+log = logging.getLogger("hangout.sessions")
+
+# The (user, family) of this process's bound sockets, and of those families
+# the ones that have ended (``server/db/auth.py: revoked_among``).
+Bound = Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]]
+Revoked = Callable[[list[uuid.UUID]], Awaitable[list[tuple[uuid.UUID, uuid.UUID]]]]
 
 
 class Sessions:
@@ -42,12 +58,68 @@ class Sessions:
         self.hub = hub
         self.remember_s = remember_s
         self._ended: dict[uuid.UUID, float] = {}  # family -> when it may be forgotten, in order
+        self._bound: Bound | None = None
+        self._revoked: Revoked | None = None
+        self._catch_up: asyncio.Task | None = None
+        self._again = False
+        self.caught_up = asyncio.Event()  # set when no catch-up is running or due (tests)
+        self.caught_up.set()
+
+    def check_with(self, bound: Bound, revoked: Revoked) -> None:
+        """Where ``resubscribed`` finds the sockets' sessions and asks which ended."""
+        self._bound, self._revoked = bound, revoked
 
     def start(self) -> None:
         self.hub.follow(self, CHANNEL)
 
     def stop(self) -> None:
         self.hub.unfollow(self, CHANNEL)
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+            self._catch_up = None
+
+    def resubscribed(self) -> None:
+        """The channel is subscribed again after the link to Redis was lost:
+        news sent meanwhile was missed, so ask the database instead."""
+        if self._revoked is None:
+            return
+        self.caught_up.clear()
+        if self._catch_up is not None and not self._catch_up.done():
+            self._again = True  # it may have asked before this loss
+            return
+        self._catch_up = asyncio.get_running_loop().create_task(self._run_catch_up(), name="sessions-catch-up")
+
+    async def _run_catch_up(self) -> None:
+        assert self._bound is not None and self._revoked is not None
+        attempt = 0
+        try:
+            while True:
+                self._again = False
+                bound = dict((family, user) for user, family in self._bound())
+                try:
+                    ended = await self._revoked(list(bound)) if bound else []
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    attempt += 1
+                    if attempt >= CATCH_UP_ATTEMPTS:
+                        log.error("could not check the sessions of this process's sockets after Redis was away "
+                                  "(%d attempts, last: %r): an ended one keeps its sockets until its token expires",
+                                  attempt, exc)
+                        return
+                    log.warning("checking sessions after Redis was away failed (%r); retrying", exc)
+                    await asyncio.sleep(CATCH_UP_RETRY_S)
+                    continue
+                for user_id, family in ended:
+                    self._apply(user_id, family)
+                if ended:
+                    log.info("%d sessions ended while Redis was away: their sockets are unbound", len(ended))
+                if not self._again:
+                    return
+        finally:
+            if self._catch_up is asyncio.current_task():
+                self._catch_up = None
+                self.caught_up.set()
 
     def ended(self, family: uuid.UUID) -> bool:
         return family in self._ended

@@ -112,3 +112,29 @@ async def subscription_held(call: Call, p: NoParams) -> dict:
     state = call.services.hub.__dict__["_test_hold"]
     await asyncio.wait_for(state["seen"].wait(), 5.0)
     return {"held": state["held"]}
+
+
+@rpc("test.hold_subscriber_away", HoldParams, auth=False)
+async def hold_subscriber_away(call: Call, p: HoldParams) -> dict:
+    """Fault injection: with ``hold``, this process loses its Redis pub/sub
+    link and cannot make it again, as if Redis were away from it alone
+    (publishing still works); answers once the link is down. Without, it may
+    connect again; answers once it has, and the sessions of its sockets
+    have been checked (``Sessions.resubscribed``)."""
+    import asyncio
+
+    hub, sessions = call.services.hub, call.services.sessions
+    if p.hold:
+        hub.__dict__["_test_port"] = hub._port
+        hub._port = 1  # nothing listens there
+        sessions.caught_up.clear()
+        if hub._writer is not None:
+            hub._writer.transport.abort()
+        async with asyncio.timeout(5.0):
+            while hub.connected.is_set():
+                await asyncio.sleep(0.01)
+        return {}
+    hub._port = hub.__dict__.pop("_test_port")
+    await asyncio.wait_for(hub.connected.wait(), 10.0)
+    await asyncio.wait_for(sessions.caught_up.wait(), 10.0)
+    return {}

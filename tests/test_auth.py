@@ -395,6 +395,30 @@ async def test_a_session_that_ends_while_its_channel_is_subscribed_leaves_the_ea
         await proc.stop()
 
 
+async def test_a_session_ended_while_a_process_was_away_from_redis_is_checked_when_it_is_back(stack, server):
+    """The news of an ended session travels through Redis; a process away
+    from Redis at that moment misses it. Once its link is back it asks the
+    database which of its sockets' sessions ended meanwhile, and unbinds
+    their sockets: the logout holds on every process."""
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1").start()
+    try:
+        async with await proc.connect() as s, await proc.connect() as kept, await proc.connect() as ops, \
+                await server.connect() as elsewhere:
+            u = await register(s)
+            v = await register(kept)  # another user's session, which goes on
+            await ops.call("test.hold_subscriber_away", {"hold": True})
+            try:
+                await elsewhere.call("auth.authenticate", {"access_token": u["access_token"]})
+                await elsewhere.call("auth.logout")
+                assert (await s.call("users.me"))["id"] == u["user"]["id"]  # not heard here yet
+            finally:
+                await ops.call("test.hold_subscriber_away", {"hold": False})
+            assert (await error_of(s, "users.me"))["code"] == "unauthenticated"
+            assert (await kept.call("users.me"))["id"] == v["user"]["id"]
+    finally:
+        await proc.stop()
+
+
 # ---- refresh and logout ----------------------------------------------------
 
 

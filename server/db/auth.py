@@ -61,6 +61,14 @@ async def revoke_family(conn: asyncpg.Connection, family_id: uuid.UUID, user_id:
     )
 
 
+async def revoked_among(conn: asyncpg.Connection, families: list[uuid.UUID]) -> list[asyncpg.Record]:
+    """``(user_id, id)`` of each of ``families`` that has been revoked."""
+    return await conn.fetch(
+        "SELECT user_id, id FROM refresh_token_families WHERE id = ANY($1::uuid[]) AND revoked_at IS NOT NULL",
+        families,
+    )
+
+
 async def session_user(conn: asyncpg.Connection, user_id: uuid.UUID, family_id: uuid.UUID | None) -> asyncpg.Record | None:
     """The user of an access token, or None when the user is gone or the
     token's family (its session) was revoked by logout or by a reused

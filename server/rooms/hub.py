@@ -54,6 +54,10 @@ class Follower(Protocol):
 
     def send_event(self, frame: bytes) -> None: ...
 
+    # Optionally, ``resubscribed()``: called when the follower's channel is
+    # subscribed again after the link to Redis was lost, so that a follower
+    # that is not a room (``server/sessions.py``) can fetch what it missed.
+
 
 def _cmd(*parts: bytes) -> bytes:
     return pack([parts])
@@ -379,6 +383,11 @@ class Hub:
         if channel in self._stale and channel not in self._pending:
             self._stale.discard(channel)
             self._schedule_repair(channel, 0)
+            # Followers that are not rooms catch up in their own way.
+            for follower in list(self._followers.get(channel, ())):
+                resubscribed = getattr(follower, "resubscribed", None)
+                if resubscribed is not None:
+                    resubscribed()
 
     def _deliver(self, channel: str, payload: bytes) -> None:
         followers = self._followers.get(channel)

@@ -304,7 +304,8 @@ async def amain(args: argparse.Namespace) -> int:
           f"{statistics.mean(r.machine for r in runs):4.0%}  host events "
           f"{sum(r.tally.events for r in runs) / (args.seconds * len(runs)):,.0f}/s")
     print("bookings.create latency ms: " + "  ".join(
-        f"p{q * 100:g} {pct(latencies, q):.1f}" for q in (0.1, 0.5, 0.9, 0.95, 0.99, 0.999)) + f"  max {max(latencies):.1f}")
+        f"p{q * 100:g} {pct(latencies, q):.1f}" for q in (0.1, 0.5, 0.9, 0.95, 0.99, 0.999))
+        + f"  max {max(latencies, default=float('nan')):.1f}")
     # Where the machine's CPU goes: with every client keeping one call in
     # flight, latency is clients / throughput, and throughput is capped by
     # the CPU that one booking costs all the processes on this machine.
@@ -317,7 +318,7 @@ async def amain(args: argparse.Namespace) -> int:
     if args.paced:
         print(f"bookings.create paced at {paced.rate:,.0f}/s ({args.paced:g} of {rate:,.0f}), {args.clients} clients: "
               + "  ".join(f"p{q * 100:g} {pct(paced.tally.latencies_ms, q):.1f}" for q in (0.5, 0.9, 0.99))
-              + f"  max {max(paced.tally.latencies_ms):.1f} ms (from when each call was due)")
+              + f"  max {max(paced.tally.latencies_ms, default=float('nan')):.1f} ms (from when each call was due)")
     print(f"ratio {ratio:.2f} (target >= 0.60), p99 {p99:.1f} ms (target < 50)")
     if errors:
         print(f"errors: {errors}")
@@ -342,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--database", default=BENCH_DB,
                     help="database on the dev stack, made afresh for the run [%(default)s]")
     args = ap.parse_args(argv)
+    if args.paced < 0:
+        ap.error("--paced must be 0 (no paced round) or a fraction above it")
     if args.hosts < args.clients:
         ap.error("--hosts must be at least --clients")
     return benchlib.run(amain(args))

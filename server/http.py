@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -39,50 +40,55 @@ def _upgrade_token(request: web.Request) -> str | None:
 async def websocket(request: web.Request) -> web.StreamResponse:
     services = _services(request)
     cfg = services.config
-    token = _upgrade_token(request)
-    claims = None
-    if token is not None:
-        try:
-            claims = tokens.decode_access_token(cfg.jwt_secret, token)
-            await session_user(services, claims)
-        except RpcError as err:
-            status = 503 if err.code is ErrorCode.UNAVAILABLE else 401
-            return web.json_response({"error": err.code.value}, status=status)
-        except UNAVAILABLE_ERRORS:
-            return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
-    ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
-        heartbeat=cfg.ping_interval_s,
-        # aiohttp refuses a message of max_msg_size bytes or more; the
-        # contract accepts one of exactly MAX_FRAME_BYTES.
-        max_msg_size=cfg.max_frame_bytes + 1,
-        compress=False,
-        # A text frame closes with 1003 whatever it holds; decoded, one that
-        # is not UTF-8 would be closed by aiohttp with 1007 first.
-        decode_text=False,
-    )
-    # The contract gives a client a whole ping interval to answer, where
-    # aiohttp would wait only half of one.
-    ws._pong_heartbeat = cfg.ping_interval_s
-    conn = Connection(ws, services)
-    try:
-        if claims is not None:
-            # Bound (the user's channel subscribed) before the 101 goes out:
-            # a client may count on every event published after it has the
-            # 101. Events that come meanwhile wait in the socket's queue.
+    # From the session check until the socket is among the process's
+    # connections, a catch-up of ended sessions (server/sessions.py) counts it.
+    checking = contextlib.ExitStack()
+    with checking:
+        token = _upgrade_token(request)
+        claims = None
+        if token is not None:
             try:
-                await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
-            except RpcError:
-                pass  # the session ended meanwhile: the socket serves unbound
-        await ws.prepare(request)
-    except BaseException:
-        conn.unbind()
-        raise
-    if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
-        sock = request.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
-    services.connections.add(conn)
+                claims = tokens.decode_access_token(cfg.jwt_secret, token)
+                checking.enter_context(services.sessions.checking(claims.user_id, claims.family_id))
+                await session_user(services, claims)
+            except RpcError as err:
+                status = 503 if err.code is ErrorCode.UNAVAILABLE else 401
+                return web.json_response({"error": err.code.value}, status=status)
+            except UNAVAILABLE_ERRORS:
+                return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,),
+            heartbeat=cfg.ping_interval_s,
+            # aiohttp refuses a message of max_msg_size bytes or more; the
+            # contract accepts one of exactly MAX_FRAME_BYTES.
+            max_msg_size=cfg.max_frame_bytes + 1,
+            compress=False,
+            # A text frame closes with 1003 whatever it holds; decoded, one that
+            # is not UTF-8 would be closed by aiohttp with 1007 first.
+            decode_text=False,
+        )
+        # The contract gives a client a whole ping interval to answer, where
+        # aiohttp would wait only half of one.
+        ws._pong_heartbeat = cfg.ping_interval_s
+        conn = Connection(ws, services)
+        try:
+            if claims is not None:
+                # Bound (the user's channel subscribed) before the 101 goes out:
+                # a client may count on every event published after it has the
+                # 101. Events that come meanwhile wait in the socket's queue.
+                try:
+                    await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+                except RpcError:
+                    pass  # the session ended meanwhile: the socket serves unbound
+            await ws.prepare(request)
+        except BaseException:
+            conn.unbind()
+            raise
+        if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
+            sock = request.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
+        services.connections.add(conn)
     try:
         await conn.serve()
     finally:

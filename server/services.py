@@ -95,7 +95,7 @@ class Services:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.sessions.stop()
+        await self.sessions.stop()
         await self.hub.stop()
         await self.db.close()
         await self.outbox.close()

@@ -19,26 +19,32 @@ News published while a process is away from Redis (Redis restarting, or
 this process's link to it lost) does not reach that process. So when its
 subscription to the channel is made again, the process asks the database
 which of its sockets' sessions have ended meanwhile, and unbinds those
-(``resubscribed``). A session that ends after that question is answered is
-heard on the channel, which is subscribed again by then. With Redis down
-for good, no process hears anything: such sockets keep working until they
-re-authenticate or their token expires (the database still refuses new
-bindings).
+(``resubscribed``); sockets whose session check or bind is in progress
+then are asked about too (``checking``). A session that ends after that
+question is answered is heard on the channel, which is subscribed again by
+then. The process that ends a session, if its publish of the news fails,
+publishes it again once Redis answers its probe (``server/outbox.py``).
+With Redis down for good, no process hears anything: such sockets keep
+working until they re-authenticate or their token expires (the database
+still refuses new bindings). A process that cannot reach PostgreSQL for
+its catch-up keeps trying, with a growing pause.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import uuid
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
     from server.rooms import Hub
 
 CHANNEL = "sessions:ended"
-CATCH_UP_ATTEMPTS = 10
-CATCH_UP_RETRY_S = 1.0
+CATCH_UP_RETRY_S = 1.0  # then doubling, up to CATCH_UP_RETRY_MAX_S
+CATCH_UP_RETRY_MAX_S = 30.0
 
 log = logging.getLogger("hangout.sessions")
 
@@ -60,10 +66,14 @@ class Sessions:
         self._ended: dict[uuid.UUID, float] = {}  # family -> when it may be forgotten, in order
         self._bound: Bound | None = None
         self._revoked: Revoked | None = None
+        # (user, family) of session checks in progress, with the bind after them
+        self._checking: collections.Counter[tuple[uuid.UUID, uuid.UUID]] = collections.Counter()
         self._catch_up: asyncio.Task | None = None
         self._again = False
         self.caught_up = asyncio.Event()  # set when no catch-up is running or due (tests)
         self.caught_up.set()
+        self._unsent: dict[uuid.UUID, uuid.UUID] = {}  # family -> user: news not published yet
+        self._resend: asyncio.Task | None = None
 
     def check_with(self, bound: Bound, revoked: Revoked) -> None:
         """Where ``resubscribed`` finds the sockets' sessions and asks which ended."""
@@ -71,12 +81,35 @@ class Sessions:
 
     def start(self) -> None:
         self.hub.follow(self, CHANNEL)
+        self.hub.outbox.on_open.append(self._resend_unsent)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.hub.unfollow(self, CHANNEL)
-        if self._catch_up is not None:
-            self._catch_up.cancel()
-            self._catch_up = None
+        if self._resend_unsent in self.hub.outbox.on_open:
+            self.hub.outbox.on_open.remove(self._resend_unsent)
+        tasks = [t for t in (self._catch_up, self._resend) if t is not None]
+        self._catch_up = self._resend = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.caught_up.set()
+
+    @contextlib.contextmanager
+    def checking(self, user_id: uuid.UUID, family: uuid.UUID | None) -> Iterator[None]:
+        """Around a session check and the bind that follows it: a catch-up
+        that runs meanwhile checks this session too, since the socket is not
+        among the bound ones yet and the check may have come before the end."""
+        if family is None:
+            yield
+            return
+        key = (user_id, family)
+        self._checking[key] += 1
+        try:
+            yield
+        finally:
+            self._checking[key] -= 1
+            if not self._checking[key]:
+                del self._checking[key]
 
     def resubscribed(self) -> None:
         """The channel is subscribed again after the link to Redis was lost:
@@ -91,29 +124,28 @@ class Sessions:
 
     async def _run_catch_up(self) -> None:
         assert self._bound is not None and self._revoked is not None
-        attempt = 0
+        failures = 0
         try:
             while True:
                 self._again = False
-                bound = dict((family, user) for user, family in self._bound())
                 try:
-                    ended = await self._revoked(list(bound)) if bound else []
+                    sessions = dict((family, user) for user, family in (*self._bound(), *self._checking))
+                    ended = await self._revoked(list(sessions)) if sessions else []
+                    for user_id, family in ended:
+                        self._apply(user_id, family)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    attempt += 1
-                    if attempt >= CATCH_UP_ATTEMPTS:
-                        log.error("could not check the sessions of this process's sockets after Redis was away "
-                                  "(%d attempts, last: %r): an ended one keeps its sockets until its token expires",
-                                  attempt, exc)
-                        return
-                    log.warning("checking sessions after Redis was away failed (%r); retrying", exc)
-                    await asyncio.sleep(CATCH_UP_RETRY_S)
-                    continue
-                for user_id, family in ended:
-                    self._apply(user_id, family)
-                if ended:
-                    log.info("%d sessions ended while Redis was away: their sockets are unbound", len(ended))
+                    # Until it works: an ended session must not keep its sockets.
+                    failures += 1
+                    if failures == 1 or failures % 10 == 0:
+                        log.warning("checking the sessions of this process's sockets after Redis was away failed "
+                                    "(%d times; last: %r): retrying", failures, exc)
+                    await asyncio.sleep(min(CATCH_UP_RETRY_S * 2 ** (failures - 1), CATCH_UP_RETRY_MAX_S))
+                    self._again = True
+                else:
+                    if ended:
+                        log.info("%d sessions ended while Redis was away: their sockets are unbound", len(ended))
                 if not self._again:
                     return
         finally:
@@ -128,7 +160,20 @@ class Sessions:
         """Call once the family's revocation has committed. Sockets of this
         process are unbound at once; the others' when the news arrives."""
         self._apply(user_id, family)
-        await self.hub.publish(CHANNEL, user_id.bytes + family.bytes)
+        if not await self.hub.publish(CHANNEL, user_id.bytes + family.bytes):
+            # The other processes are still listening, and would never know:
+            # published again once Redis takes publishes again.
+            self._unsent[family] = user_id
+
+    def _resend_unsent(self) -> None:
+        if self._unsent and (self._resend is None or self._resend.done()):
+            self._resend = asyncio.get_running_loop().create_task(self._publish_unsent(), name="sessions-resend")
+
+    async def _publish_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, {}
+        sent = await self.hub.publish_many([(CHANNEL, user.bytes + family.bytes) for family, user in unsent.items()])
+        if not sent:
+            self._unsent = {**unsent, **self._unsent}  # the next time the outbox opens
 
     def send_event(self, frame: bytes) -> None:
         """The news from any process (this one included)."""

@@ -37,6 +37,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013  # outgoing queue overflow
 CLOSE_GOING_AWAY = 1001  # server shutdown
 SLOW_PEER_CLOSE_S = 10.0  # how long a 1013 close frame may wait for a stalled peer
+# How long bind waits for Redis to confirm the new user's channel. Past it the
+# socket is bound anyway (the subscription is made when Redis answers).
+SUBSCRIBE_WAIT_S = 2.0
 MAX_UINT64 = 2**64 - 1
 
 UNAVAILABLE_ERRORS = (
@@ -454,7 +457,7 @@ class Connection:
             subscribed = hub.follow(placeholder, channel)
             try:
                 if subscribed is not None:
-                    await asyncio.wait({subscribed}, timeout=2.0)
+                    await asyncio.wait({subscribed}, timeout=SUBSCRIBE_WAIT_S)
                 if family is not None and sessions.ended(family):
                     raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
                 # Another user's events and rooms must never reach this socket.

@@ -77,40 +77,49 @@ class HoldParams(Params):
 @rpc("test.hold_subscriptions", HoldParams, auth=False)
 async def hold_subscriptions(call: Call, p: HoldParams) -> dict:
     """Fault injection: while on, Redis's confirmations of this process's new
-    subscriptions are held back, as if Redis were slow to answer SUBSCRIBE;
-    turned off, the held ones are passed on in order. Returns the channels
-    held so far."""
+    subscriptions are held back, as if Redis were slow to answer SUBSCRIBE,
+    and ``bind`` waits for them for up to a minute instead of 2 s; turned
+    off, the held ones are passed on in order. Returns the channels held so
+    far."""
     import asyncio
 
+    import server.socket
+
     hub = call.services.hub
-    state = hub.__dict__.setdefault("_test_hold", {"held": [], "seen": asyncio.Event()})
     if p.hold:
+        state = hub.__dict__.setdefault(
+            "_test_hold", {"held": [], "seen": asyncio.Event(), "wait": server.socket.SUBSCRIBE_WAIT_S})
+
         def hold(channel: str) -> None:
             state["held"].append(channel)
             state["seen"].set()
 
         hub._confirmed = hold
+        server.socket.SUBSCRIBE_WAIT_S = 60.0
         return {"held": state["held"]}
-    held = list(state["held"])
+    state = hub.__dict__.pop("_test_hold")
+    server.socket.SUBSCRIBE_WAIT_S = state["wait"]
     hub.__dict__.pop("_confirmed", None)  # the class's own again
-    del hub.__dict__["_test_hold"]
-    for channel in held:
+    for channel in state["held"]:
         hub._confirmed(channel)
-    return {"held": held}
+    return {"held": state["held"]}
 
 
-class NoParams(Params):
-    pass
+class HeldParams(Params):
+    channel: str
 
 
-@rpc("test.subscription_held", NoParams, auth=False)
-async def subscription_held(call: Call, p: NoParams) -> dict:
-    """Answers once test.hold_subscriptions has held a confirmation (at most
-    5 s), with the channels held."""
+@rpc("test.subscription_held", HeldParams, auth=False)
+async def subscription_held(call: Call, p: HeldParams) -> dict:
+    """Answers once test.hold_subscriptions has held the confirmation of
+    ``channel`` (at most 10 s), with the channels held."""
     import asyncio
 
     state = call.services.hub.__dict__["_test_hold"]
-    await asyncio.wait_for(state["seen"].wait(), 5.0)
+    async with asyncio.timeout(10.0):
+        while p.channel not in state["held"]:
+            state["seen"].clear()
+            await state["seen"].wait()
     return {"held": state["held"]}
 
 
@@ -137,4 +146,29 @@ async def hold_subscriber_away(call: Call, p: HoldParams) -> dict:
     hub._port = hub.__dict__.pop("_test_port")
     await asyncio.wait_for(hub.connected.wait(), 10.0)
     await asyncio.wait_for(sessions.caught_up.wait(), 10.0)
+    return {}
+
+
+class NoParams(Params):
+    pass
+
+
+@rpc("test.redis_unreachable", NoParams, auth=False)
+async def redis_unreachable(call: Call, p: NoParams) -> dict:
+    """This process's outbox takes Redis for unreachable (publishes fail at
+    once) until its next probe is answered (``REDIS_PROBE_INTERVAL_S``)."""
+    call.services.outbox.unreachable(RuntimeError("injected by test.redis_unreachable"))
+    return {}
+
+
+@rpc("test.outbox_reopened", NoParams, auth=False)
+async def outbox_reopened(call: Call, p: NoParams) -> dict:
+    """Answers once the outbox sends again and the news of ended sessions it
+    could not publish meanwhile has been published."""
+    import asyncio
+
+    await asyncio.wait_for(call.services.outbox.wait_available(), 10.0)
+    resend = call.services.sessions._resend
+    if resend is not None:
+        await asyncio.wait_for(asyncio.shield(resend), 10.0)
     return {}

@@ -373,8 +373,7 @@ async def test_a_session_that_ends_while_its_channel_is_subscribed_leaves_the_ea
             await ops.call("test.hold_subscriptions", {"hold": True})
             try:
                 rebind = asyncio.create_task(error_of(c, "auth.authenticate", {"access_token": b["access_token"]}))
-                held = await ops.call("test.subscription_held")
-                assert f"u:{b['user']['id']}" in held["held"]
+                await ops.call("test.subscription_held", {"channel": f"u:{b['user']['id']}"})
                 await ops.call("test.hear_session_ended", {"user_id": b["user"]["id"], "family_id": family})
             finally:
                 await ops.call("test.hold_subscriptions", {"hold": False})
@@ -415,6 +414,31 @@ async def test_a_session_ended_while_a_process_was_away_from_redis_is_checked_wh
                 await ops.call("test.hold_subscriber_away", {"hold": False})
             assert (await error_of(s, "users.me"))["code"] == "unauthenticated"
             assert (await kept.call("users.me"))["id"] == v["user"]["id"]
+    finally:
+        await proc.stop()
+
+
+async def test_news_of_an_ended_session_that_could_not_be_published_goes_out_when_redis_answers(stack, server):
+    """A logout on a process whose Redis publishes fail at that moment still
+    reaches the other processes: the news is published once Redis answers
+    that process's probe again. (Their links to Redis never broke, so they
+    have nothing to catch up from the database.)"""
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", REDIS_PROBE_INTERVAL_S="1").start()
+    try:
+        async with await server.connect() as s, await server.connect() as w_there, \
+                await proc.connect() as e, await proc.connect() as w_here, await proc.connect() as ops:
+            u = await register(s)
+            w = await register(w_there)
+            await w_here.call("auth.authenticate", {"access_token": w["access_token"]})
+            await e.call("auth.authenticate", {"access_token": u["access_token"]})
+            await ops.call("test.redis_unreachable")
+            await e.call("auth.logout")
+            await ops.call("test.outbox_reopened")
+            # Published after the news by the same outbox: once it is here,
+            # so is the news.
+            await w_here.call("users.update", {"name": "After"})
+            assert (await w_there.next_event("user.updated"))["user"]["name"] == "After"
+            assert (await error_of(s, "users.me"))["code"] == "unauthenticated"
     finally:
         await proc.stop()
 

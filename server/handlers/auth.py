@@ -83,8 +83,9 @@ async def session_user(services: Services, claims: tokens.AccessClaims) -> Any:
 @rpc("auth.authenticate", m.AuthenticateParams, auth=False)
 async def authenticate(call: Call, p: m.AuthenticateParams) -> m.AuthenticateResult:
     claims = tokens.decode_access_token(call.services.config.jwt_secret, p.access_token)
-    row = await session_user(call.services, claims)
-    await call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+    with call.services.sessions.checking(claims.user_id, claims.family_id):
+        row = await session_user(call.services, claims)
+        await call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
     return m.AuthenticateResult(user=OwnUser.model_validate(dict(row)))
 
 

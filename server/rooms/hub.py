@@ -387,7 +387,10 @@ class Hub:
             for follower in list(self._followers.get(channel, ())):
                 resubscribed = getattr(follower, "resubscribed", None)
                 if resubscribed is not None:
-                    resubscribed()
+                    try:
+                        resubscribed()
+                    except Exception:  # never let it drop the link (and be called again)
+                        log.exception("resubscribed() of a follower of %s failed", channel)
 
     def _deliver(self, channel: str, payload: bytes) -> None:
         followers = self._followers.get(channel)

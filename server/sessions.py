@@ -20,10 +20,13 @@ this process's link to it lost) does not reach that process. So when its
 subscription to the channel is made again, the process asks the database
 which of its sockets' sessions have ended meanwhile, and unbinds those
 (``resubscribed``); sockets whose session check or bind is in progress
-then are asked about too (``checking``). A session that ends after that
-question is answered is heard on the channel, which is subscribed again by
-then. The process that ends a session, if its publish of the news fails,
-publishes it again once Redis answers its probe (``server/outbox.py``).
+then are asked about too (``checking``), and until that answer is in,
+session checks read the primary (``caught_up``), not a replica that may lag
+behind the end. A session that ends after that question is answered is
+heard on the channel, which is subscribed again by then. The process that
+ends a session, if its publish of the news fails, publishes it again once
+Redis answers its probe (``server/outbox.py``), or a second later when
+the outbox stayed open; news not yet sent when the process stops is lost.
 With Redis down for good, no process hears anything: such sockets keep
 working until they re-authenticate or their token expires (the database
 still refuses new bindings). A process that cannot reach PostgreSQL for
@@ -74,6 +77,7 @@ class Sessions:
         self.caught_up.set()
         self._unsent: dict[uuid.UUID, uuid.UUID] = {}  # family -> user: news not published yet
         self._resend: asyncio.Task | None = None
+        self.resent = 0  # news published late (tests)
 
     def check_with(self, bound: Bound, revoked: Revoked) -> None:
         """Where ``resubscribed`` finds the sockets' sessions and asks which ended."""
@@ -124,7 +128,7 @@ class Sessions:
 
     async def _run_catch_up(self) -> None:
         assert self._bound is not None and self._revoked is not None
-        failures = 0
+        failures, pause = 0, CATCH_UP_RETRY_S
         try:
             while True:
                 self._again = False
@@ -140,8 +144,9 @@ class Sessions:
                     failures += 1
                     if failures == 1 or failures % 10 == 0:
                         log.warning("checking the sessions of this process's sockets after Redis was away failed "
-                                    "(%d times; last: %r): retrying", failures, exc)
-                    await asyncio.sleep(min(CATCH_UP_RETRY_S * 2 ** (failures - 1), CATCH_UP_RETRY_MAX_S))
+                                    "(%d times; last: %r): retrying", failures, exc, exc_info=failures == 1)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, CATCH_UP_RETRY_MAX_S)
                     self._again = True
                 else:
                     if ended:
@@ -161,19 +166,27 @@ class Sessions:
         process are unbound at once; the others' when the news arrives."""
         self._apply(user_id, family)
         if not await self.hub.publish(CHANNEL, user_id.bytes + family.bytes):
-            # The other processes are still listening, and would never know:
-            # published again once Redis takes publishes again.
+            # The other processes may still be listening, and would never
+            # know: published again, once Redis takes publishes again.
             self._unsent[family] = user_id
+            self._resend_unsent()
 
     def _resend_unsent(self) -> None:
         if self._unsent and (self._resend is None or self._resend.done()):
             self._resend = asyncio.get_running_loop().create_task(self._publish_unsent(), name="sessions-resend")
 
     async def _publish_unsent(self) -> None:
-        unsent, self._unsent = self._unsent, {}
-        sent = await self.hub.publish_many([(CHANNEL, user.bytes + family.bytes) for family, user in unsent.items()])
-        if not sent:
-            self._unsent = {**unsent, **self._unsent}  # the next time the outbox opens
+        """Until all is sent: while the outbox is closed, ``on_open`` calls
+        this again when it opens; a failure with the outbox open (an error
+        reply) is tried again a second later. Lost if the process stops."""
+        while self._unsent and self.hub.outbox.available:
+            unsent, self._unsent = self._unsent, {}
+            items = [(CHANNEL, user.bytes + family.bytes) for family, user in unsent.items()]
+            if await self.hub.publish_many(items):
+                self.resent += len(items)
+                continue
+            self._unsent = {**unsent, **self._unsent}
+            await asyncio.sleep(CATCH_UP_RETRY_S)
 
     def send_event(self, frame: bytes) -> None:
         """The news from any process (this one included)."""

@@ -72,7 +72,9 @@ async def session_user(services: Services, claims: tokens.AccessClaims) -> Any:
     since a session made outside this server's writes (or whose write
     position Redis lost) may not have reached the replica yet."""
     args = (claims.user_id, claims.family_id)
-    row = await services.db.read(claims.user_id, auth_db.session_user, *args)
+    row = None
+    if services.sessions.caught_up.is_set():  # else news of ended sessions may be missing (server/sessions.py)
+        row = await services.db.read(claims.user_id, auth_db.session_user, *args)
     if row is None:
         row = await services.db.read_primary(auth_db.session_user, *args)
     if row is None:

@@ -90,7 +90,8 @@ async def cancel(
     Returns (outcome, booking, booker balance); outcome is ``cancelled``,
     ``unchanged`` (it already was), ``invalid_state``, ``not_found`` or
     ``balance_limit`` (the refund would take the booker's balance over
-    ``BALANCE_MAX``; nothing changed)."""
+    ``BALANCE_MAX``; nothing changed), which is ``refund_blocked`` when
+    ``party`` is the host: the booker's balance is not the host's to know."""
     async with conn.transaction():
         row = await conn.fetchrow(
             """SELECT user_id, amount, status, start_at > now() AS before_start FROM bookings
@@ -108,7 +109,7 @@ async def cancel(
             "SELECT balance + $2 <= $3 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker, row["amount"], BALANCE_MAX
         )
         if not refund_fits:
-            return "balance_limit", None, None
+            return ("balance_limit" if party == booker else "refund_blocked"), None, None
         await conn.execute(
             "UPDATE bookings SET status = 'cancelled', updated_at = now() WHERE id = $1", booking_id
         )

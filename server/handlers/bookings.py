@@ -87,7 +87,9 @@ async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
     if outcome == "invalid_state":
         raise RpcError(ErrorCode.INVALID_STATE, "only a confirmed booking can be cancelled, before it starts")
     if outcome == "balance_limit":
-        raise RpcError(ErrorCode.INVALID_STATE, "the refund would take the booker's balance over its limit")
+        raise RpcError(ErrorCode.INVALID_STATE, "the refund would take your balance over its limit")
+    if outcome == "refund_blocked":
+        raise RpcError(ErrorCode.INVALID_STATE, "the booking cannot be cancelled at the moment")
     booking = _booking(row)
     if outcome == "cancelled":
         await events.to_users_many(services, [

@@ -48,6 +48,8 @@ class Settlement:
         self.interval_s = services.config.settlement_interval_s if interval_s is None else interval_s
         self.batch_size = batch_size
         self.settled = 0  # bookings this process completed, for tests and logs
+        self._reported: set[uuid.UUID] = set()  # unpayable bookings warned of (report_unpayable)
+        self._reported_more = False
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -85,14 +87,21 @@ class Settlement:
         return total
 
     async def report_unpayable(self) -> None:
+        """Warns of each due booking that cannot be paid out, once while it
+        stays so (again if it is paid and another one gets stuck later)."""
         rows = await self.services.db.read_primary(bookings_db.unpayable_due, _UNPAYABLE_LOGGED + 1)
         for r in rows[:_UNPAYABLE_LOGGED]:
+            if r["id"] in self._reported:
+                continue
             log.warning(
                 "booking %s is due but not settled: its payout of %s would take host %s's balance of %s over its limit",
                 r["id"], r["amount"], r["host_id"], r["balance"],
             )
-        if len(rows) > _UNPAYABLE_LOGGED:
+        more = len(rows) > _UNPAYABLE_LOGGED
+        if more and not self._reported_more:
             log.warning("more due bookings than these %d are not settled for the same reason", _UNPAYABLE_LOGGED)
+        self._reported = {r["id"] for r in rows[:_UNPAYABLE_LOGGED]}
+        self._reported_more = more
 
     async def settle_batch(self) -> tuple[int, int]:
         """One batch: (bookings settled, due bookings locked)."""

@@ -72,6 +72,31 @@ async def test_same_key_with_another_amount_or_from_another_user_is_a_conflict(s
         assert (await b.call("users.me"))["balance"] == "0.00"
 
 
+async def test_a_topup_past_the_balance_limit_is_invalid_params_and_stores_nothing(server, db):
+    """users.balance is DECIMAL(12,2): a wallet holds at most BALANCE_MAX. A
+    top-up that would pass it names ``amount``, moves nothing and does not
+    keep its key: the same key works once there is room."""
+    from server.db.bookings import BALANCE_MAX
+
+    async with await server.connect() as c:
+        user_id = uuid.UUID((await register(c))["user"]["id"])
+        await db.execute("UPDATE users SET balance = $2 WHERE id = $1", user_id, BALANCE_MAX - Decimal("5.00"))
+        k = key()
+        err = await refused(c.call("wallet.topup", {"amount": "5.01", "idempotency_key": k}))
+        assert err.code.value == "invalid_params"
+        assert [e["field"] for e in err.data["errors"]] == ["amount"]
+        assert await balance(db, str(user_id)) == BALANCE_MAX - Decimal("5.00")
+        assert await db.fetchval("SELECT count(*) FROM topups WHERE idempotency_key = $1", k) == 0
+        assert await db.fetchval("SELECT count(*) FROM transactions WHERE user_id = $1", user_id) == 0
+        # Up to the limit exactly is fine.
+        full = await c.call("wallet.topup", {"amount": "5.00", "idempotency_key": key()})
+        assert Decimal(full["balance"]) == BALANCE_MAX
+        # With room again, the refused key is a new top-up, not a replay.
+        await db.execute("UPDATE users SET balance = 0 WHERE id = $1", user_id)
+        again = await c.call("wallet.topup", {"amount": "5.01", "idempotency_key": k})
+        assert (again["balance"], again["replayed"]) == ("5.01", False)
+
+
 async def test_concurrent_topups_with_one_key_credit_once(server, server2, db):
     async with await server.connect() as c:
         session = await register(c)

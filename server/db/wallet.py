@@ -8,6 +8,8 @@ from decimal import Decimal
 
 import asyncpg
 
+from server.db.bookings import BALANCE_MAX
+
 TRANSACTION_COLUMNS = "id, amount, type, reference_id, created_at"
 
 
@@ -17,7 +19,22 @@ async def topup(
     """Credit a sandbox top-up once per key.
 
     Returns (outcome, transaction, balance); outcome is ``created``,
-    ``replayed`` (same user, same request) or ``conflict``."""
+    ``replayed`` (same user, same request), ``conflict``, or
+    ``balance_limit`` (the balance would pass ``BALANCE_MAX``: nothing is
+    stored, the key included)."""
+    try:
+        return await _topup(conn, user_id, amount, key, request_hash)
+    except _OverLimit:
+        return "balance_limit", None, None
+
+
+class _OverLimit(Exception):
+    """Raised to roll the top-up back."""
+
+
+async def _topup(
+    conn: asyncpg.Connection, user_id: uuid.UUID, amount: Decimal, key: str, request_hash: bytes
+) -> tuple[str, asyncpg.Record | None, Decimal | None]:
     async with conn.transaction():
         # A call racing with the same key waits here for the first to commit.
         topup_id = await conn.fetchval(
@@ -35,8 +52,11 @@ async def topup(
             balance = await conn.fetchval("SELECT balance FROM users WHERE id = $1", user_id)
             return "replayed", transaction, balance
         balance = await conn.fetchval(
-            "UPDATE users SET balance = balance + $2 WHERE id = $1 RETURNING balance", user_id, amount
+            "UPDATE users SET balance = balance + $2 WHERE id = $1 AND balance + $2 <= $3 RETURNING balance",
+            user_id, amount, BALANCE_MAX,
         )
+        if balance is None:
+            raise _OverLimit
         transaction = await conn.fetchrow(
             f"""INSERT INTO transactions (user_id, amount, type, reference_id) VALUES ($1, $2, 'topup', $3)
                 RETURNING {TRANSACTION_COLUMNS}""",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-import asyncpg
-
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import wallet as m
 from server import events
@@ -22,18 +20,17 @@ def request_hash(p: m.TopupParams) -> bytes:
 
 @rpc("wallet.topup", m.TopupParams)
 async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
-    try:
-        outcome, transaction, balance = await call.services.db.write(
-            # A replay records too: the original call may not have (its
-            # process may have died after the commit), yet this reply says
-            # the top-up happened, so the caller's reads must see it.
-            lambda r: call.user_id if r[0] in ("created", "replayed") else None,
-            wallet_db.topup, call.user_id, p.amount, p.idempotency_key, request_hash(p),
-        )
-    except asyncpg.exceptions.NumericValueOutOfRangeError:
+    outcome, transaction, balance = await call.services.db.write(
+        # A replay records too: the original call may not have (its
+        # process may have died after the commit), yet this reply says
+        # the top-up happened, so the caller's reads must see it.
+        lambda r: call.user_id if r[0] in ("created", "replayed") else None,
+        wallet_db.topup, call.user_id, p.amount, p.idempotency_key, request_hash(p),
+    )
+    if outcome == "balance_limit":
         raise RpcError(
             ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "amount", "reason": "the balance would exceed its limit"}]}
-        ) from None
+        )
     if outcome == "conflict":
         raise RpcError(ErrorCode.IDEMPOTENCY_CONFLICT)
     if outcome == "created":

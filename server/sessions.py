@@ -25,8 +25,8 @@ session checks read the primary (``caught_up``), not a replica that may lag
 behind the end. A session that ends after that question is answered is
 heard on the channel, which is subscribed again by then. The process that
 ends a session, if its publish of the news fails, publishes it again once
-Redis answers its probe (``server/outbox.py``), or a second later when
-the outbox stayed open; news not yet sent when the process stops is lost.
+Redis takes publishes again (``Hub.publish_kept``); news not yet sent when
+the process stops is lost.
 With Redis down for good, no process hears anything: such sockets keep
 working until they re-authenticate or their token expires (the database
 still refuses new bindings). A process that cannot reach PostgreSQL for
@@ -75,9 +75,6 @@ class Sessions:
         self._again = False
         self.caught_up = asyncio.Event()  # set when no catch-up is running or due (tests)
         self.caught_up.set()
-        self._unsent: dict[uuid.UUID, uuid.UUID] = {}  # family -> user: news not published yet
-        self._resend: asyncio.Task | None = None
-        self.resent = 0  # news published late (tests)
 
     def check_with(self, bound: Bound, revoked: Revoked) -> None:
         """Where ``resubscribed`` finds the sockets' sessions and asks which ended."""
@@ -85,17 +82,13 @@ class Sessions:
 
     def start(self) -> None:
         self.hub.follow(self, CHANNEL)
-        self.hub.outbox.on_open.append(self._resend_unsent)
 
     async def stop(self) -> None:
         self.hub.unfollow(self, CHANNEL)
-        if self._resend_unsent in self.hub.outbox.on_open:
-            self.hub.outbox.on_open.remove(self._resend_unsent)
-        tasks = [t for t in (self._catch_up, self._resend) if t is not None]
-        self._catch_up = self._resend = None
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        task, self._catch_up = self._catch_up, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         self.caught_up.set()
 
     @contextlib.contextmanager
@@ -165,28 +158,9 @@ class Sessions:
         """Call once the family's revocation has committed. Sockets of this
         process are unbound at once; the others' when the news arrives."""
         self._apply(user_id, family)
-        if not await self.hub.publish(CHANNEL, user_id.bytes + family.bytes):
-            # The other processes may still be listening, and would never
-            # know: published again, once Redis takes publishes again.
-            self._unsent[family] = user_id
-            self._resend_unsent()
-
-    def _resend_unsent(self) -> None:
-        if self._unsent and (self._resend is None or self._resend.done()):
-            self._resend = asyncio.get_running_loop().create_task(self._publish_unsent(), name="sessions-resend")
-
-    async def _publish_unsent(self) -> None:
-        """Until all is sent: while the outbox is closed, ``on_open`` calls
-        this again when it opens; a failure with the outbox open (an error
-        reply) is tried again a second later. Lost if the process stops."""
-        while self._unsent and self.hub.outbox.available:
-            unsent, self._unsent = self._unsent, {}
-            items = [(CHANNEL, user.bytes + family.bytes) for family, user in unsent.items()]
-            if await self.hub.publish_many(items):
-                self.resent += len(items)
-                continue
-            self._unsent = {**unsent, **self._unsent}
-            await asyncio.sleep(CATCH_UP_RETRY_S)
+        # The other processes may still be listening, and would never know
+        # if this publish failed: it is sent again (``Hub.publish_kept``).
+        await self.hub.publish_kept(CHANNEL, user_id.bytes + family.bytes)
 
     def send_event(self, frame: bytes) -> None:
         """The news from any process (this one included)."""

@@ -7,9 +7,9 @@ bookings in batches (``FOR UPDATE SKIP LOCKED``, see
 queueing on each other, and a booking locked by one is never paid by another.
 
 A booking whose payout its host's wallet cannot hold (the balance has a
-limit) is passed over, stays confirmed and is logged at WARNING once a
-pass; it settles in a later pass once the balance allows. It never holds up
-the other bookings.
+limit) is passed over, stays confirmed and is logged at WARNING once by
+each worker while it stays so; it settles in a later pass once the balance
+allows. It never holds up the other bookings.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hangout.settlement")
 
 
-# Unpayable bookings named in a pass's warning; the count covers the rest.
+# Unpayable bookings named in warnings; past these, one warning covers the rest.
 _UNPAYABLE_LOGGED = 20
 
 

@@ -164,12 +164,12 @@ async def redis_unreachable(call: Call, p: NoParams) -> dict:
 @rpc("test.outbox_reopened", NoParams, auth=False)
 async def outbox_reopened(call: Call, p: NoParams) -> dict:
     """Answers once the outbox sends again and the news of ended sessions it
-    could not publish meanwhile has been published, with how many such
-    news the process has published late."""
+    could not publish meanwhile has been published, with how many
+    publishes the process has sent late."""
     import asyncio
 
     await asyncio.wait_for(call.services.outbox.wait_available(), 10.0)
-    resend = call.services.sessions._resend
+    resend = call.services.hub._resend
     if resend is not None:
         await asyncio.wait_for(asyncio.shield(resend), 10.0)
-    return {"resent": call.services.sessions.resent}
+    return {"resent": call.services.hub.resent}

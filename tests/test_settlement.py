@@ -15,7 +15,7 @@ import pytest
 from protocol.errors import RpcError
 from tests.booking_support import balance, book, booker, events_until, host, move_start_to_past, move_to_past, slot
 from server.config import Config
-from server.db.bookings import BALANCE_MAX
+from server.db.wallet import BALANCE_MAX
 from server.services import Services
 from server.settlement import Settlement
 from tests.conftest import verified_user

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from protocol.errors import RpcError
+from server.db.wallet import BALANCE_MAX
 from tests.booking_support import balance, book, host, key, slot
 from tests.conftest import register, verified_user
 
@@ -76,8 +77,6 @@ async def test_a_topup_past_the_balance_limit_is_invalid_params_and_stores_nothi
     """users.balance is DECIMAL(12,2): a wallet holds at most BALANCE_MAX. A
     top-up that would pass it names ``amount``, moves nothing and does not
     keep its key: the same key works once there is room."""
-    from server.db.bookings import BALANCE_MAX
-
     async with await server.connect() as c:
         user_id = uuid.UUID((await register(c))["user"]["id"])
         await db.execute("UPDATE users SET balance = $2 WHERE id = $1", user_id, BALANCE_MAX - Decimal("5.00"))

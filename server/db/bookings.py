@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from server.db.pools import Committed
+from server.db.wallet import BALANCE_MAX
 
 BOOKING_COLUMNS = (
     "b.id, b.user_id, b.host_id, b.start_at, b.end_at, b.status, b.amount, b.created_at, b.updated_at"
@@ -31,11 +32,6 @@ BOOKING_SELECT = f"""SELECT {BOOKING_COLUMNS}, c.id AS conversation_id
 # The index behind "no two active bookings of a host start together"; the
 # exclusion constraint on booking_busy catches every other overlap.
 _ACTIVE_START_INDEX = "uq_bookings_host_start_active"
-
-# The largest balance a wallet can hold: users.balance is DECIMAL(12,2)
-# (sql/001). Storing more fails with "numeric field overflow", so money is
-# only moved into a wallet that can take it.
-BALANCE_MAX = Decimal("9999999999.99")
 
 
 async def create(

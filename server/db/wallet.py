@@ -8,9 +8,13 @@ from decimal import Decimal
 
 import asyncpg
 
-from server.db.bookings import BALANCE_MAX
-
 TRANSACTION_COLUMNS = "id, amount, type, reference_id, created_at"
+
+# The largest balance a wallet can hold: users.balance is DECIMAL(12,2)
+# (sql/001). Storing more fails with "numeric field overflow", so money is
+# only moved into a wallet that can take it (top-ups here, refunds and
+# payouts in server/db/bookings.py).
+BALANCE_MAX = Decimal("9999999999.99")
 
 
 async def topup(

@@ -24,7 +24,7 @@ import asyncio
 import collections
 import logging
 import uuid
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Hashable, Protocol
 
 import hiredis
 import redis.exceptions
@@ -40,6 +40,7 @@ PLAIN_ENVELOPE = NO_ONE + bytes(8)  # nobody skipped, no seq
 GAP_GRACE_S = 1.0  # a seq hole open this long is filled from PostgreSQL
 REPAIR_PAGE = 200
 REPAIR_RETRY_S = 1.0
+RESEND_RETRY_S = 1.0  # unsent publishes, when Redis answered with an error
 PING_INTERVAL_S = 5.0  # the subscriber pings Redis; silence for 3 intervals = dead link
 
 # (channel, after_seq, limit) -> [(seq, encoded chat.message frame)] in seq order
@@ -81,10 +82,12 @@ class Hub:
         self._repairs: dict[str, asyncio.TimerHandle | asyncio.Task] = {}
         self._repair_again: set[str] = set()
         self.repaired = 0  # messages given from PostgreSQL, for tests and /readyz
-        # Conversation channel -> (seq, envelope) of its newest message whose
-        # publish failed; published again once the outbox sends again.
-        self._unsent: dict[str, tuple[int, bytes]] = {}
+        # Publishes that failed, published again once the outbox sends again:
+        # key -> (seq, channel, envelope). A conversation's key is its channel,
+        # which keeps only its newest message; ``publish_kept`` keys each frame.
+        self._unsent: dict[Hashable, tuple[int, str, bytes]] = {}
         self._resend: asyncio.Task | None = None
+        self.resent = 0  # publishes sent again after failing (tests)
         outbox.on_open.append(self._resend_unsent)
 
     # ---- naming ----------------------------------------------------------
@@ -200,12 +203,22 @@ class Hub:
             # Nobody may send another message to show the gap: publish the
             # newest one again when Redis is back. Followers that missed the
             # ones before it see the gap and fetch them (``_watch_gap``).
-            self._keep_unsent(channel, seq, envelope)
+            self._keep_unsent(channel, seq, channel, envelope)
         return sent
 
-    def _keep_unsent(self, channel: str, seq: int, envelope: bytes) -> None:
-        if seq > self._unsent.get(channel, (0, b""))[0]:
-            self._unsent[channel] = (seq, envelope)
+    async def publish_kept(self, channel: str, frame: bytes) -> None:
+        """Publish news that PostgreSQL cannot give back to the followers
+        (``server/sessions.py``): if it fails, it is sent again once Redis
+        takes publishes again, for as long as this process runs."""
+        envelope = PLAIN_ENVELOPE + frame
+        if not await self._publish([(channel, envelope)]):
+            self._keep_unsent((channel, frame), 0, channel, envelope)
+            self._resend_unsent()
+
+    def _keep_unsent(self, key: Hashable, seq: int, channel: str, envelope: bytes) -> None:
+        kept = self._unsent.get(key)
+        if kept is None or seq > kept[0]:
+            self._unsent[key] = (seq, channel, envelope)
 
     async def publish_many(self, items: "list[tuple[str, bytes]]") -> bool:
         """Publish several ``(channel, frame)`` (no skip, no seq), in order,
@@ -251,10 +264,17 @@ class Hub:
             self._resend = asyncio.get_running_loop().create_task(self._publish_unsent(), name="rooms-resend")
 
     async def _publish_unsent(self) -> None:
-        unsent, self._unsent = self._unsent, {}
-        if not await self._publish([(channel, envelope) for channel, (_, envelope) in unsent.items()]):
-            for channel, (seq, envelope) in unsent.items():  # away again
-                self._keep_unsent(channel, seq, envelope)
+        """Until all is sent: while the outbox is closed, ``on_open`` calls
+        this again when it opens; a failure with it open (an error reply) is
+        tried again a moment later."""
+        while self._unsent and self.outbox.available:
+            unsent, self._unsent = self._unsent, {}
+            if await self._publish([(channel, envelope) for _, channel, envelope in unsent.values()]):
+                self.resent += len(unsent)
+                continue
+            for key, (seq, channel, envelope) in unsent.items():
+                self._keep_unsent(key, seq, channel, envelope)
+            await asyncio.sleep(RESEND_RETRY_S)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="rooms-subscriber")

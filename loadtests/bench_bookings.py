@@ -19,8 +19,10 @@ money (a sandbox top-up each, through the ledger), then measures:
   call a new confirmed booking (distinct slots: no refusals), while every
   host is connected too and receives its ``booking.created`` events.
 
-Prints bookings/s (median of the rounds), p50/p99 latency over all
-rounds (and pgbench's, from its per-transaction log), the ratio of the medians, and where the machine's CPU went: per
+After each round, prints its rate, p50/p99 and CPU per booking by role
+(the machine's speed drifts between rounds: every role's CPU per booking
+rises and falls together). At the end, prints bookings/s (median of the
+rounds), p50/p99 latency over all rounds (and pgbench's, from its per-transaction log), the ratio of the medians, and where the machine's CPU went: per
 booking for PostgreSQL (primary and replica), Redis, the server and this
 load generator, and per TPC-B transaction for PostgreSQL and pgbench. With
 every client keeping one call in flight, latency is clients / throughput,
@@ -273,7 +275,10 @@ async def amain(args: argparse.Namespace) -> int:
                   f"listening, {args.seconds}s ...", flush=True)
             runs.append(await run_bookings(url, pid, redis_port, booker_tokens, host_tokens,
                                            [str(h) for h in host_ids], args.seconds))
-            print(f"  {runs[-1].rate:,.0f} bookings/s", flush=True)
+            r = runs[-1]
+            print(f"  {r.rate:,.0f} bookings/s, p50 {pct(r.tally.latencies_ms, 0.5):.1f} ms, "
+                  f"p99 {pct(r.tally.latencies_ms, 0.99):.1f} ms; machine CPU {r.machine:.0%}; CPU ms per booking: "
+                  + ", ".join(f"{role} {ms:.2f}" for role, ms in r.cpu_ms.items()), flush=True)
         if args.paced:
             paced_rate = args.paced * statistics.median(r.rate for r in runs)
             host_ids, booker_ids = await make_people(stack.database_url, args.hosts, args.clients)

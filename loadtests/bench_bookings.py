@@ -230,6 +230,16 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def percentiles(values: list[float], qs: tuple[float, ...]) -> str:
+    """``p50 12.3  p99 45.6`` (ms) for each of ``qs``."""
+    return "  ".join(f"p{q * 100:g} {pct(values, q):.1f}" for q in qs)
+
+
+def cpu_line(cpu_ms: dict[str, float]) -> str:
+    """CPU milliseconds per booking, by role."""
+    return ", ".join(f"{role} {ms:.2f} ms" for role, ms in cpu_ms.items())
+
+
 async def amain(args: argparse.Namespace) -> int:
     if args.database_url:
         stack = Stack(args.database_url, [], "")
@@ -275,10 +285,9 @@ async def amain(args: argparse.Namespace) -> int:
                   f"listening, {args.seconds}s ...", flush=True)
             runs.append(await run_bookings(url, pid, redis_port, booker_tokens, host_tokens,
                                            [str(h) for h in host_ids], args.seconds))
-            r = runs[-1]
-            print(f"  {r.rate:,.0f} bookings/s, p50 {pct(r.tally.latencies_ms, 0.5):.1f} ms, "
-                  f"p99 {pct(r.tally.latencies_ms, 0.99):.1f} ms; machine CPU {r.machine:.0%}; CPU ms per booking: "
-                  + ", ".join(f"{role} {ms:.2f}" for role, ms in r.cpu_ms.items()), flush=True)
+            last = runs[-1]
+            print(f"  {last.rate:,.0f} bookings/s, {percentiles(last.tally.latencies_ms, (0.5, 0.99))} ms; "
+                  f"machine CPU {last.machine:.0%}; per booking: {cpu_line(last.cpu_ms)}", flush=True)
         if args.paced:
             paced_rate = args.paced * statistics.median(r.rate for r in runs)
             host_ids, booker_ids = await make_people(stack.database_url, args.hosts, args.clients)
@@ -308,21 +317,20 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"bookings.create p50 {p50:.1f} ms  p99 {p99:.1f} ms  machine CPU "
           f"{statistics.mean(r.machine for r in runs):4.0%}  host events "
           f"{sum(r.tally.events for r in runs) / (args.seconds * len(runs)):,.0f}/s")
-    print("bookings.create latency ms: " + "  ".join(
-        f"p{q * 100:g} {pct(latencies, q):.1f}" for q in (0.1, 0.5, 0.9, 0.95, 0.99, 0.999))
-        + f"  max {max(latencies, default=float('nan')):.1f}")
+    print("bookings.create latency ms: " + percentiles(latencies, (0.1, 0.5, 0.9, 0.95, 0.99, 0.999))
+          + f"  max {max(latencies, default=float('nan')):.1f}")
     # Where the machine's CPU goes: with every client keeping one call in
     # flight, latency is clients / throughput, and throughput is capped by
     # the CPU that one booking costs all the processes on this machine.
     cpu = {role: statistics.mean(r.cpu_ms[role] for r in runs) for role in runs[0].cpu_ms}
     total = sum(cpu.values())
     cores = os.cpu_count() or 1
-    print("CPU per booking: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in cpu.items())
+    print(f"CPU per booking: {cpu_line(cpu)}"
           + f"; {total:.2f} ms in all: {cores} cores at most {cores * 1000 / total:,.0f} bookings/s, "
           f"so p50 >= {args.clients * total / cores:.1f} ms at {args.clients} clients")
     if args.paced:
         print(f"bookings.create paced at {paced.rate:,.0f}/s ({args.paced:g} of {rate:,.0f}), {args.clients} clients: "
-              + "  ".join(f"p{q * 100:g} {pct(paced.tally.latencies_ms, q):.1f}" for q in (0.5, 0.9, 0.99))
+              + percentiles(paced.tally.latencies_ms, (0.5, 0.9, 0.99))
               + f"  max {max(paced.tally.latencies_ms, default=float('nan')):.1f} ms (from when each call was due)")
     print(f"ratio {ratio:.2f} (target >= 0.60), p99 {p99:.1f} ms (target < 50)")
     if errors:

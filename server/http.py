@@ -42,8 +42,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     cfg = services.config
     # From the session check until the socket is among the process's
     # connections, a catch-up of ended sessions (server/sessions.py) counts it.
-    checking = contextlib.ExitStack()
-    with checking:
+    with contextlib.ExitStack() as checking:
         token = _upgrade_token(request)
         claims = None
         if token is not None:

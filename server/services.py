@@ -4,6 +4,7 @@ and the background tasks it owns."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -57,11 +58,7 @@ class Services:
             return [(c.user_id, c.token_family) for c in services.connections
                     if c.user_id is not None and c.token_family is not None]
 
-        async def revoked(families: list[uuid.UUID]) -> list[tuple[uuid.UUID, uuid.UUID]]:
-            rows = await db.read_primary(auth_db.revoked_among, families)
-            return [(r["user_id"], r["id"]) for r in rows]
-
-        services.sessions.check_with(bound, revoked)
+        services.sessions.check_with(bound, functools.partial(db.read_primary, auth_db.revoked_among))
         return services
 
     async def start(self) -> None:

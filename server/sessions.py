@@ -40,7 +40,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from server.rooms import Hub
@@ -54,7 +54,7 @@ log = logging.getLogger("hangout.sessions")
 # The (user, family) of this process's bound sockets, and of those families
 # the ones that have ended (``server/db/auth.py: revoked_among``).
 Bound = Callable[[], Iterable[tuple[uuid.UUID, uuid.UUID]]]
-Revoked = Callable[[list[uuid.UUID]], Awaitable[list[tuple[uuid.UUID, uuid.UUID]]]]
+Revoked = Callable[[list[uuid.UUID]], Awaitable[Sequence[Sequence[uuid.UUID]]]]
 
 
 class Sessions:

@@ -124,7 +124,8 @@ async def readyz(request: web.Request) -> web.Response:
 
     body = {
         # Calls waiting for a primary connection: the pool (DB_POOL_MAX) is all in use.
-        "primary": {"ok": primary, "waiting": waiting},
+        # merged_writes: bookings.create calls made together (sql/009).
+        "primary": {"ok": primary, "waiting": waiting, "merged_writes": db.merged_write_stats()},
         "replicas": [
             {
                 "url": redact(r.url), "ok": r.healthy, "lag_bytes": r.lag_bytes, "error": r.error,

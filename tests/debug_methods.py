@@ -54,6 +54,24 @@ async def fail_position_lookups(call: Call, p: FailParams) -> dict:
     return {}
 
 
+@rpc("test.fail_merged_writes", FailParams, auth=False)
+async def fail_merged_writes(call: Call, p: FailParams) -> dict:
+    """Fault injection: while on, every merged batch of bookings.create calls
+    (two or more) fails in the database, as a deadlock would end it."""
+    from server.db import bookings as bookings_db
+    from server.db.pools import _WriteBatcher
+
+    async def failing(conn, _calls: list) -> None:
+        await conn.execute("SELECT 1 / 0")
+
+    db = call.services.db
+    if p.fail:
+        db._merged_writes[bookings_db.create_many] = _WriteBatcher(db, bookings_db.create, failing)
+    else:
+        db._merged_writes.pop(bookings_db.create_many, None)
+    return {}
+
+
 class SessionParams(Params):
     user_id: str
     family_id: str

@@ -134,7 +134,8 @@ async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server
     status, body = await readyz(server)
     assert status == 200
     assert body["ready"] is True
-    assert body["primary"] == {"ok": True, "waiting": 0}
+    assert body["primary"]["ok"] is True and body["primary"]["waiting"] == 0
+    assert set(body["primary"]["merged_writes"]) == {"batches", "calls", "failed", "waiting"}
     assert body["redis"]["ok"] is True
     assert len(body["replicas"]) == len(stack.replica_urls)
     for replica in body["replicas"]:

@@ -91,7 +91,7 @@ class Committed:
     sql/007): ``Database.write`` then skips its own look-up of the position."""
 
     value: Any
-    wal_lsn: str
+    wal_lsn: str | None  # None: nothing was written
 
 
 def parse_lsn(text: str | None) -> int:
@@ -184,6 +184,7 @@ class Database:
     _rr: int = 0
     primary_reads: int = 0
     _merged: dict[Any, "_Batcher"] = field(default_factory=dict)
+    _merged_writes: dict[Any, "_WriteBatcher"] = field(default_factory=dict)
     _ryw_lookups: "_Batcher | None" = None
     _heads: "_Batcher | None" = None  # primary WAL position look-ups after writes
 
@@ -210,7 +211,8 @@ class Database:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        for batcher in [*self._merged.values(), *(b for b in (self._ryw_lookups, self._heads) if b)]:
+        for batcher in [*self._merged.values(), *self._merged_writes.values(),
+                        *(b for b in (self._ryw_lookups, self._heads) if b)]:
             await batcher.close()
         pools = [r.pool for r in self.replicas if r.pool is not None]
         if self.primary is not None:
@@ -271,7 +273,11 @@ class Database:
         assert self.primary is not None
         async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             result = await query(conn, *args)
-        lsn = None
+        return await self._record_write(users, result)
+
+    async def _record_write(self, users: Writers, result: Any, lsn: str | None = None) -> Any:
+        """Record the write position of a committed ``result`` for ``users``
+        (see ``write``); ``lsn`` if the caller knows it. Returns the result."""
         if isinstance(result, Committed):
             result, lsn = result.value, result.wal_lsn
         if callable(users):
@@ -294,6 +300,36 @@ class Database:
                     lsn = UNKNOWN_POSITION
             await self.remember_write([users] if isinstance(users, uuid.UUID) else list(users), lsn)
         return result
+
+    async def write_merged(self, users: Writers, query: Query[Any], query_many: Query[Committed],
+                           parties: Iterable[uuid.UUID], *args: Any) -> Any:
+        """``write(users, query, *args)``, except that calls which overlap in
+        time are merged: ``query_many(conn, [args, ...])`` makes several in
+        one transaction and answers ``Committed([result, ...], position)``.
+        At low load a call runs ``query`` alone, as ``write`` would.
+
+        ``parties`` are the users whose rows the call locks: a batch never
+        runs beside another that shares one of them (it would only wait for
+        it), so calls of one user run one batch after another, in order.
+        If a batch of several fails with a database error, each of its calls
+        is made alone, so that each gets its own answer."""
+        merged = self._merged_writes.get(query_many)
+        if merged is None:
+            merged = self._merged_writes[query_many] = _WriteBatcher(self, query, query_many)
+        try:
+            result, lsn = await merged.submit(args, frozenset(parties))
+        except _BatchFailed:
+            return await self.write(users, query, *args)
+        return await self._record_write(users, result, lsn)
+
+    def merged_write_stats(self) -> dict[str, int]:
+        """Totals of ``write_merged`` since start: batches of two calls or
+        more, the calls in them, and the batches that failed; and the calls
+        waiting for a batch now."""
+        batchers = self._merged_writes.values()
+        stats = {k: sum(getattr(b, k) for b in batchers) for k in ("batches", "calls", "failed")}
+        stats["waiting"] = sum(len(b.waiting) for b in batchers)
+        return stats
 
     async def _insert_head(self, deadline: float | None = PRIMARY_DEADLINE_S) -> str:
         """The primary's WAL insert position now: it covers every write
@@ -508,6 +544,97 @@ class _Batcher:
             for key, fut in zip(keys, waiters):
                 if not fut.done():  # a caller whose socket closed meanwhile
                     fut.set_result(found.get(key))
+
+    async def close(self) -> None:
+        for task in list(self.running):
+            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
+
+
+class _BatchFailed(Exception):
+    """A merged batch of writes failed in the database; nothing of it
+    committed, and each caller makes its own call alone."""
+
+
+class _WriteBatcher:
+    """Merges concurrent calls of one write (``Database.write_merged``).
+
+    Like ``_Batcher``: a call joins the calls gathered in this loop turn,
+    and they go at the end of it if fewer than ``MAX_RUNNING`` batches run,
+    else when one ends; at most ``MAX_BATCH`` a batch. A call that shares a
+    party with a running batch waits for the batch after it. A batch of one
+    runs the single ``query``."""
+
+    MAX_RUNNING = 2
+    MAX_BATCH = 32
+
+    def __init__(self, db: "Database", query: Query[Any], query_many: Query["Committed"]) -> None:
+        self.db = db
+        self.query = query
+        self.query_many = query_many
+        self.waiting: list[tuple[tuple, frozenset, asyncio.Future]] = []
+        self.running: dict[asyncio.Task, frozenset] = {}
+        self.scheduled = False
+        # Batches of two calls or more, the calls in them, and those that
+        # failed (their calls were then made alone): /readyz shows them.
+        self.batches = self.calls = self.failed = 0
+
+    def submit(self, args: tuple, parties: frozenset) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append((args, parties, fut))
+        if not self.scheduled and len(self.running) < self.MAX_RUNNING:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+        return fut
+
+    def _send(self) -> None:
+        self.scheduled = False
+        while self.waiting and len(self.running) < self.MAX_RUNNING:
+            busy = frozenset().union(*self.running.values())
+            batch, rest = [], []
+            for item in self.waiting:
+                if item[2].done():  # its caller is gone
+                    continue
+                if len(batch) < self.MAX_BATCH and not (item[1] & busy):
+                    batch.append(item)
+                else:
+                    rest.append(item)
+            self.waiting = rest
+            if not batch:
+                return
+            task = asyncio.create_task(self._run(batch))
+            self.running[task] = frozenset().union(*(item[1] for item in batch))
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.running.pop(task, None)
+        if self.waiting and not self.scheduled:
+            self._send()
+
+    async def _run(self, batch: list[tuple[tuple, frozenset, asyncio.Future]]) -> None:
+        try:
+            async with self.db.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+                if len(batch) == 1:
+                    results, lsn = [await self.query(conn, *batch[0][0])], None
+                else:
+                    self.batches += 1
+                    self.calls += len(batch)
+                    committed = await self.query_many(conn, [item[0] for item in batch])
+                    results, lsn = committed.value, committed.wal_lsn
+        except BaseException as exc:
+            if len(batch) > 1 and isinstance(exc, asyncpg.PostgresError):
+                self.failed += 1
+                log.warning("a batch of %d merged writes failed, making each alone: %r", len(batch), exc)
+                exc = _BatchFailed()
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else RpcError(ErrorCode.UNAVAILABLE))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for (_, _, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result((result, lsn))
 
     async def close(self) -> None:
         for task in list(self.running):

@@ -51,8 +51,9 @@ def _booking(row: Any) -> m.Booking:
 @rpc("bookings.create", m.CreateParams)
 async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
     services = call.services
-    row = await services.db.write(
-        _parties_written, bookings_db.create,
+    # Calls made at the same moment share one transaction (sql/009).
+    row = await services.db.write_merged(
+        _parties_written, bookings_db.create, bookings_db.create_many, (call.user_id, p.host_id),
         call.user_id, p.host_id, p.start_at, p.end_at, p.idempotency_key, request_hash(p),
     )
     outcome = row["outcome"]

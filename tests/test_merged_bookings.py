@@ -1,0 +1,155 @@
+"""bookings.create calls made together (Database.write_merged, sql/009).
+
+Calls that wait at the same moment go to PostgreSQL as one transaction. Each
+must still get the answer it would get alone: the overlaps, replays, short
+balances and past starts within one batch, and when a batch fails in the
+database (its calls are then made one by one).
+
+A batch is made deterministic here: the host's row is held locked, so the
+first call waits inside PostgreSQL, and the calls sent after it share that
+host, so they wait for the batch after it (a call never runs beside a batch
+that shares one of its parties). Releasing the lock lets them go together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from protocol.errors import RpcError
+from tests.booking_support import balance, booker, host, key, slot
+from tests.conftest import ServerProcess, readyz, row_locked, until_writes_wait_on_the_lock
+
+H = dt.timedelta(hours=1)
+
+
+async def merged(server) -> dict:
+    _, body = await readyz(server)
+    return body["primary"]["merged_writes"]
+
+
+async def until_waiting(server, count: int, timeout: float = 5.0) -> None:
+    """Bounded poll of /readyz until ``count`` calls wait for a batch."""
+    deadline = time.monotonic() + timeout
+    while (await merged(server))["waiting"] < count:
+        assert time.monotonic() < deadline, f"calls never queued: {await merged(server)}"
+        await asyncio.sleep(0.01)
+
+
+def create(client, host_id: str, start: dt.datetime, k: str | None = None):
+    return client.call("bookings.create", {
+        "host_id": host_id, "start_at": start, "end_at": start + H, "idempotency_key": k or key(),
+    })
+
+
+@pytest.fixture(scope="module")
+async def test_server(stack):
+    """A server with the test-only methods (tests/debug_methods.py)."""
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", LOG_LEVEL="ERROR").start()
+    yield proc
+    await proc.stop()
+
+
+@pytest.mark.parametrize("batch_fails", [False, True], ids=["batch commits", "batch fails, calls made alone"])
+async def test_calls_made_together_get_the_answers_they_would_get_alone(test_server, db, batch_fails):
+    server = test_server
+    host_client, host_id = await host(server, price="40.00")
+    people = await asyncio.gather(*(booker(server) for _ in range(4)), booker(server, balance="10.00"))
+    (first, _), (second, _), (third, _), (fourth, _), (short, _) = people
+    ids = dict(zip(("first", "second", "third", "fourth", "short"), (uid for _, uid in people)))
+    start = slot(days=6)
+    if batch_fails:
+        await host_client.call("test.fail_merged_writes", {"fail": True})
+    before = await merged(server)
+    try:
+        async with row_locked(db, host_id):
+            alone = asyncio.ensure_future(create(first, host_id, start))
+            await until_writes_wait_on_the_lock(db, 1, statement="CALL booking_create%")
+            repeated = key()
+            calls = [
+                create(second, host_id, start),  # overlaps the first call's booking
+                create(third, host_id, start + H, repeated),
+                create(third, host_id, start + H, repeated),  # the same call again: a replay
+                create(fourth, host_id, start + H),  # overlaps the third's
+                create(short, host_id, start + 2 * H),  # 10.00 for a 40.00 hour
+                create(fourth, host_id, slot(days=-1)),  # a start that has passed
+            ]
+            together = [asyncio.ensure_future(c) for c in calls]
+            await until_waiting(server, len(calls))
+        results = await asyncio.gather(alone, *together, return_exceptions=True)
+        after = await merged(server)  # (the failing batcher's counts go with it)
+    finally:
+        if batch_fails:
+            await host_client.call("test.fail_merged_writes", {"fail": False})
+
+    def code(r):
+        return r.code.value if isinstance(r, RpcError) else ("replayed" if r["replayed"] else "created")
+
+    alone_r, overlap, third_a, third_b, fourth_r, short_r, passed = results
+    assert code(alone_r) == "created"
+    assert code(overlap) == "slot_unavailable"
+    # The third's two calls (one key) and the fourth's race for one hour:
+    # either the third wins (its second call is a replay) or the fourth does
+    # (both of the third's are refused). In a batch, the order of the calls.
+    race = sorted(map(code, (third_a, third_b, fourth_r)))
+    if code(fourth_r) == "created":
+        assert race == ["created", "slot_unavailable", "slot_unavailable"]
+    else:
+        assert race == ["created", "replayed", "slot_unavailable"]
+    assert code(short_r) == "insufficient_funds"
+    assert code(passed) == "invalid_params" and passed.data["errors"][0]["field"] == "start_at"
+    winner = next(r for r in (third_a, third_b, fourth_r) if code(r) == "created")["booking"]
+
+    # Money moved once per confirmed booking, and for nothing else.
+    paid = {ids["first"], winner["user_id"]}
+    for name in ("first", "second", "third", "fourth"):
+        expected = Decimal("960.00") if ids[name] in paid else Decimal("1000.00")
+        assert await balance(db, ids[name]) == expected
+    assert await balance(db, ids["short"]) == Decimal("10.00")
+    assert await db.fetchval(
+        "SELECT count(*) FROM bookings WHERE host_id = $1 AND status = 'confirmed'", uuid.UUID(host_id)) == 2
+    assert await db.fetchval(
+        "SELECT count(*) FROM bookings WHERE host_id = $1 AND status = 'failed'", uuid.UUID(host_id)) == 1
+    assert after["waiting"] == 0
+    if batch_fails:
+        assert after["failed"] == before["failed"] + 1
+        assert after["batches"] == before["batches"] + 1
+    else:
+        assert after["failed"] == before["failed"]
+        assert after["batches"] == before["batches"] + 1
+        assert after["calls"] == before["calls"] + len(calls)
+    for c in (host_client, first, second, third, fourth, short):
+        await c.close()
+
+
+async def test_each_call_of_a_batch_gets_its_own_booking_balance_and_events(server, server2, db):
+    """Five bookers book one host (on the other process) for five hours: four
+    of the calls go as one batch, and each booker gets their own booking,
+    balance and events, and the host all five booking.created."""
+    host_client, host_id = await host(server2, price="25.00")
+    bookers = await asyncio.gather(*(booker(server) for _ in range(5)))
+    start = slot(days=9)
+    before = await merged(server)
+    async with row_locked(db, host_id):
+        first = asyncio.ensure_future(create(bookers[0][0], host_id, start))
+        await until_writes_wait_on_the_lock(db, 1, statement="CALL booking_create%")
+        rest = [asyncio.ensure_future(create(c, host_id, start + i * H)) for i, (c, _) in enumerate(bookers) if i]
+        await until_waiting(server, len(rest))
+    results = [await first, *await asyncio.gather(*rest)]
+    assert (await merged(server))["calls"] == before["calls"] + len(rest)
+    for i, ((client, uid), r) in enumerate(zip(bookers, results)):
+        b = r["booking"]
+        assert (b["user_id"], b["host_id"], b["status"], r["replayed"]) == (uid, host_id, "confirmed", False)
+        assert b["start_at"] == start + i * H
+        assert (await client.next_event("booking.created"))["booking"]["id"] == b["id"]
+        assert (await client.next_event("wallet.updated"))["balance"] == "975.00"
+        assert await balance(db, uid) == Decimal("975.00")
+    seen = {(await host_client.next_event("booking.created"))["booking"]["id"] for _ in bookers}
+    assert seen == {r["booking"]["id"] for r in results}
+    for c, _ in [(host_client, None), *bookers]:
+        await c.close()

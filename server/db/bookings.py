@@ -71,7 +71,6 @@ async def create(
     return Committed(result, result.pop("wal_lsn"))
 
 
-
 _BATCH_COLUMNS = ("outcome", "id", "user_id", "host_id", "start_at", "end_at", "status", "amount",
                   "created_at", "updated_at", "conversation_id", "balance")
 
@@ -83,10 +82,12 @@ async def create_many(conn: asyncpg.Connection, calls: list[tuple]) -> Committed
     whose start has passed is answered by ``create`` on the same connection,
     before the others are made."""
     now = dt.datetime.now(dt.timezone.utc)
-    results: list[dict[str, Any] | None] = [None] * len(calls)
-    made = [i for i, c in enumerate(calls) if c[2] > now]
+    results: list[Any] = [None] * len(calls)
+    made = []
     for i, c in enumerate(calls):
-        if c[2] <= now:
+        if c[2] > now:
+            made.append(i)
+        else:
             results[i] = await create(conn, *c)  # a replay at most: it writes nothing
     if not made:
         return Committed(results, None)
@@ -94,10 +95,11 @@ async def create_many(conn: asyncpg.Connection, calls: list[tuple]) -> Committed
         "CALL booking_create_batch($1, $2, $3, $4, $5, $6)",
         *([calls[i][k] for i in made] for k in range(6)),
     )
-    columns = [row[name] or [] for name in _BATCH_COLUMNS]
-    for n, i in enumerate(made):
-        results[i] = {name: col[n] if n < len(col) else None for name, col in zip(_BATCH_COLUMNS, columns)}
+    # One array per column, one element per call made, in their order.
+    for i, values in zip(made, zip(*(row[name] for name in _BATCH_COLUMNS))):
+        results[i] = dict(zip(_BATCH_COLUMNS, values))
     return Committed(results, row["wal_lsn"])
+
 
 async def get_for(conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.UUID) -> asyncpg.Record | None:
     """The booking if ``party`` is its booker or host; None otherwise."""

@@ -21,7 +21,7 @@ import contextvars
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, TypeVar
 from urllib.parse import urlparse
 
 import asyncpg
@@ -485,36 +485,72 @@ class Database:
             return await query(conn, *args)
 
 
-class _Batcher:
-    """Merges concurrent single-key look-ups of one kind into one request.
+class _Merging:
+    """What the batchers below share: requests gathered in one loop turn go
+    at the end of it if fewer than ``max_running`` are running, else as soon
+    as one of them ends. So at low load a call waits for nothing, and the
+    busier the process, the more calls a request serves. A subclass says
+    what is waiting (``_waiting``) and starts requests (``_send``, with
+    ``_start``)."""
 
-    A call joins the batch being gathered; the batch is sent at the end of
-    the current loop turn if fewer than ``max_running`` of its kind are
-    running, else as soon as one of them ends. So at low load a call waits
-    for nothing, and the busier the process, the more calls a request serves.
-    ``fetch(keys, required)`` answers ``{key: value}``; ``required`` is the
-    strictest read-your-writes position among the batch's callers (-1 for
-    "the primary"), which is never less safe than reading for each alone.
+    def __init__(self, max_running: int) -> None:
+        self.max_running = max_running
+        self.running: dict[asyncio.Task, frozenset] = {}  # each with the parties it holds
+        self.scheduled = False
+
+    def _wake(self) -> None:
+        """Something was added to what is waiting."""
+        if not self.scheduled and len(self.running) < self.max_running:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _waiting(self) -> bool:
+        raise NotImplementedError
+
+    def _send(self) -> None:
+        raise NotImplementedError
+
+    def _start(self, request: Coroutine[Any, Any, None], parties: frozenset = frozenset()) -> None:
+        task = asyncio.create_task(request)
+        self.running[task] = parties
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.running.pop(task, None)
+        if self._waiting() and not self.scheduled:
+            self._send()
+
+    async def close(self) -> None:
+        for task in list(self.running):
+            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
+
+
+class _Batcher(_Merging):
+    """Merges concurrent single-key look-ups of one kind into one request
+    (see ``_Merging``). ``fetch(keys, required)`` answers ``{key: value}``;
+    ``required`` is the strictest read-your-writes position among the
+    batch's callers (-1 for "the primary"), which is never less safe than
+    reading for each alone.
     """
 
     def __init__(self, fetch: Callable[[list[Any], int], Awaitable[dict]], max_running: int) -> None:
+        super().__init__(max_running)
         self.fetch = fetch
-        self.max_running = max_running
         self.keys: list[Any] = []
         self.waiters: list[asyncio.Future] = []
         self.required = 0
-        self.running: set[asyncio.Task] = set()
-        self.scheduled = False
 
     async def get(self, key: Any, required: int = 0) -> Any:
         fut = asyncio.get_running_loop().create_future()
         self.keys.append(key)
         self.waiters.append(fut)
         self.required = -1 if required < 0 or self.required < 0 else max(self.required, required)
-        if not self.scheduled and len(self.running) < self.max_running:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._send)
+        self._wake()
         return await fut
+
+    def _waiting(self) -> bool:
+        return bool(self.keys)
 
     def _send(self) -> None:
         self.scheduled = False
@@ -522,14 +558,7 @@ class _Batcher:
             return
         keys, waiters, required = self.keys, self.waiters, self.required
         self.keys, self.waiters, self.required = [], [], 0
-        task = asyncio.create_task(self._run(keys, waiters, required))
-        self.running.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.running.discard(task)
-        if self.keys and not self.scheduled:
-            self._send()
+        self._start(self._run(keys, waiters, required))
 
     async def _run(self, keys: list[Any], waiters: list[asyncio.Future], required: int) -> None:
         try:
@@ -545,36 +574,27 @@ class _Batcher:
                 if not fut.done():  # a caller whose socket closed meanwhile
                     fut.set_result(found.get(key))
 
-    async def close(self) -> None:
-        for task in list(self.running):
-            task.cancel()
-        await asyncio.gather(*self.running, return_exceptions=True)
-
 
 class _BatchFailed(Exception):
     """A merged batch of writes failed in the database; nothing of it
     committed, and each caller makes its own call alone."""
 
 
-class _WriteBatcher:
-    """Merges concurrent calls of one write (``Database.write_merged``).
-
-    Like ``_Batcher``: a call joins the calls gathered in this loop turn,
-    and they go at the end of it if fewer than ``MAX_RUNNING`` batches run,
-    else when one ends; at most ``MAX_BATCH`` a batch. A call that shares a
-    party with a running batch waits for the batch after it. A batch of one
-    runs the single ``query``."""
+class _WriteBatcher(_Merging):
+    """Merges concurrent calls of one write (``Database.write_merged``; see
+    ``_Merging``), at most ``MAX_BATCH`` a batch. A call that shares a party
+    with a running batch waits for the batch after it. A batch of one runs
+    the single ``query``."""
 
     MAX_RUNNING = 2
-    MAX_BATCH = 32
+    MAX_BATCH = 32  # bounds how long one batch holds its wallet locks
 
     def __init__(self, db: "Database", query: Query[Any], query_many: Query["Committed"]) -> None:
+        super().__init__(self.MAX_RUNNING)
         self.db = db
         self.query = query
         self.query_many = query_many
         self.waiting: list[tuple[tuple, frozenset, asyncio.Future]] = []
-        self.running: dict[asyncio.Task, frozenset] = {}
-        self.scheduled = False
         # Batches of two calls or more, the calls in them, and those that
         # failed (their calls were then made alone): /readyz shows them.
         self.batches = self.calls = self.failed = 0
@@ -582,14 +602,15 @@ class _WriteBatcher:
     def submit(self, args: tuple, parties: frozenset) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
         self.waiting.append((args, parties, fut))
-        if not self.scheduled and len(self.running) < self.MAX_RUNNING:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._send)
+        self._wake()
         return fut
+
+    def _waiting(self) -> bool:
+        return bool(self.waiting)
 
     def _send(self) -> None:
         self.scheduled = False
-        while self.waiting and len(self.running) < self.MAX_RUNNING:
+        while self.waiting and len(self.running) < self.max_running:
             busy = frozenset().union(*self.running.values())
             batch, rest = [], []
             for item in self.waiting:
@@ -602,14 +623,7 @@ class _WriteBatcher:
             self.waiting = rest
             if not batch:
                 return
-            task = asyncio.create_task(self._run(batch))
-            self.running[task] = frozenset().union(*(item[1] for item in batch))
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.running.pop(task, None)
-        if self.waiting and not self.scheduled:
-            self._send()
+            self._start(self._run(batch), frozenset().union(*(item[1] for item in batch)))
 
     async def _run(self, batch: list[tuple[tuple, frozenset, asyncio.Future]]) -> None:
         try:
@@ -635,11 +649,6 @@ class _WriteBatcher:
             for (_, _, fut), result in zip(batch, results):
                 if not fut.done():
                     fut.set_result((result, lsn))
-
-    async def close(self) -> None:
-        for task in list(self.running):
-            task.cancel()
-        await asyncio.gather(*self.running, return_exceptions=True)
 
 
 # Present as long as Redis has kept its data; see Database._set_floor.

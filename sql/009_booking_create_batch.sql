@@ -9,17 +9,24 @@
 --
 -- booking_create (sql/008) now answers an overlap with the outcome
 -- 'slot_unavailable' instead of raising exclusion_violation: it looks for
--- busy rows of both parties before the insert, under their wallet locks.
--- So one call's overlap rolls nothing else back, with no subtransaction per
--- call. (A subtransaction per call was tried first: a row locked by the
+-- busy rows of both parties before the insert, under locks of their hours
+-- (booking_lock_hours). So one call's overlap rolls nothing else back, with
+-- no subtransaction per call. (A subtransaction per call was tried first: a row locked by the
 -- batch and then updated by one of its subtransactions gets a MultiXact as
 -- its xmax, and every later look at the booker's row versions read the
 -- MultiXact's members; PostgreSQL spent 2.6-3.0 ms per booking instead of
 -- about 1.)
 --
--- Lock order is the one of sql/006, for the batch as a whole: every party's
--- wallet row in id order, before any booking row. Two batches that share a
--- person wait for each other in one direction only. Within the batch, a
+-- Locks, and their order. A booking locked both parties' wallet rows
+-- (sql/006), so bookings of one host waited for each other whatever their
+-- hours, and two batches sharing a host ran one after the other. Now it
+-- locks the booker's wallet row (the balance), then a lock per person and
+-- hour for both parties (what must not overlap); the host's row is only
+-- read. A batch takes all its bookers' wallet rows in id order, then all its
+-- hour locks in order, before any booking row: every transaction takes
+-- wallet rows before hour locks, and each kind in order, so none waits in a
+-- circle (bookings.cancel and settlement take no hour locks; they only
+-- remove busy rows). Within the batch, a
 -- call sees what the calls before it wrote: a second call with a key that
 -- an earlier one used is its replay, a second booking of one slot is
 -- 'slot_unavailable', and a booker's balance is what the calls before left.
@@ -27,6 +34,29 @@
 -- Any error rolls the whole batch back (the server then makes each of its
 -- calls alone, so that each gets its own answer). The arrays come back in
 -- the order of the calls.
+
+-- One transaction-level advisory lock per person and hour of each booking
+-- [start, end) (bookings are whole hours), for both parties, taken in
+-- (person, hour) order. Two bookings that could overlap share a lock;
+-- bookings of one person at other hours do not. The person is hashed into
+-- the first key: two people with one hash only wait for each other more.
+CREATE FUNCTION booking_lock_hours(p_booker uuid[], p_host uuid[], p_start timestamptz[], p_end timestamptz[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  k record;
+BEGIN
+  FOR k IN
+    SELECT DISTINCT hashtext(who.person::text) AS person, hour
+    FROM unnest(p_booker, p_host, p_start, p_end) AS c(booker, host, s, e)
+    CROSS JOIN LATERAL (VALUES (c.booker), (c.host)) AS who(person)
+    CROSS JOIN LATERAL generate_series(floor(extract(epoch FROM c.s) / 3600)::int,
+                                       ceil(extract(epoch FROM c.e) / 3600)::int - 1) AS hour
+    ORDER BY 1, 2
+  LOOP
+    PERFORM pg_advisory_xact_lock(k.person, k.hour);
+  END LOOP;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION booking_create(p_booker uuid, p_host uuid, p_start timestamptz, p_end timestamptz,
                                p_key text, p_hash bytea)
@@ -44,23 +74,13 @@ DECLARE
   v_amount numeric;
   v_booking bookings%ROWTYPE;
   v_conversation uuid;
-  v_party record;
 BEGIN
-  -- Both parties' wallet rows, in id order. NO KEY UPDATE, not UPDATE:
-  -- foreign-key checks (KEY SHARE) on these rows must not wait.
-  FOR v_party IN
-    SELECT u.id, u.kyc_status, u.balance, u.price_per_hour FROM users u
-    WHERE u.id IN (p_booker, p_host) ORDER BY u.id FOR NO KEY UPDATE
-  LOOP
-    IF v_party.id = p_booker THEN
-      v_booker_kyc := v_party.kyc_status;
-      v_balance := v_party.balance;
-    END IF;
-    IF v_party.id = p_host THEN
-      v_host_kyc := v_party.kyc_status;
-      v_price := v_party.price_per_hour;
-    END IF;
-  END LOOP;
+  -- The booker's wallet row. NO KEY UPDATE, not UPDATE: foreign-key checks
+  -- (KEY SHARE) on it must not wait. The host's row is only read: nothing of
+  -- the host's changes here, and overlaps are kept apart by the hour locks
+  -- below, so bookings of one host at other hours do not wait for this one.
+  SELECT u.kyc_status, u.balance INTO v_booker_kyc, v_balance FROM users u WHERE u.id = p_booker FOR NO KEY UPDATE;
+  SELECT u.kyc_status, u.price_per_hour INTO v_host_kyc, v_price FROM users u WHERE u.id = p_host;
 
   -- A key seen before answers with what it made, whatever changed since.
   RETURN QUERY SELECT * FROM booking_replay(p_key, p_booker, p_hash);
@@ -102,12 +122,14 @@ BEGIN
     RETURN;
   END IF;
 
-  -- Both parties' wallet rows are locked, and every transaction that makes
-  -- someone busy locks their wallet row first: a busy row seen here is
-  -- committed (or being removed), and none can appear before this commits.
-  -- So the overlap is an answer, not an error, and a call in a batch
-  -- (booking_create_batch) needs no subtransaction of its own. The
-  -- exclusion constraint still holds whatever writes bookings.
+  -- Every transaction that makes someone busy for an hour holds that
+  -- person's lock of that hour first (booking_lock_hours): with both
+  -- parties' hours locked, a busy row seen here is committed (or being
+  -- removed), and none can appear before this commits. So the overlap is an
+  -- answer, not an error, and a call in a batch (booking_create_batch) needs
+  -- no subtransaction of its own. The exclusion constraint still holds
+  -- whatever writes bookings.
+  PERFORM booking_lock_hours(ARRAY[p_booker], ARRAY[p_host], ARRAY[p_start], ARRAY[p_end]);
   IF EXISTS (SELECT 1 FROM booking_busy bb WHERE bb.user_id IN (p_booker, p_host)
              AND bb.during && tstzrange(p_start, p_end, '[)')) THEN
     outcome := 'slot_unavailable'; RETURN NEXT; RETURN;
@@ -152,7 +174,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
   r record;
 BEGIN
-  PERFORM 1 FROM users u WHERE u.id = ANY (p_booker || p_host) ORDER BY u.id FOR NO KEY UPDATE;
+  PERFORM 1 FROM users u WHERE u.id = ANY (p_booker) ORDER BY u.id FOR NO KEY UPDATE;
+  PERFORM booking_lock_hours(p_booker, p_host, p_start, p_end);
   FOR i IN 1 .. cardinality(p_booker) LOOP
     SELECT * INTO r FROM booking_create(p_booker[i], p_host[i], p_start[i], p_end[i], p_key[i], p_hash[i]);
     outcome[i] := r.outcome; id[i] := r.id; user_id[i] := r.user_id; host_id[i] := r.host_id;

@@ -72,6 +72,28 @@ async def fail_merged_writes(call: Call, p: FailParams) -> dict:
     return {}
 
 
+class HoldMergedParams(Params):
+    hold: bool
+
+
+@rpc("test.hold_merged_writes", HoldMergedParams, auth=False)
+async def hold_merged_writes(call: Call, p: HoldMergedParams) -> dict:
+    """While on, bookings.create calls wait for a batch and none is sent;
+    turned off, those waiting go, as one batch (at most 32)."""
+    import asyncio
+
+    from server.db import bookings as bookings_db
+    from server.db.pools import _WriteBatcher
+
+    db = call.services.db
+    batcher = db._merged_writes.setdefault(
+        bookings_db.create_many, _WriteBatcher(db, bookings_db.create, bookings_db.create_many))
+    batcher.max_running = 0 if p.hold else _WriteBatcher.MAX_RUNNING
+    if not p.hold:
+        asyncio.get_running_loop().call_soon(batcher._send)
+    return {}
+
+
 class SessionParams(Params):
     user_id: str
     family_id: str

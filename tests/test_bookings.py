@@ -13,7 +13,7 @@ import pytest
 
 from protocol.errors import RpcError
 from tests.booking_support import balance, book, booker, events_until, host, key, move_start_to_past, slot
-from tests.conftest import post_kyc, register, replay_paused, verified_user
+from tests.conftest import post_kyc, register, replay_paused, until_writes_wait_on_the_lock, verified_user
 
 H = dt.timedelta(hours=1)
 
@@ -235,6 +235,25 @@ async def test_two_users_booking_each_other_at_once_never_deadlock(server, serve
     assert sorted(isinstance(o, dict) for o in outcomes) == [False, True]
     assert [o.code.value for o in outcomes if isinstance(o, RpcError)] == ["slot_unavailable"]
     for c in (a, b):
+        await c.close()
+
+
+async def test_bookings_wait_only_for_bookings_that_could_overlap(server, server2, db):
+    """A booking holds a lock per person and hour (sql/009), not the host's
+    whole wallet: while one hour of a host is held, a booking of that hour
+    waits, and a booking of the next hour goes through."""
+    host_client, host_id = await host(server)
+    (a, _), (b, _) = await asyncio.gather(booker(server), booker(server2))
+    ten = slot(days=7, hour=10)
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text), $2)",
+                           host_id, int(ten.timestamp()) // 3600)
+        waiting = asyncio.ensure_future(book(a, host_id, ten))
+        await until_writes_wait_on_the_lock(db, 1, statement="CALL booking_create%")
+        assert (await book(b, host_id, ten + H))["status"] == "confirmed"
+        assert not waiting.done()
+    assert (await waiting)["status"] == "confirmed"
+    for c in (a, b, host_client):
         await c.close()
 
 

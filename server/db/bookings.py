@@ -5,9 +5,9 @@ Lock order, the same everywhere a booking's money moves, so that none of
 these transactions can deadlock with another: the booking row, then wallet
 rows (users) in id order, then booking_busy rows (written by the database
 itself, from the write to the booking: sql/008). bookings.create has no
-booking row yet and starts at the wallets of both parties, which also keeps
-two overlapping inserts into booking_busy from waiting on each other (see
-sql/006_bookings_create.sql).
+booking row yet: it starts at the booker's wallet, then takes a lock per
+person and hour of the booking for both parties, which keeps two bookings
+that could overlap from running side by side (sql/009).
 """
 
 from __future__ import annotations
@@ -69,6 +69,14 @@ async def create(
         return {"outcome": "slot_unavailable"}
     result = dict(row)
     return Committed(result, result.pop("wal_lsn"))
+
+
+def create_locks(booker: uuid.UUID, host: uuid.UUID, start_at: dt.datetime, end_at: dt.datetime) -> frozenset:
+    """What ``create`` locks (sql/009): the booker's wallet, and each hour
+    of the booking for both parties. Calls that share none of these can run
+    in batches side by side (``Database.write_merged``)."""
+    first, last = int(start_at.timestamp()) // 3600, -(-int(end_at.timestamp()) // 3600)
+    return frozenset([booker, *((who, hour) for who in (booker, host) for hour in range(first, last))])
 
 
 _BATCH_COLUMNS = ("outcome", "id", "user_id", "host_id", "start_at", "end_at", "status", "amount",

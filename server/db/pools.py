@@ -302,22 +302,22 @@ class Database:
         return result
 
     async def write_merged(self, users: Writers, query: Query[Any], query_many: Query[Committed],
-                           parties: Iterable[uuid.UUID], *args: Any) -> Any:
+                           locks: frozenset, *args: Any) -> Any:
         """``write(users, query, *args)``, except that calls which overlap in
         time are merged: ``query_many(conn, [args, ...])`` makes several in
         one transaction and answers ``Committed([result, ...], position)``.
         At low load a call runs ``query`` alone, as ``write`` would.
 
-        ``parties`` are the users whose rows the call locks: a batch never
+        ``locks`` name what the call locks in the database: a batch never
         runs beside another that shares one of them (it would only wait for
-        it), so calls of one user run one batch after another, in order.
+        it), so calls that could collide run one batch after another.
         If a batch of several fails with a database error, each of its calls
         is made alone, so that each gets its own answer."""
         merged = self._merged_writes.get(query_many)
         if merged is None:
             merged = self._merged_writes[query_many] = _WriteBatcher(self, query, query_many)
         try:
-            result, lsn = await merged.submit(args, frozenset(parties))
+            result, lsn = await merged.submit(args, locks)
         except _BatchFailed:
             return await self.write(users, query, *args)
         return await self._record_write(users, result, lsn)
@@ -495,7 +495,7 @@ class _Merging:
 
     def __init__(self, max_running: int) -> None:
         self.max_running = max_running
-        self.running: dict[asyncio.Task, frozenset] = {}  # each with the parties it holds
+        self.running: dict[asyncio.Task, frozenset] = {}  # each with the locks it holds
         self.scheduled = False
 
     def _wake(self) -> None:
@@ -510,9 +510,9 @@ class _Merging:
     def _send(self) -> None:
         raise NotImplementedError
 
-    def _start(self, request: Coroutine[Any, Any, None], parties: frozenset = frozenset()) -> None:
+    def _start(self, request: Coroutine[Any, Any, None], locks: frozenset = frozenset()) -> None:
         task = asyncio.create_task(request)
-        self.running[task] = parties
+        self.running[task] = locks
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
@@ -582,7 +582,7 @@ class _BatchFailed(Exception):
 
 class _WriteBatcher(_Merging):
     """Merges concurrent calls of one write (``Database.write_merged``; see
-    ``_Merging``), at most ``MAX_BATCH`` a batch. A call that shares a party
+    ``_Merging``), at most ``MAX_BATCH`` a batch. A call that shares a lock
     with a running batch waits for the batch after it. A batch of one runs
     the single ``query``."""
 
@@ -599,9 +599,9 @@ class _WriteBatcher(_Merging):
         # failed (their calls were then made alone): /readyz shows them.
         self.batches = self.calls = self.failed = 0
 
-    def submit(self, args: tuple, parties: frozenset) -> asyncio.Future:
+    def submit(self, args: tuple, locks: frozenset) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
-        self.waiting.append((args, parties, fut))
+        self.waiting.append((args, locks, fut))
         self._wake()
         return fut
 

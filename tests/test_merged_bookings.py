@@ -156,3 +156,29 @@ async def test_each_call_of_a_batch_gets_its_own_booking_balance_and_events(test
     assert seen == {r["booking"]["id"] for r in results}
     for c, _ in [(host_client, None), *bookers]:
         await c.close()
+
+
+async def test_a_batch_takes_at_most_256_locks(test_server, db):
+    """Twelve 12-hour bookings take 25 locks each (the booker's wallet, 24
+    hour locks): ten fit in a batch, the other two go in the next."""
+    server = test_server
+    host_client, host_id = await host(server, price="10.00")
+    bookers = await asyncio.gather(*(booker(server) for _ in range(12)))
+    start = slot(days=20)
+    before = await merged(server)
+    await host_client.call("test.hold_merged_writes", {"hold": True})
+    try:
+        calls = [asyncio.ensure_future(c.call("bookings.create", {
+            "host_id": host_id, "start_at": start + 12 * i * H, "end_at": start + 12 * (i + 1) * H,
+            "idempotency_key": key()})) for i, (c, _) in enumerate(bookers)]
+        await until_waiting(server, len(calls))
+    finally:
+        await host_client.call("test.hold_merged_writes", {"hold": False})
+    results = await asyncio.gather(*calls)
+    assert [r["booking"]["status"] for r in results] == ["confirmed"] * 12
+    after = await merged(server)
+    assert (after["batches"] - before["batches"], after["calls"] - before["calls"]) == (2, 12)
+    for uid in (u for _, u in bookers):
+        assert await balance(db, uid) == Decimal("880.00")
+    for c in (host_client, *(c for c, _ in bookers)):
+        await c.close()

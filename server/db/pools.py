@@ -587,7 +587,11 @@ class _WriteBatcher(_Merging):
     the single ``query``."""
 
     MAX_RUNNING = 2
-    MAX_BATCH = 32  # bounds how long one batch holds its wallet locks
+    MAX_BATCH = 32  # bounds how long one batch holds its locks
+    # And how many locks one batch takes: PostgreSQL's lock table is shared,
+    # max_locks_per_transaction (64) per connection; a 12-hour booking takes
+    # 24 hour locks. (One call more than this still goes, alone.)
+    MAX_LOCKS = 256
 
     def __init__(self, db: "Database", query: Query[Any], query_many: Query["Committed"]) -> None:
         super().__init__(self.MAX_RUNNING)
@@ -612,12 +616,14 @@ class _WriteBatcher(_Merging):
         self.scheduled = False
         while self.waiting and len(self.running) < self.max_running:
             busy = frozenset().union(*self.running.values())
-            batch, rest = [], []
+            batch, rest, locks = [], [], 0
             for item in self.waiting:
                 if item[2].done():  # its caller is gone
                     continue
-                if len(batch) < self.MAX_BATCH and not (item[1] & busy):
+                fits = not batch or (len(batch) < self.MAX_BATCH and locks + len(item[1]) <= self.MAX_LOCKS)
+                if fits and not (item[1] & busy):
                     batch.append(item)
+                    locks += len(item[1])
                 else:
                     rest.append(item)
             self.waiting = rest

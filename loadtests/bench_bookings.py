@@ -119,6 +119,7 @@ class Tally:
     calls: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # time.perf_counter() when each call was sent (or due)
     events: int = 0
     exhausted: int = 0
 
@@ -160,6 +161,7 @@ async def drive_booker(ws: aiohttp.ClientWebSocketResponse, client: int, hosts: 
         if tally.counting:
             tally.calls += 1
             tally.latencies_ms.append((clock() - sent) * 1000.0)
+            tally.sent_at.append(sent)
             if "error" in reply:
                 code = reply["error"]["code"]
                 tally.errors[code] = tally.errors.get(code, 0) + 1
@@ -299,6 +301,12 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+    if args.timeline:
+        with open(args.timeline, "w") as out:
+            out.write("round,sent,latency_ms\n")  # sent: time.perf_counter(), the machine's monotonic clock
+            for round_no, r in enumerate(runs + ([paced] if args.paced else []), 1):
+                for sent, ms in zip(r.tally.sent_at, r.tally.latencies_ms):
+                    out.write(f"{round_no},{sent:.6f},{ms:.3f}\n")
     pg = statistics.median(pg_runs)
     rate = statistics.median(r.rate for r in runs)
     latencies = [ms for r in runs for ms in r.tally.latencies_ms]
@@ -353,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="server processes (WORKERS)")
     ap.add_argument("--url", help="use this running server (ws://.../ws) instead of starting one")
     ap.add_argument("--database-url", help="the server's primary [the dev stack]")
+    ap.add_argument("--timeline", metavar="CSV",
+                    help="write every counted call here: round, when it was sent, its latency")
     ap.add_argument("--database", default=BENCH_DB,
                     help="database on the dev stack, made afresh for the run [%(default)s]")
     args = ap.parse_args(argv)

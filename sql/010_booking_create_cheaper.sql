@@ -10,9 +10,10 @@
 --    which books for the same 50 bookers 25 times a second each, still
 --    finds pages full about half of the time.)
 --
--- 2. A batch (booking_create_batch) takes all its hour locks before its
---    first booking; booking_create took them again for each call, a
---    tenth of what a booking cost. It now has p_hours_locked: the batch
+-- 2. A batch (booking_create_batch) locks all its bookers' rows and all
+--    its hour locks before its first booking; booking_create took both
+--    again for each call (the hour locks alone were a tenth of what a
+--    booking cost, a row lock writes WAL). It now has p_locked: the batch
 --    says they are held. Called alone it still takes them itself.
 --
 -- 3. The batch locks its bookers' rows one by one, by primary key: its
@@ -27,7 +28,7 @@ ALTER TABLE users SET (fillfactor = 70);
 DROP FUNCTION booking_create(uuid, uuid, timestamptz, timestamptz, text, bytea);
 
 CREATE FUNCTION booking_create(p_booker uuid, p_host uuid, p_start timestamptz, p_end timestamptz,
-                               p_key text, p_hash bytea, p_hours_locked boolean DEFAULT false)
+                               p_key text, p_hash bytea, p_locked boolean DEFAULT false)
 RETURNS TABLE (outcome text, id uuid, user_id uuid, host_id uuid, start_at timestamptz, end_at timestamptz,
                status text, amount numeric, created_at timestamptz, updated_at timestamptz,
                conversation_id uuid, balance numeric)
@@ -43,11 +44,16 @@ DECLARE
   v_booking bookings%ROWTYPE;
   v_conversation uuid;
 BEGIN
-  -- The booker's wallet row. NO KEY UPDATE, not UPDATE: foreign-key checks
+  -- The booker's wallet row (already locked when p_locked: the batch locks
+  -- all its bookers first, in id order). NO KEY UPDATE, not UPDATE: foreign-key checks
   -- (KEY SHARE) on it must not wait. The host's row is only read: nothing of
   -- the host's changes here, and overlaps are kept apart by the hour locks
   -- below, so bookings of one host at other hours do not wait for this one.
-  SELECT u.kyc_status, u.balance INTO v_booker_kyc, v_balance FROM users u WHERE u.id = p_booker FOR NO KEY UPDATE;
+  IF p_locked THEN
+    SELECT u.kyc_status, u.balance INTO v_booker_kyc, v_balance FROM users u WHERE u.id = p_booker;
+  ELSE
+    SELECT u.kyc_status, u.balance INTO v_booker_kyc, v_balance FROM users u WHERE u.id = p_booker FOR NO KEY UPDATE;
+  END IF;
   SELECT u.kyc_status, u.price_per_hour INTO v_host_kyc, v_price FROM users u WHERE u.id = p_host;
 
   -- A key seen before answers with what it made, whatever changed since.
@@ -97,7 +103,7 @@ BEGIN
   -- answer, not an error, and a call in a batch (booking_create_batch) needs
   -- no subtransaction of its own. The exclusion constraint still holds
   -- whatever writes bookings.
-  IF NOT p_hours_locked THEN
+  IF NOT p_locked THEN
     PERFORM booking_lock_hours(ARRAY[p_booker], ARRAY[p_host], ARRAY[p_start], ARRAY[p_end]);
   END IF;
   IF EXISTS (SELECT 1 FROM booking_busy bb WHERE bb.user_id IN (p_booker, p_host)
@@ -152,7 +158,7 @@ BEGIN
   PERFORM booking_lock_hours(p_booker, p_host, p_start, p_end);
   FOR i IN 1 .. cardinality(p_booker) LOOP
     SELECT * INTO r FROM booking_create(p_booker[i], p_host[i], p_start[i], p_end[i], p_key[i], p_hash[i],
-                                        p_hours_locked => true);
+                                        p_locked => true);
     outcome[i] := r.outcome; id[i] := r.id; user_id[i] := r.user_id; host_id[i] := r.host_id;
     start_at[i] := r.start_at; end_at[i] := r.end_at; status[i] := r.status; amount[i] := r.amount;
     created_at[i] := r.created_at; updated_at[i] := r.updated_at;

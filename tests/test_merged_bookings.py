@@ -22,6 +22,7 @@ import pytest
 
 from protocol.errors import RpcError
 from tests.booking_support import balance, booker, host, key, slot
+from server.db.pools import _WriteBatcher
 from tests.conftest import ServerProcess, readyz
 
 H = dt.timedelta(hours=1)
@@ -180,5 +181,54 @@ async def test_a_batch_takes_at_most_256_locks(test_server, db):
     assert (after["batches"] - before["batches"], after["calls"] - before["calls"]) == (2, 12)
     for uid in (u for _, u in bookers):
         assert await balance(db, uid) == Decimal("880.00")
+    for c in (host_client, *(c for c, _ in bookers)):
+        await c.close()
+
+
+async def test_a_booker_twice_in_one_batch_pays_from_what_the_first_call_left(test_server, db):
+    """In a batch the booker's row is locked once, up front (sql/010): each
+    call still reads the balance the calls before it left."""
+    server = test_server
+    host_client, host_id = await host(server, price="40.00")
+    client, uid = await booker(server, balance="50.00")
+    start = slot(days=11)
+    before = await merged(server)
+    await host_client.call("test.hold_merged_writes", {"hold": True})
+    try:
+        calls = [asyncio.ensure_future(create(client, host_id, start + i * H)) for i in range(2)]
+        await until_waiting(server, len(calls))
+    finally:
+        await host_client.call("test.hold_merged_writes", {"hold": False})
+    first, second = await asyncio.gather(*calls, return_exceptions=True)
+    after = await merged(server)
+    assert (after["batches"] - before["batches"], after["calls"] - before["calls"]) == (1, 2)
+    assert first["booking"]["status"] == "confirmed"
+    assert isinstance(second, RpcError) and second.code.value == "insufficient_funds"
+    assert await balance(db, uid) == Decimal("10.00")
+    assert await db.fetchval(
+        "SELECT sum(amount) FROM transactions WHERE user_id = $1", uuid.UUID(uid)) == Decimal("10.00")
+    for c in (host_client, client):
+        await c.close()
+
+
+async def test_a_batch_holds_at_most_max_batch_calls(test_server):
+    """One call more than a batch holds waits for the next batch."""
+    server = test_server
+    size = _WriteBatcher.MAX_BATCH
+    host_client, host_id = await host(server, price="10.00")
+    bookers = await asyncio.gather(*(booker(server) for _ in range(size + 1)))
+    start = slot(days=30)
+    before = await merged(server)
+    await host_client.call("test.hold_merged_writes", {"hold": True})
+    try:
+        calls = [asyncio.ensure_future(create(c, host_id, start + i * H)) for i, (c, _) in enumerate(bookers)]
+        await until_waiting(server, len(calls))
+    finally:
+        await host_client.call("test.hold_merged_writes", {"hold": False})
+    results = await asyncio.gather(*calls)
+    assert [r["booking"]["status"] for r in results] == ["confirmed"] * (size + 1)
+    after = await merged(server)
+    # The batch of the one left over is a batch of one: made alone, not counted.
+    assert (after["batches"] - before["batches"], after["calls"] - before["calls"]) == (1, size)
     for c in (host_client, *(c for c, _ in bookers)):
         await c.close()

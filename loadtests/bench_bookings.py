@@ -1,6 +1,7 @@
 """bookings.create throughput and latency against pgbench (TPC-B), same run.
 
     python -m loadtests.bench_bookings [--clients 50] [--seconds 10] [--rounds 2] [--workers 1] [--url WS_URL]
+                                       [--timeline CSV]
 
 Starts the dev stack and a hangout server (``--workers`` processes) on a
 database of its own, ``--database`` (``hangout_bench``), dropped and made

@@ -590,8 +590,8 @@ class _WriteBatcher(_Merging):
     # Bounds how long one batch holds its locks, and how long its calls wait
     # for the slowest of them: in loadtests/bench_bookings.py (50 clients)
     # batches of up to 20 gave a p99 about 1.7 times the p50, against 2.0 at
-    # 32, for the same throughput (a batch's own cost is about a tenth of a
-    # booking's).
+    # 32, for the same throughput (what a batch costs beyond its bookings,
+    # about one booking's worth, is then spread over 20 calls, not 32).
     MAX_BATCH = 20
     # And how many locks one batch takes: PostgreSQL's lock table is shared,
     # max_locks_per_transaction (64) per connection; a 12-hour booking takes

@@ -8,7 +8,7 @@
 --    page the update is HOT: no index is touched. (Pages written before
 --    this keep no room until their rows are next moved. The benchmark,
 --    which books for the same 50 bookers 25 times a second each, still
---    finds pages full about half of the time.)
+--    finds pages full more than half of the time.)
 --
 -- 2. A batch (booking_create_batch) locks all its bookers' rows and all
 --    its hour locks before its first booking; booking_create took both

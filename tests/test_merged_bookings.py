@@ -153,6 +153,21 @@ async def test_each_call_of_a_batch_gets_its_own_booking_balance_and_events(test
         assert (await client.next_event("booking.created"))["booking"]["id"] == b["id"]
         assert (await client.next_event("wallet.updated"))["balance"] == "975.00"
         assert await balance(db, uid) == Decimal("975.00")
+        # All of a booking's rows, as one made alone has them (sql/010 writes
+        # a batch like this one a table at a time).
+        booking_id = uuid.UUID(b["id"])
+        rows = await db.fetchrow(
+            """SELECT (SELECT count(*) FROM payments WHERE booking_id = $1 AND user_id = $2 AND amount = 25
+                       AND type = 'deduct' AND status = 'completed' AND idempotency_key = 'deduct:' || $1) AS payments,
+                      (SELECT count(*) FROM transactions WHERE reference_id = $1 AND user_id = $2 AND amount = -25
+                       AND type = 'booking_payment') AS transactions,
+                      (SELECT count(*) FROM conversations WHERE booking_id = $1 AND user_id = $2
+                       AND host_id = $3) AS conversations,
+                      (SELECT count(*) FROM booking_busy WHERE booking_id = $1) AS busy""",
+            booking_id, uuid.UUID(uid), uuid.UUID(host_id))
+        assert dict(rows) == {"payments": 1, "transactions": 1, "conversations": 1, "busy": 2}
+        fetched = await client.call("bookings.get", {"booking_id": b["id"]})
+        assert fetched == b
     seen = {(await host_client.next_event("booking.created"))["booking"]["id"] for _ in bookers}
     assert seen == {r["booking"]["id"] for r in results}
     for c, _ in [(host_client, None), *bookers]:

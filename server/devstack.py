@@ -578,6 +578,13 @@ class DevStack:
             f"primary_slot_name = '{SLOT_NAME}'\n"
             "hot_standby = on\n"
             "hot_standby_feedback = on\n"
+            # The feedback (the oldest row version the replica's reads may
+            # still need) goes out at most this often; until it does, the
+            # primary keeps every version since the last one. At the default
+            # 10 s, a row updated 25 times a second (a wallet in
+            # loadtests/bench_bookings.py) grew a chain of hundreds of dead
+            # versions that every look-up of it walked.
+            "wal_receiver_status_interval = 1s\n"
         )
 
     def _pg_start(self, datadir: Path, port: int, name: str) -> None:

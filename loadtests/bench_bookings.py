@@ -302,17 +302,18 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+    counted = runs + ([paced] if args.paced else [])
     if args.timeline:
         with open(args.timeline, "w") as out:
             out.write("round,sent,latency_ms\n")  # sent: time.perf_counter(), the machine's monotonic clock
-            for round_no, r in enumerate(runs + ([paced] if args.paced else []), 1):
+            for round_no, r in enumerate(counted, 1):
                 for sent, ms in zip(r.tally.sent_at, r.tally.latencies_ms):
                     out.write(f"{round_no},{sent:.6f},{ms:.3f}\n")
     pg = statistics.median(pg_runs)
     rate = statistics.median(r.rate for r in runs)
     latencies = [ms for r in runs for ms in r.tally.latencies_ms]
     errors: dict[str, int] = {}
-    for r in runs + ([paced] if args.paced else []):
+    for r in counted:
         for code, n in r.tally.errors.items():
             errors[code] = errors.get(code, 0) + n
     ratio = rate / pg

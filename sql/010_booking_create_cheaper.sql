@@ -302,18 +302,16 @@ BEGIN
     start_at := p_start; end_at := p_end; status := array_fill('confirmed'::text, ARRAY[n]);
     amount := r.amount; created_at := r.created_at; updated_at := r.updated_at;
     conversation_id := r.conversation_id; balance := r.balance;
-    COMMIT;
-    wal_lsn := pg_current_wal_insert_lsn()::text;
-    RETURN;
+  ELSE
+    FOR i IN 1 .. cardinality(p_booker) LOOP
+      SELECT * INTO r FROM booking_create(p_booker[i], p_host[i], p_start[i], p_end[i], p_key[i], p_hash[i],
+                                          p_locked => true);
+      outcome[i] := r.outcome; id[i] := r.id; user_id[i] := r.user_id; host_id[i] := r.host_id;
+      start_at[i] := r.start_at; end_at[i] := r.end_at; status[i] := r.status; amount[i] := r.amount;
+      created_at[i] := r.created_at; updated_at[i] := r.updated_at;
+      conversation_id[i] := r.conversation_id; balance[i] := r.balance;
+    END LOOP;
   END IF;
-  FOR i IN 1 .. cardinality(p_booker) LOOP
-    SELECT * INTO r FROM booking_create(p_booker[i], p_host[i], p_start[i], p_end[i], p_key[i], p_hash[i],
-                                        p_locked => true);
-    outcome[i] := r.outcome; id[i] := r.id; user_id[i] := r.user_id; host_id[i] := r.host_id;
-    start_at[i] := r.start_at; end_at[i] := r.end_at; status[i] := r.status; amount[i] := r.amount;
-    created_at[i] := r.created_at; updated_at[i] := r.updated_at;
-    conversation_id[i] := r.conversation_id; balance[i] := r.balance;
-  END LOOP;
   COMMIT;
   wal_lsn := pg_current_wal_insert_lsn()::text;
 END

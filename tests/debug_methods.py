@@ -79,7 +79,8 @@ class HoldMergedParams(Params):
 @rpc("test.hold_merged_writes", HoldMergedParams, auth=False)
 async def hold_merged_writes(call: Call, p: HoldMergedParams) -> dict:
     """While on, bookings.create calls wait for a batch and none is sent;
-    turned off, those waiting go, as one batch (at most 32)."""
+    turned off, those waiting go, as one batch (at most
+    ``_WriteBatcher.MAX_BATCH``)."""
     import asyncio
 
     from server.db import bookings as bookings_db

@@ -15,6 +15,7 @@ primary, never towards stale data.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import contextvars
@@ -485,7 +486,7 @@ class Database:
             return await query(conn, *args)
 
 
-class _Merging:
+class _Merging(abc.ABC):
     """What the batchers below share: requests gathered in one loop turn go
     at the end of it if fewer than ``max_running`` are running, else as soon
     as one of them ends. So at low load a call waits for nothing, and the
@@ -504,11 +505,13 @@ class _Merging:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._send)
 
+    @abc.abstractmethod
     def _waiting(self) -> bool:
-        raise NotImplementedError
+        """Whether a call waits to be sent."""
 
+    @abc.abstractmethod
     def _send(self) -> None:
-        raise NotImplementedError
+        """Start requests for what waits, as many as may run (``_start``)."""
 
     def _start(self, request: Coroutine[Any, Any, None], locks: frozenset = frozenset()) -> None:
         task = asyncio.create_task(request)

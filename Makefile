@@ -14,7 +14,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test loadtest stop status
+.PHONY: all install system-deps venv devstack run test loadtest stop status lock
 
 all: test
 
@@ -39,13 +39,23 @@ $(PY):
 		echo ">> venv failed; installing python3-venv"; rm -rf $(VENV); \
 		$(APT) update && $(APT) install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 
-# Reinstall only when pyproject.toml is newer than the stamp.
-$(STAMP): $(wildcard pyproject.toml) | $(PY)
+# Reinstall only when pyproject.toml or the pins are newer than the stamp.
+# constraints.txt pins every package to the version the suite last passed with.
+$(STAMP): $(wildcard pyproject.toml constraints.txt) | $(PY)
 	@if [ -f pyproject.toml ]; then \
-		$(PY) -m pip install --disable-pip-version-check -e '.[dev]' && touch $(STAMP); \
+		$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e '.[dev]' && touch $(STAMP); \
 	else \
 		echo ">> no pyproject.toml yet: skipping pip install"; \
 	fi
+
+# Re-pin: the newest releases that pyproject.toml's ranges allow, resolved in
+# a scratch venv, written to constraints.txt (then `make test` and commit).
+lock:
+	@test -n "$(PYTHON)" || { echo "python3 not found" >&2; exit 1; }
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 devstack: install
 	$(PY) -m server.devstack start

@@ -86,9 +86,7 @@ async def hold_merged_writes(call: Call, p: HoldMergedParams) -> dict:
     from server.db import bookings as bookings_db
     from server.db.pools import _WriteBatcher
 
-    db = call.services.db
-    batcher = db._merged_writes.setdefault(
-        bookings_db.create_many, _WriteBatcher(db, bookings_db.create, bookings_db.create_many))
+    batcher = call.services.db._write_batcher(bookings_db.create, bookings_db.create_many)
     batcher.max_running = 0 if p.hold else _WriteBatcher.MAX_RUNNING
     if not p.hold:
         asyncio.get_running_loop().call_soon(batcher._send)

@@ -47,6 +47,19 @@ def create(client, host_id: str, start: dt.datetime, k: str | None = None):
     })
 
 
+async def made_together(server, client, calls, return_exceptions: bool = False) -> list:
+    """Sends ``calls`` (coroutines) while the server holds merged writes
+    back (``test.hold_merged_writes``), then lets them go together, as one
+    batch (or more, past a batch's bounds); their results, in order."""
+    await client.call("test.hold_merged_writes", {"hold": True})
+    try:
+        sent = [asyncio.ensure_future(c) for c in calls]
+        await until_waiting(server, len(sent))
+    finally:
+        await client.call("test.hold_merged_writes", {"hold": False})
+    return await asyncio.gather(*sent, return_exceptions=return_exceptions)
+
+
 @pytest.fixture(scope="module")
 async def test_server(stack):
     """A server with the test-only methods (tests/debug_methods.py)."""
@@ -66,10 +79,9 @@ async def test_calls_made_together_get_the_answers_they_would_get_alone(test_ser
     if batch_fails:
         await host_client.call("test.fail_merged_writes", {"fail": True})
     before = await merged(server)
-    await host_client.call("test.hold_merged_writes", {"hold": True})
     try:
         repeated = key()
-        calls = [
+        results = await made_together(server, host_client, [
             create(first, host_id, start),
             create(second, host_id, start),  # overlaps the first call's booking
             create(third, host_id, start + H, repeated),
@@ -77,14 +89,9 @@ async def test_calls_made_together_get_the_answers_they_would_get_alone(test_ser
             create(fourth, host_id, start + H),  # overlaps the third's
             create(short, host_id, start + 2 * H),  # 10.00 for a 40.00 hour
             create(fourth, host_id, slot(days=-1)),  # a start that has passed
-        ]
-        together = [asyncio.ensure_future(c) for c in calls]
-        await until_waiting(server, len(calls))
-        await host_client.call("test.hold_merged_writes", {"hold": False})
-        results = await asyncio.gather(*together, return_exceptions=True)
+        ], return_exceptions=True)
         after = await merged(server)  # (the failing batcher's counts go with it)
     finally:
-        await host_client.call("test.hold_merged_writes", {"hold": False})
         if batch_fails:
             await host_client.call("test.fail_merged_writes", {"fail": False})
 
@@ -124,7 +131,7 @@ async def test_calls_made_together_get_the_answers_they_would_get_alone(test_ser
     else:
         assert after["failed"] == before["failed"]
         assert after["batches"] == before["batches"] + 1
-        assert after["calls"] == before["calls"] + len(calls)
+        assert after["calls"] == before["calls"] + len(results)
     for c in (host_client, first, second, third, fourth, short):
         await c.close()
 
@@ -138,14 +145,9 @@ async def test_each_call_of_a_batch_gets_its_own_booking_balance_and_events(test
     bookers = await asyncio.gather(*(booker(server) for _ in range(5)))
     start = slot(days=9)
     before = await merged(server)
-    await bookers[0][0].call("test.hold_merged_writes", {"hold": True})
-    try:
-        calls = [asyncio.ensure_future(create(c, host_id, start + i * H)) for i, (c, _) in enumerate(bookers)]
-        await until_waiting(server, len(calls))
-    finally:
-        await bookers[0][0].call("test.hold_merged_writes", {"hold": False})
-    results = await asyncio.gather(*calls)
-    assert (await merged(server))["calls"] == before["calls"] + len(calls)
+    results = await made_together(server, bookers[0][0],
+                                  [create(c, host_id, start + i * H) for i, (c, _) in enumerate(bookers)])
+    assert (await merged(server))["calls"] == before["calls"] + len(bookers)
     for i, ((client, uid), r) in enumerate(zip(bookers, results)):
         b = r["booking"]
         assert (b["user_id"], b["host_id"], b["status"], r["replayed"]) == (uid, host_id, "confirmed", False)
@@ -182,15 +184,9 @@ async def test_a_batch_takes_at_most_256_locks(test_server, db):
     bookers = await asyncio.gather(*(booker(server) for _ in range(12)))
     start = slot(days=20)
     before = await merged(server)
-    await host_client.call("test.hold_merged_writes", {"hold": True})
-    try:
-        calls = [asyncio.ensure_future(c.call("bookings.create", {
-            "host_id": host_id, "start_at": start + 12 * i * H, "end_at": start + 12 * (i + 1) * H,
-            "idempotency_key": key()})) for i, (c, _) in enumerate(bookers)]
-        await until_waiting(server, len(calls))
-    finally:
-        await host_client.call("test.hold_merged_writes", {"hold": False})
-    results = await asyncio.gather(*calls)
+    results = await made_together(server, host_client, [c.call("bookings.create", {
+        "host_id": host_id, "start_at": start + 12 * i * H, "end_at": start + 12 * (i + 1) * H,
+        "idempotency_key": key()}) for i, (c, _) in enumerate(bookers)])
     assert [r["booking"]["status"] for r in results] == ["confirmed"] * 12
     after = await merged(server)
     assert (after["batches"] - before["batches"], after["calls"] - before["calls"]) == (2, 12)
@@ -208,13 +204,9 @@ async def test_a_booker_twice_in_one_batch_pays_from_what_the_first_call_left(te
     client, uid = await booker(server, balance="50.00")
     start = slot(days=11)
     before = await merged(server)
-    await host_client.call("test.hold_merged_writes", {"hold": True})
-    try:
-        calls = [asyncio.ensure_future(create(client, host_id, start + i * H)) for i in range(2)]
-        await until_waiting(server, len(calls))
-    finally:
-        await host_client.call("test.hold_merged_writes", {"hold": False})
-    first, second = await asyncio.gather(*calls, return_exceptions=True)
+    first, second = await made_together(server, host_client,
+                                        [create(client, host_id, start + i * H) for i in range(2)],
+                                        return_exceptions=True)
     after = await merged(server)
     assert (after["batches"] - before["batches"], after["calls"] - before["calls"]) == (1, 2)
     assert first["booking"]["status"] == "confirmed"
@@ -234,13 +226,8 @@ async def test_a_batch_holds_at_most_max_batch_calls(test_server):
     bookers = await asyncio.gather(*(booker(server) for _ in range(size + 1)))
     start = slot(days=30)
     before = await merged(server)
-    await host_client.call("test.hold_merged_writes", {"hold": True})
-    try:
-        calls = [asyncio.ensure_future(create(c, host_id, start + i * H)) for i, (c, _) in enumerate(bookers)]
-        await until_waiting(server, len(calls))
-    finally:
-        await host_client.call("test.hold_merged_writes", {"hold": False})
-    results = await asyncio.gather(*calls)
+    results = await made_together(server, host_client,
+                                  [create(c, host_id, start + i * H) for i, (c, _) in enumerate(bookers)])
     assert [r["booking"]["status"] for r in results] == ["confirmed"] * (size + 1)
     after = await merged(server)
     # The batch of the one left over is a batch of one: made alone, not counted.

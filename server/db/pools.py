@@ -314,14 +314,18 @@ class Database:
         it), so calls that could collide run one batch after another.
         If a batch of several fails with a database error, each of its calls
         is made alone, so that each gets its own answer."""
-        merged = self._merged_writes.get(query_many)
-        if merged is None:
-            merged = self._merged_writes[query_many] = _WriteBatcher(self, query, query_many)
         try:
-            result, lsn = await merged.submit(args, locks)
+            result, lsn = await self._write_batcher(query, query_many).submit(args, locks)
         except _BatchFailed:
             return await self.write(users, query, *args)
         return await self._record_write(users, result, lsn)
+
+    def _write_batcher(self, query: Query[Any], query_many: Query[Committed]) -> "_WriteBatcher":
+        """The batcher of ``query_many``'s calls, made on first use."""
+        merged = self._merged_writes.get(query_many)
+        if merged is None:
+            merged = self._merged_writes[query_many] = _WriteBatcher(self, query, query_many)
+        return merged
 
     def merged_write_stats(self) -> dict[str, int]:
         """Totals of ``write_merged`` since start: batches of two calls or

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from protocol.codec import DecodeError, decode, encode
 from protocol.errors import ErrorCode, RpcError
+from server.db.errors import DatabaseUnavailable
 from server.rpc import METHODS, Call
 
 if TYPE_CHECKING:
@@ -393,6 +394,8 @@ class Connection:
             frame = encode({"id": req_id, "error": err.to_wire()})
         except asyncio.CancelledError:
             raise
+        except DatabaseUnavailable as exc:
+            frame = encode({"id": req_id, "error": RpcError(ErrorCode.UNAVAILABLE, str(exc) or None).to_wire()})
         except UNAVAILABLE_ERRORS as exc:
             log.warning("call %s unavailable: %r", name, exc)
             frame = encode({"id": req_id, "error": RpcError(ErrorCode.UNAVAILABLE).to_wire()})

@@ -1,5 +1,7 @@
 """Live fan-out between server processes (see hub.Hub)."""
 
+from server.rooms.follower import Follower
 from server.rooms.hub import Hub
+from server.rooms.repair import Backfill
 
-__all__ = ["Hub"]
+__all__ = ["Backfill", "Follower", "Hub"]

@@ -2,6 +2,5 @@
 
 from server.rooms.follower import Follower
 from server.rooms.hub import Hub
-from server.rooms.repair import Backfill
 
-__all__ = ["Backfill", "Follower", "Hub"]
+__all__ = ["Follower", "Hub"]

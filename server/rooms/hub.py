@@ -48,8 +48,8 @@ class Hub:
             redis_url, self._followers.keys, self._deliver, self._subscription_confirmed, self._link_lost
         )
         self.connected = self.subscriber.connected  # set while linked to Redis
-        self.repairs = Repairs(backfill, self._members)
-        self._watch_gap = self.repairs.watch_gap
+        self._repairs = Repairs(backfill, self._members)
+        self._watch_gap = self._repairs.watch_gap
         # Publishes that failed, published again once the outbox sends again:
         # key -> (seq, channel, envelope). A conversation's key is its channel,
         # which keeps only its newest message; ``publish_kept`` keys each frame.
@@ -66,7 +66,7 @@ class Hub:
             self._resend.cancel()
             await asyncio.gather(self._resend, return_exceptions=True)
         await self.subscriber.stop()
-        await self.repairs.stop()
+        await self._repairs.stop()
 
     # ---- naming ----------------------------------------------------------
 
@@ -125,7 +125,7 @@ class Hub:
         """The subscription of ``channel`` may have missed messages: repair
         the room from PostgreSQL once it is confirmed."""
         if self.subscriber.confirmed(channel):
-            self.repairs.schedule(channel, 0)  # confirmed meanwhile
+            self._repairs.schedule(channel, 0)  # confirmed meanwhile
         else:
             self._stale.add(channel)
 
@@ -142,7 +142,7 @@ class Hub:
         if not followers:
             del self._followers[channel]
             self._stale.discard(channel)
-            self.repairs.cancel(channel)
+            self._repairs.cancel(channel)
             self.subscriber.unsubscribe(channel)
 
     def drop(self, member: Membership) -> None:
@@ -176,7 +176,7 @@ class Hub:
         for channel in self._channels_of.get(follower, ()):
             member = self._followers.get(channel, {}).get(follower)
             if member is not None and member.done is not None:
-                self.repairs.schedule(channel, 0)
+                self._repairs.schedule(channel, 0)
 
     # ---- from the subscriber ---------------------------------------------
 
@@ -208,7 +208,7 @@ class Hub:
         if channel not in self._stale:
             return
         self._stale.discard(channel)
-        self.repairs.schedule(channel, 0)
+        self._repairs.schedule(channel, 0)
         # Followers that are not rooms catch up in their own way.
         for follower in list(self._followers.get(channel, ())):
             resubscribed = getattr(follower, "resubscribed", None)

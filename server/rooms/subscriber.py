@@ -20,7 +20,7 @@ from server.outbox import RedisAddress, pack
 
 log = logging.getLogger("hangout.rooms")
 
-PING_INTERVAL_S = 5.0  # silence for 3 intervals = dead link
+KEEPALIVE_S = 5.0  # the subscriber pings Redis this often; silent for 3 intervals = dead link
 CONNECT_TIMEOUT_S = 2.0
 SUBSCRIBE_CHUNK = 1000  # channels per SUBSCRIBE when subscribing again
 
@@ -171,8 +171,8 @@ class Subscriber:
         when it stays silent."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(PING_INTERVAL_S)
-            if loop.time() - self._last_rx > 3 * PING_INTERVAL_S:
+            await asyncio.sleep(KEEPALIVE_S)
+            if loop.time() - self._last_rx > 3 * KEEPALIVE_S:
                 log.warning("redis subscriber silent for %.0f s, reconnecting", loop.time() - self._last_rx)
                 writer.transport.abort()
                 return

@@ -72,7 +72,7 @@ def pack(commands: Sequence[Command]) -> bytes:
 
 class RedisAddress:
     """Where ``REDIS_URL`` points, for the connections of our own (the outbox
-    here, the subscriber in server/rooms/hub.py): host, port, the ``AUTH``
+    here, the subscriber in server/rooms/subscriber.py): host, port, the ``AUTH``
     to send first (or None) and the database to ``SELECT`` (or None)."""
 
     __slots__ = ("host", "port", "auth", "db")

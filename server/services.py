@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Coroutine
 
 import redis.asyncio as aioredis
 
+from server import events
 from server.config import Config
 from server.db import auth as auth_db
 from server.db.pools import Database
@@ -50,7 +51,7 @@ class Services:
                         probe_interval_s=config.redis_probe_interval_s)
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
-        hub = Hub(config.redis_url, outbox)
+        hub = Hub(config.redis_url, outbox, backfill=functools.partial(events.conversation_backfill, db))
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
                        sessions=Sessions(hub, config.access_token_ttl_s))
 

@@ -116,32 +116,13 @@ class HoldParams(Params):
 @rpc("test.hold_subscriptions", HoldParams, auth=False)
 async def hold_subscriptions(call: Call, p: HoldParams) -> dict:
     """Fault injection: while on, Redis's confirmations of this process's new
-    subscriptions are held back, as if Redis were slow to answer SUBSCRIBE,
-    and ``bind`` waits for them for up to a minute instead of 2 s; turned
-    off, the held ones are passed on in order. Returns the channels held so
-    far."""
-    import asyncio
-
-    import server.socket
-
-    hub = call.services.hub
-    if p.hold:
-        state = hub.__dict__.setdefault(
-            "_test_hold", {"held": [], "seen": asyncio.Event(), "wait": server.socket.SUBSCRIBE_WAIT_S})
-
-        def hold(channel: str) -> None:
-            state["held"].append(channel)
-            state["seen"].set()
-
-        hub._confirmed = hold
-        server.socket.SUBSCRIBE_WAIT_S = 60.0
-        return {"held": state["held"]}
-    state = hub.__dict__.pop("_test_hold")
-    server.socket.SUBSCRIBE_WAIT_S = state["wait"]
-    hub.__dict__.pop("_confirmed", None)  # the class's own again
-    for channel in state["held"]:
-        hub._confirmed(channel)
-    return {"held": state["held"]}
+    subscriptions are held back, as if Redis were slow to answer SUBSCRIBE
+    (start the server with a long ``SUBSCRIBE_WAIT_S`` for ``bind`` to wait
+    for them); turned off, the held ones are passed on in order. Returns the
+    channels held so far."""
+    subscriber = call.services.hub.subscriber
+    held = subscriber.hold_confirmations() if p.hold else subscriber.release_confirmations()
+    return {"held": held}
 
 
 class HeldParams(Params):
@@ -154,12 +135,8 @@ async def subscription_held(call: Call, p: HeldParams) -> dict:
     ``channel`` (at most 10 s), with the channels held."""
     import asyncio
 
-    state = call.services.hub.__dict__["_test_hold"]
-    async with asyncio.timeout(10.0):
-        while p.channel not in state["held"]:
-            state["seen"].clear()
-            await state["seen"].wait()
-    return {"held": state["held"]}
+    held = await asyncio.wait_for(call.services.hub.subscriber.confirmation_held(p.channel), 10.0)
+    return {"held": held}
 
 
 @rpc("test.hold_subscriber_away", HoldParams, auth=False)
@@ -173,16 +150,13 @@ async def hold_subscriber_away(call: Call, p: HoldParams) -> dict:
 
     hub, sessions = call.services.hub, call.services.sessions
     if p.hold:
-        hub.__dict__["_test_port"] = hub._port
-        hub._port = 1  # nothing listens there
         sessions.caught_up.clear()
-        if hub._writer is not None:
-            hub._writer.transport.abort()
+        hub.subscriber.stay_away(True)
         async with asyncio.timeout(5.0):
             while hub.connected.is_set():
                 await asyncio.sleep(0.01)
         return {}
-    hub._port = hub.__dict__.pop("_test_port")
+    hub.subscriber.stay_away(False)
     await asyncio.wait_for(hub.connected.wait(), 10.0)
     await asyncio.wait_for(sessions.caught_up.wait(), 10.0)
     return {}
@@ -208,7 +182,5 @@ async def outbox_reopened(call: Call, p: NoParams) -> dict:
     import asyncio
 
     await asyncio.wait_for(call.services.outbox.wait_available(), 10.0)
-    resend = call.services.hub._resend
-    if resend is not None:
-        await asyncio.wait_for(asyncio.shield(resend), 10.0)
+    await asyncio.wait_for(call.services.hub.resend_done(), 10.0)
     return {"resent": call.services.hub.resent}

@@ -364,7 +364,7 @@ async def test_a_session_that_ends_while_its_channel_is_subscribed_leaves_the_ea
     user A's binding, events included: it never gets B's, and it is not
     left bound as A but deaf to A's. B lives on another process, so that
     this one has no subscription to B's channel already."""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1").start()
+    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", SUBSCRIBE_WAIT_S="60").start()
     try:
         async with await proc.connect() as c, await proc.connect() as ops, await server.connect() as b_socket:
             a = await register(c)

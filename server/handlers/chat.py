@@ -14,7 +14,6 @@ the stream by the room membership (server/rooms/membership.py).
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from typing import Any
 
@@ -44,10 +43,6 @@ def _message(row: Any) -> m.Message:
     return m.Message.model_validate(dict(row))
 
 
-def message_frame(message: m.Message) -> bytes:
-    return events.event_frame("chat.message", m.MessageEvent(message=message))
-
-
 async def _on_primary(services: Services, query: Any, *args: Any) -> Any:
     return await services.db.read_primary(query, *args)
 
@@ -62,14 +57,6 @@ async def _party_conversation(services: Services, user_id: uuid.UUID, conversati
     if row is None:
         raise _not_found()
     return row
-
-
-async def _backfill(services: Services, channel: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-    """Messages live delivery lost, for Hub repairs. From the primary: the
-    hole is already committed there, maybe not yet on a replica."""
-    conversation_id = uuid.UUID(channel[2:])
-    rows = await _on_primary(services, chat_db.messages_after, conversation_id, after_seq, limit)
-    return [(r["seq"], message_frame(_message(r))) for r in rows]
 
 
 @rpc("chat.conversations", m.ConversationsParams)
@@ -105,8 +92,6 @@ def _require_still_bound(call: Call) -> None:
 @rpc("chat.join", m.JoinParams)
 async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     services, hub, user = call.services, call.services.hub, call.user_id
-    if hub.backfill is None:
-        hub.backfill = functools.partial(_backfill, services)
     if await _on_primary(services, chat_db.get_conversation, p.conversation_id, user) is None:
         raise _not_found()  # checked before subscribing: only parties ever follow a room
 
@@ -171,7 +156,7 @@ async def send(call: Call, p: m.SendParams) -> m.SendResult:
         # the publish need not wait for). Published again on a client_msg_id
         # replay too: if the first publish was lost the room gets it now, and
         # sockets that had it drop it by seq.
-        published.append(services.spawn(services.hub.publish(channel, message_frame(message), seq=message.seq)))
+        published.append(services.spawn(services.hub.publish(channel, events.message_frame(message), seq=message.seq)))
         return message
 
     message = await services.db.write(call.user_id, store)

@@ -1,5 +1,6 @@
 """Live fan-out between server processes (see hub.Hub)."""
 
+from server.rooms.follower import Follower
 from server.rooms.hub import Hub
 
-__all__ = ["Hub"]
+__all__ = ["Follower", "Hub"]

@@ -12,7 +12,7 @@ given, by ``seq``:
   publish out of seq order, so small holes are normal and short-lived).
 
 An event at or below ``done`` or already in ``ahead`` is dropped. A hole that
-stays open is filled from PostgreSQL by the hub (see ``Hub._repair``).
+stays open is filled from PostgreSQL (``server/rooms/repair.py``).
 
 While a ``chat.join`` is reading, events are held back and released after its
 reply is queued, through the same filter, so the reply always comes first.
@@ -21,16 +21,14 @@ reply is queued, through the same filter, so the reply always comes first.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from server.rooms.hub import Follower
+from server.rooms.follower import Follower
 
 
 class Membership:
     __slots__ = ("follower", "channel", "user_id", "done", "ahead", "held", "holds", "waiting_for")
 
-    def __init__(self, follower: "Follower", channel: str, user_id: uuid.UUID) -> None:
+    def __init__(self, follower: Follower, channel: str, user_id: uuid.UUID) -> None:
         self.follower = follower
         self.channel = channel
         self.user_id = user_id  # who joined; a socket re-bound to someone else gets nothing

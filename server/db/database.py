@@ -27,6 +27,9 @@ Query = Callable[..., Awaitable[T]]
 
 
 class Database:
+    """The primary's pool, the replicas and the users' write positions of one
+    process; each query goes through it to where it must run."""
+
     def __init__(self, config: Config, redis: aioredis.Redis, outbox: Outbox) -> None:
         self.config = config
         self.primary: FairPool | None = None

@@ -15,6 +15,7 @@ from aiohttp import web
 from protocol.errors import ErrorCode, RpcError
 from protocol.models.common import parse_uuid
 from server import auth as tokens
+from server.db.errors import DatabaseUnavailable
 from server.handlers.auth import session_user
 from server.services import Services
 from server.socket import UNAVAILABLE_ERRORS, Connection
@@ -53,7 +54,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except RpcError as err:
                 status = 503 if err.code is ErrorCode.UNAVAILABLE else 401
                 return web.json_response({"error": err.code.value}, status=status)
-            except UNAVAILABLE_ERRORS:
+            except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
                 return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
         ws = web.WebSocketResponse(
             protocols=(SUBPROTOCOL,),
@@ -120,7 +121,7 @@ async def readyz(request: web.Request) -> web.Response:
     # Read before the checks below, which wait for a connection themselves.
     waiting = db.primary.waiting if db.primary is not None else 0
     primary, redis_up = await asyncio.gather(primary_ok(), redis_ok())
-    from server.db.pools import redact
+    from server.db.replicas import redact
 
     body = {
         # Calls waiting for a primary connection: the pool (DB_POOL_MAX) is all in use.
@@ -178,7 +179,7 @@ async def kyc_webhook(request: web.Request) -> web.Response:
         return web.json_response({"error": "unknown status"}, status=400)
     try:
         user, changed = await set_kyc_status(services, user_id, status)
-    except (RpcError, *UNAVAILABLE_ERRORS):
+    except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
         # The provider retries on 5xx: tell it to, rather than "server error".
         return web.json_response({"error": "database unavailable, retry"}, status=503, headers={"Retry-After": "1"})
     if user is None:

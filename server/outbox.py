@@ -1,20 +1,19 @@
 """Redis commands of the whole process, one pipeline per event-loop turn.
 
 After a write commits, a call records its write position for read-your-writes
-(server/db/pools.py) and publishes its events (server/rooms/hub.py). Sent one
-call at a time, that was two round trips per call, each a socket write and a
-read on a loaded loop. ``submit`` instead queues a group of commands; every
-group queued during one turn of the loop goes to Redis as one pipeline, so
-concurrent calls share a round trip, and a call that queues its position and
-its events in the same turn has both sent in order (the position first, so
-a client that reads on an event finds the write).
+(server/db/positions.py) and publishes its events (server/rooms/hub.py).
+Sent call by call, that would be two round trips per call, each a socket
+write and a read on a loaded loop. ``submit`` instead queues a group of
+commands; every group queued during one turn of the loop goes to Redis as
+one pipeline, so concurrent calls share a round trip, and a call that queues
+its position and its events in the same turn has both sent in order (the
+position first, so a client that reads on an event finds the write).
 
 The outbox has one connection of its own and speaks RESP on it directly
-(hiredis packs the commands and parses the replies): redis-py's pipeline cost
-more server CPU per booking than any other part of ``bookings.create`` in
-loadtests/bench_bookings.py (encoding each argument, a timeout and a
-callback per reply). Replies come back as Redis sent them (``b"OK"``, ints,
-bytes), without redis-py's conversions.
+(hiredis packs the commands and parses the replies): redis-py's pipeline
+spends CPU on every argument and reply (encoding, a timeout and a callback
+each), on the path of every write. Replies come back as Redis sent them
+(``b"OK"``, ints, bytes), without redis-py's conversions.
 
 At most ``max_in_flight`` pipelines are in flight; groups queued meanwhile
 wait for the next one (on the same connection: Redis answers in order).
@@ -28,7 +27,7 @@ on a timeout or a lost connection, the outbox is ``available = False``:
 ``submit`` fails at once with ``RedisUnavailable`` and nothing is sent,
 until a probe (a ``PUBLISH`` to a channel nobody follows, the kind of
 command the outbox sends, every ``probe_interval_s``) is answered. Before it
-opens again it runs ``on_recovered`` (server/db/pools.py raises the floor of
+opens again it runs ``on_recovered`` (server/db/positions.py raises the floor of
 every write position, since the ones not recorded meanwhile are lost).
 Calls still commit while it is closed: PostgreSQL has every change, and
 clients catch up from it (``since_seq``, lists) as they do after a Redis

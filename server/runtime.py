@@ -1,11 +1,9 @@
 """Garbage-collector settings for a long-running asyncio process.
 
-Measured in loadtests/bench_bookings.py (gc.callbacks timing in the server):
-with CPython's defaults the collector ran about 1,000 young passes and 8
-full passes in 40 s at 1,500 bookings/s, and each full pass (about 30 ms)
-stalled every call in flight, which made most of the p99. After
-``settle_heap`` the same load saw a few dozen young passes and one or two
-full ones.
+With CPython's defaults, a busy server runs the collector often, and each
+full pass stalls every call in flight for its whole length: the tail of the
+latency. Objects that live as long as the process are taken out of the
+collector's reach, and young passes are made rarer.
 """
 
 from __future__ import annotations

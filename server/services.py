@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from server import events
 from server.config import Config
 from server.db import auth as auth_db
-from server.db.pools import Database
+from server.db.database import Database
 from server.outbox import Outbox
 from server.rooms import Hub
 from server.sessions import Sessions

@@ -19,11 +19,11 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
-from protocol.errors import RpcError
 from protocol.models.bookings import Booking, BookingEvent
 from protocol.models.wallet import WalletUpdatedEvent
 from server import events
 from server.db import bookings as bookings_db
+from server.db.errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -67,7 +67,7 @@ class Settlement:
                 await self.settle_due()
             except asyncio.CancelledError:
                 raise
-            except RpcError as err:  # the database is away: the next pass retries
+            except DatabaseUnavailable as err:  # the database is away: the next pass retries
                 log.warning("settlement pass skipped: %s", err)
             except Exception:  # a bad pass must not end settlement for good
                 log.exception("settlement pass failed; retrying in %.1fs", self.interval_s)

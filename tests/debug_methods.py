@@ -4,7 +4,6 @@ dispatcher paths that no real method may reach on purpose."""
 
 from __future__ import annotations
 
-from protocol.errors import ErrorCode, RpcError
 from protocol.models.common import Params
 from server.rpc import Call, rpc
 
@@ -45,12 +44,10 @@ class FailParams(Params):
 async def fail_position_lookups(call: Call, p: FailParams) -> dict:
     """Fault injection: while on, reading the primary's WAL position after a
     commit fails as if the primary had stopped answering just then."""
-    from server.db.pools import _Batcher
+    from server.db.errors import DatabaseUnavailable
 
-    async def unavailable(_keys: list, _required: int) -> dict:
-        raise RpcError(ErrorCode.UNAVAILABLE, "injected by test.fail_position_lookups")
-
-    call.services.db._heads = _Batcher(unavailable, max_running=1) if p.fail else None
+    error = DatabaseUnavailable("injected by test.fail_position_lookups") if p.fail else None
+    call.services.db.positions.fail_head_lookups(error)
     return {}
 
 
@@ -59,16 +56,12 @@ async def fail_merged_writes(call: Call, p: FailParams) -> dict:
     """Fault injection: while on, every merged batch of bookings.create calls
     (two or more) fails in the database, as a deadlock would end it."""
     from server.db import bookings as bookings_db
-    from server.db.pools import _WriteBatcher
 
     async def failing(conn, _calls: list) -> None:
         await conn.execute("SELECT 1 / 0")
 
-    db = call.services.db
-    if p.fail:
-        db._merged_writes[bookings_db.create_many] = _WriteBatcher(db, bookings_db.create, failing)
-    else:
-        db._merged_writes.pop(bookings_db.create_many, None)
+    batcher = call.services.db.write_batcher(bookings_db.create, bookings_db.create_many)
+    batcher.query_many = failing if p.fail else bookings_db.create_many
     return {}
 
 
@@ -80,16 +73,14 @@ class HoldMergedParams(Params):
 async def hold_merged_writes(call: Call, p: HoldMergedParams) -> dict:
     """While on, bookings.create calls wait for a batch and none is sent;
     turned off, those waiting go, as one batch (at most
-    ``_WriteBatcher.MAX_BATCH``)."""
-    import asyncio
-
+    ``WriteBatcher.MAX_BATCH``)."""
     from server.db import bookings as bookings_db
-    from server.db.pools import _WriteBatcher
 
-    batcher = call.services.db._write_batcher(bookings_db.create, bookings_db.create_many)
-    batcher.max_running = 0 if p.hold else _WriteBatcher.MAX_RUNNING
-    if not p.hold:
-        asyncio.get_running_loop().call_soon(batcher._send)
+    batcher = call.services.db.write_batcher(bookings_db.create, bookings_db.create_many)
+    if p.hold:
+        batcher.hold()
+    else:
+        batcher.release()
     return {}
 
 

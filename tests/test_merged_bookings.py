@@ -22,7 +22,7 @@ import pytest
 
 from protocol.errors import RpcError
 from tests.booking_support import balance, booker, host, key, slot
-from server.db.pools import _WriteBatcher
+from server.db.batching import WriteBatcher
 from tests.conftest import ServerProcess, readyz
 
 H = dt.timedelta(hours=1)
@@ -90,7 +90,7 @@ async def test_calls_made_together_get_the_answers_they_would_get_alone(test_ser
             create(short, host_id, start + 2 * H),  # 10.00 for a 40.00 hour
             create(fourth, host_id, slot(days=-1)),  # a start that has passed
         ], return_exceptions=True)
-        after = await merged(server)  # (the failing batcher's counts go with it)
+        after = await merged(server)
     finally:
         if batch_fails:
             await host_client.call("test.fail_merged_writes", {"fail": False})
@@ -221,7 +221,7 @@ async def test_a_booker_twice_in_one_batch_pays_from_what_the_first_call_left(te
 async def test_a_batch_holds_at_most_max_batch_calls(test_server):
     """One call more than a batch holds waits for the next batch."""
     server = test_server
-    size = _WriteBatcher.MAX_BATCH
+    size = WriteBatcher.MAX_BATCH
     host_client, host_id = await host(server, price="10.00")
     bookers = await asyncio.gather(*(booker(server) for _ in range(size + 1)))
     start = slot(days=30)

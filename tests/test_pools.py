@@ -1,4 +1,4 @@
-"""server/db/pools.py's pool wrapper against the real primary: connections
+"""server/db/pool.py's pool wrapper against the real primary: connections
 go to callers in the order they asked, however many are waiting."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import random
 
 import asyncpg
 
-from server.db.pools import FairPool, _Acquire
+from server.db.pool import Acquire, FairPool
 
 
 async def _grant_order(stack, use_gate: bool) -> list[int]:
@@ -24,7 +24,7 @@ async def _grant_order(stack, use_gate: bool) -> list[int]:
     async def caller() -> None:
         for _ in range(50):
             ticket = next(tickets)
-            async with (_Acquire(pool, 10) if use_gate else raw.acquire()) as conn:
+            async with (Acquire(pool, 10) if use_gate else raw.acquire()) as conn:
                 granted.append(ticket)
                 await conn.fetchval("SELECT 1")
             await asyncio.sleep(rng.random() / 1000)

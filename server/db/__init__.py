@@ -1,2 +1,4 @@
-"""Database access: pools and read routing (pools.py), migrations
-(migrate.py) and one module of SQL per service. The only place SQL lives."""
+"""Database access: where each query runs (database.py, over pool.py,
+replicas.py, positions.py for read-your-writes and batching.py for merged
+calls), migrations (migrate.py), the layer's errors (errors.py), and one
+module of SQL per service. The only place SQL lives."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from server.db.pools import Committed
+from server.db.positions import Committed
 from server.db.wallet import BALANCE_MAX
 
 BOOKING_COLUMNS = (

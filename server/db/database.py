@@ -1,0 +1,170 @@
+"""The database as the rest of the server sees it: where each query runs.
+
+Writes, and reads that decide a write, run on the primary through
+``Database.write``. Reads the protocol marks "Replica" run through
+``Database.read``: on a healthy replica that has replayed the caller's last
+write (read-your-writes, server/db/positions.py), otherwise on the primary.
+A replica never fails a read that the primary can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+
+from server.config import Config
+from server.db.batching import Batcher, BatchFailed, WriteBatcher
+from server.db.pool import PRIMARY_DEADLINE_S, REPLICA_DEADLINE_S, Acquire, FairPool, create_pool, pool_args
+from server.db.positions import Committed, WritePositions, Writers, parse_lsn
+from server.db.replicas import REPLICA_FAILURES, Replicas
+from server.outbox import Outbox
+
+T = TypeVar("T")
+Query = Callable[..., Awaitable[T]]
+
+
+class Database:
+    """The primary's pool, the replicas and the users' write positions of one
+    process; each query goes through it to where it must run."""
+
+    def __init__(self, config: Config, redis: aioredis.Redis, outbox: Outbox) -> None:
+        self.config = config
+        self.primary: FairPool | None = None
+        self.replicas = Replicas(config.replica_urls, pool_args(config), self.primary_lsn,
+                                 config.replica_max_lag_bytes, config.replica_check_interval_s)
+        self.positions = WritePositions(redis, outbox, config.ryw_ttl_s, self.insert_head)
+        # Every RPC call enters this (server/socket.py): bound once, not
+        # delegated per call. See WritePositions.recording.
+        self.recording_writes = self.positions.recording
+        self._merged_reads: dict[Any, Batcher] = {}
+        self._merged_writes: dict[Any, WriteBatcher] = {}
+
+    async def start(self) -> None:
+        assert self.config.database_url
+        self.primary = await create_pool(self.config.database_url, **pool_args(self.config))
+        await self.replicas.start()
+
+    async def close(self) -> None:
+        await self.replicas.stop()
+        for batcher in [*self._merged_reads.values(), *self._merged_writes.values()]:
+            await batcher.close()
+        await self.positions.close()
+        pools = self.replicas.pools()
+        if self.primary is not None:
+            pools.append(self.primary)
+        await asyncio.gather(*(asyncio.wait_for(p.close(), 5) for p in pools), return_exceptions=True)
+
+    def acquire_primary(self, deadline: float | None = None) -> Acquire:
+        """A primary connection; with ``deadline``, the whole use of it is cut
+        off (``DatabaseUnavailable``) after that many seconds (see ``Acquire``)."""
+        assert self.primary is not None
+        return Acquire(self.primary, self.config.db_command_timeout_s, deadline)
+
+    async def primary_lsn(self) -> int:
+        """The primary's current WAL position (how far replicas lag)."""
+        async with self.acquire_primary(deadline=REPLICA_DEADLINE_S) as conn:
+            return parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+
+    async def insert_head(self, deadline: float | None = PRIMARY_DEADLINE_S) -> str:
+        """The primary's WAL insert position now: it covers every write
+        acknowledged before."""
+        async with self.acquire_primary(deadline=deadline) as conn:
+            return await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+
+    async def raise_floor(self) -> None:
+        """See ``WritePositions.raise_floor`` (the outbox calls it when Redis
+        answers again)."""
+        await self.positions.raise_floor()
+
+    # ---- writes ----------------------------------------------------------
+
+    async def write(self, users: Writers, query: Query[T], *args: Any) -> T:
+        """Run ``query(conn, *args)`` on the primary, then record the WAL
+        position for each user in ``users`` so their next reads see it.
+        ``users`` may be a function of the result (for a user just created).
+        A query that returns ``Committed`` brings that position itself."""
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+            result = await query(conn, *args)
+        return await self.positions.record(users, result)
+
+    async def write_merged(self, users: Writers, query: Query[Any], query_many: Query[Committed],
+                           locks: frozenset, *args: Any) -> Any:
+        """``write(users, query, *args)``, except that calls which overlap in
+        time are merged: ``query_many(conn, [args, ...])`` makes several in
+        one transaction and answers ``Committed([result, ...], position)``.
+        At low load a call runs ``query`` alone, as ``write`` would.
+
+        ``locks`` name what the call locks in the database: a batch never
+        runs beside another that shares one of them (it would only wait for
+        it), so calls that could collide run one batch after another.
+        If a batch of several fails with a database error, each of its calls
+        is made alone, so that each gets its own answer."""
+        try:
+            result, lsn = await self.write_batcher(query, query_many).submit(args, locks)
+        except BatchFailed:
+            return await self.write(users, query, *args)
+        return await self.positions.record(users, result, lsn)
+
+    def write_batcher(self, query: Query[Any], query_many: Query[Committed]) -> WriteBatcher:
+        """The batcher of ``write_merged``'s calls of ``query_many``, made on
+        first use. Its ``hold``/``release`` and ``query_many`` are the test
+        seams of tests/debug_methods.py."""
+        merged = self._merged_writes.get(query_many)
+        if merged is None:
+            merged = self._merged_writes[query_many] = WriteBatcher(self.acquire_primary, query, query_many)
+        return merged
+
+    def merged_write_stats(self) -> dict[str, int]:
+        """Totals of ``write_merged`` since start: batches of two calls or
+        more, the calls in them, and the batches that failed; and the calls
+        waiting for a batch now."""
+        batchers = self._merged_writes.values()
+        stats = {k: sum(getattr(b, k) for b in batchers) for k in ("batches", "calls", "failed")}
+        stats["waiting"] = sum(len(b.waiting) for b in batchers)
+        return stats
+
+    # ---- reads -----------------------------------------------------------
+
+    async def read(self, user: uuid.UUID | None, query: Query[T], *args: Any) -> T:
+        """Run ``query(conn, *args)`` on a replica that has replayed
+        ``user``'s writes, or on the primary. Never fails because of a replica."""
+        return await self._read_after(await self.positions.required(user) if self.replicas.members else 0,
+                                      query, *args)
+
+    async def read_primary(self, query: Query[T], *args: Any) -> T:
+        """A read that must see everything committed: on the primary."""
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+            return await query(conn, *args)
+
+    async def read_one(self, user: uuid.UUID | None, query_many: Callable[..., Awaitable[dict]], key: Any) -> Any:
+        """The row for ``key`` (None if absent), read like ``read(user, ...)``,
+        with ``query_many(conn, keys) -> {key: row}``. Calls that overlap in
+        time share one query: under load one statement serves many calls
+        (a DataLoader), so the database, the pool and the event loop each
+        do one round trip's work for a whole batch of them."""
+        required = await self.positions.required(user) if self.replicas.members else 0
+        merged = self._merged_reads.get(query_many)
+        if merged is None:
+            async def fetch(keys: list[Any], required: int) -> dict:
+                return await self._read_after(required, query_many, keys)
+
+            merged = self._merged_reads[query_many] = Batcher(fetch, max_running=4)
+        return await merged.get(key, required)
+
+    async def _read_after(self, required: int, query: Query[T], *args: Any) -> T:
+        """``read`` for a caller whose writes end at WAL position ``required``
+        (-1: unknown, so the primary)."""
+        replica = self.replicas.pick(required) if self.replicas.members else None
+        if replica is not None:
+            try:
+                async with Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:  # type: ignore[arg-type]
+                    result = await query(conn, *args)
+                replica.served += 1
+                return result
+            except REPLICA_FAILURES as exc:
+                self.replicas.failed(replica, exc)
+        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+            return await query(conn, *args)

@@ -1,0 +1,5 @@
+import sys
+
+from server.devstack import main
+
+sys.exit(main())

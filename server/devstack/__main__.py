@@ -1,5 +1,5 @@
 import sys
 
-from server.devstack import main
+from server.devstack.cli import main
 
 sys.exit(main())

@@ -18,7 +18,6 @@ import asyncio
 import os
 import sys
 import uuid
-from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 

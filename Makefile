@@ -1,6 +1,6 @@
 # hangout developer entry points.  `make test` works on a fresh Debian 12 box
 # that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
-# builds .venv, starts the embedded dev stack (server/devstack.py) and runs pytest.
+# builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest.
 
 SHELL := /bin/bash
 

@@ -8,8 +8,9 @@ database of its own, ``--database`` (``hangout_bench``), dropped and made
 afresh every run, so that every run starts from the same state as pgbench's
 small database does (a booking costs PostgreSQL more as the tables grow; see
 the README). Or uses the server at ``--url`` (its database must be
-``--database-url``, the dev server's by default). Makes fresh verified hosts with prices and bookers with
-money (a sandbox top-up each, through the ledger), then measures:
+``--database-url``, the dev server's by default). Makes fresh verified hosts
+with prices and bookers with money (a sandbox top-up each, through the
+ledger), then measures:
 
 - ``pgbench`` (built-in TPC-B-like script) on its own database ``pgbench``
   on the same PostgreSQL primary (made with ``pgbench -i`` on first use),
@@ -23,11 +24,13 @@ money (a sandbox top-up each, through the ledger), then measures:
 After each round, prints its rate, p50/p99 and CPU per booking by role
 (the machine's speed drifts between rounds: every role's CPU per booking
 rises and falls together). At the end, prints bookings/s (median of the
-rounds), p50/p99 latency over all rounds (and pgbench's, from its per-transaction log), the ratio of the medians, and where the machine's CPU went: per
-booking for PostgreSQL (primary and replica), Redis, the server and this
-load generator, and per TPC-B transaction for PostgreSQL and pgbench. With
-every client keeping one call in flight, latency is clients / throughput,
-so that CPU cost per booking sets the lowest p50 this machine allows.
+rounds), p50/p99 latency over all rounds (and pgbench's, from its
+per-transaction log), the ratio of the medians, and where the machine's CPU
+went: per booking for PostgreSQL (primary and replica), Redis, the server
+and this load generator, and per TPC-B transaction for PostgreSQL and
+pgbench. With every client keeping one call in flight, latency is clients /
+throughput, so that CPU cost per booking sets the lowest p50 this machine
+allows.
 Then (``--paced``, 0.5 by default) one more round with the same clients
 paced to half that rate, each call due at its time, for the latency of a
 server that is busy but not saturated. The targets are judged on the

@@ -16,7 +16,7 @@ Starts the dev stack and one hangout server process (WORKERS=1). Measures:
 Prints calls/s, p50/p99 latency, CPU use (the server process, this load
 generator, the whole 2-core machine), and each ratio to pgbench -S. Target: users.get >= 0.2 x pgbench -S.
 
-Before/after figures for a change, from one run on a noisy machine:
+To compare two checkouts in one run on a noisy machine:
 ``--baseline DIR`` runs a second server from another checkout (e.g.
 ``git archive HEAD | tar -x -C DIR``) and measures the two in turns,
 ``--rounds`` times each; ``--profile DIR`` records py-spy flame graphs.

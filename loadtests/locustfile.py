@@ -27,9 +27,9 @@ Two kinds of user:
   the wallet, books and sometimes cancels, chats in booked rooms, drops the
   socket and resumes with ``since_seq``, refreshes tokens, logs out and in.
 
-Services that the server does not offer yet (answered ``unknown_method``) are
-probed once per process and their tasks skipped, so the file runs against
-any stage of the server.
+Services that a server does not offer (answered ``unknown_method``) are
+probed once per process and their tasks skipped, so the file also runs
+against a server with fewer services.
 """
 
 from __future__ import annotations

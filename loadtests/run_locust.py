@@ -5,7 +5,7 @@
     python -m loadtests.run_locust --host https://staging.example   # no local server
     LOADTEST_USERS=1000 LOADTEST_TIME=5m make loadtest
 
-Locally it starts the dev stack (server/devstack.py), migrates, runs
+Locally it starts the dev stack (server/devstack/), migrates, runs
 ``python -m server`` with WORKERS=2 on a free port, runs locust headless
 against it, stops the server and prints one line per method. Reports go to
 ``loadtests/reports/`` (``locust_stats.csv`` and the others, ``locust.html``).

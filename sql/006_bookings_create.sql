@@ -1,7 +1,7 @@
 -- bookings.create in one round trip. The booking, its busy rows, the debit,
--- the deduct payment, the ledger line and the conversation commit together;
--- as separate statements from the application they cost eight round trips
--- per booking, which capped throughput (see loadtests/bench_bookings.py).
+-- the deduct payment, the ledger line and the conversation commit together,
+-- in one round trip where separate statements from the application would
+-- take eight per booking.
 -- server/db/bookings.py calls booking_create and maps its outcome.
 --
 -- Lock order, shared with bookings.cancel and settlement so that they never
@@ -12,8 +12,8 @@
 -- booking instead of making a second), and it is needed for overlaps: an
 -- exclusion constraint is checked after the new row is already in the
 -- index, so two overlapping bookings sharing a person, inserted at the same
--- moment, would each wait for the other's row (a deadlock, found by
--- tests/test_ledger.py). With the shared person's row locked first, the
+-- moment, would each wait for the other's row (a deadlock, which
+-- tests/test_ledger.py provokes). With the shared person's row locked first, the
 -- second waits until the first commits, then meets a committed row and gets
 -- a clean exclusion violation. Bookings that share nobody still run side by
 -- side.
@@ -33,9 +33,8 @@ CREATE FUNCTION booking_replay(p_key text, p_booker uuid, p_hash bytea)
 RETURNS TABLE (outcome text, id uuid, user_id uuid, host_id uuid, start_at timestamptz, end_at timestamptz,
                status text, amount numeric, created_at timestamptz, updated_at timestamptz,
                conversation_id uuid, balance numeric)
--- STABLE: a plain SELECT, inlined into booking_create's cached statement
--- (as VOLATILE it was planned again on every call, a third of the
--- function's database time in loadtests/bench_bookings.py).
+-- STABLE: a plain SELECT, so it is inlined into booking_create's cached
+-- statement; a VOLATILE function would be planned again on every call.
 LANGUAGE sql STABLE AS $$
   SELECT CASE WHEN b.user_id <> p_booker OR b.request_hash IS DISTINCT FROM p_hash THEN 'conflict'
               WHEN b.status = 'failed' THEN 'failed_replayed'

@@ -3,14 +3,13 @@
 --
 -- After a write the server records the primary's WAL insert position for
 -- the users it touched; a replica may serve their reads once it has
--- replayed that far. The position has to be read after the commit, and as
--- a separate statement it cost a second round trip, with a wait for a free
--- pool connection in front of it: in loadtests/bench_bookings.py that
--- look-up took longer than the booking itself. A procedure may commit
+-- replayed that far. The position has to be read after the commit; as a
+-- separate statement it would cost a second round trip, with a wait for a
+-- free pool connection in front of it. A procedure may commit
 -- (when CALLed outside a transaction block), so this one runs
 -- booking_create (sql/006), commits, and only then reads the position.
 --
--- An overlap still raises from booking_create, before the commit, and
+-- An overlap raises from booking_create, before the commit, and
 -- rolls everything back. Called inside a transaction block, the COMMIT
 -- fails with invalid_transaction_termination: server/db/bookings.py never
 -- does that.

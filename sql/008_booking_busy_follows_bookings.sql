@@ -1,11 +1,12 @@
 -- booking_busy follows bookings by itself.
 --
 -- The exclusion constraint that makes overlapping bookings impossible is on
--- booking_busy (sql/004), and until now its rows were written by the code
--- that creates, cancels and settles bookings (sql/006, server/db/bookings.py).
--- A booking written any other way (a fix by hand, a script, a future code
--- path) could be active without busy rows, and overlap another: the rule was
--- the code's, not the database's. DESIGN asks for the database to enforce it.
+-- booking_busy (sql/004). Were its rows written only by the code that
+-- creates, cancels and settles bookings (sql/006, server/db/bookings.py), a
+-- booking written any other way (a fix by hand, a script, a future code
+-- path) could be active without busy rows, and overlap another: the rule
+-- would be the code's, not the database's. DESIGN asks for the database to
+-- enforce it.
 --
 -- booking_busy_sync keeps one row per party of every active booking (status
 -- pending or confirmed), for [start_at, end_at), in the transaction that
@@ -14,9 +15,9 @@
 -- when it is cancelled, completed or failed. An overlap raises
 -- exclusion_violation from the write to bookings itself.
 --
--- Lock order (see server/db/bookings.py) is unchanged: the busy rows are
+-- Lock order (see server/db/bookings.py) stays as it is: the busy rows are
 -- written by the statement that writes the booking, which each path makes
--- after locking the wallets, where it wrote them before.
+-- after locking the wallets.
 --
 -- booking_create (sql/006) is replaced by the same function without its own
 -- insert into booking_busy.

@@ -1,35 +1,33 @@
 -- bookings.create for several calls in one transaction and one round trip.
 --
--- Under load, server/db/pools.py (Database.write_merged) merges the
--- bookings.create calls that wait at the same moment into one call of
--- booking_create_batch; a call on its own still goes to
--- booking_create_committed (sql/007). What a booking costs the database
--- beyond its rows (the round trip, waking a backend, planning the CALL, the
--- commit, reading the write position) is then paid once per batch.
+-- Under load, the server (Database.write_merged) merges the bookings.create
+-- calls that wait at the same moment into one call of booking_create_batch;
+-- a call on its own goes to booking_create_committed (sql/007). What a
+-- booking costs the database beyond its rows (the round trip, waking a
+-- backend, planning the CALL, the commit, reading the write position) is
+-- then paid once per batch.
 --
--- booking_create (sql/008) now answers an overlap with the outcome
--- 'slot_unavailable' instead of raising exclusion_violation: it looks for
--- busy rows of both parties before the insert, under locks of their hours
--- (booking_lock_hours). So one call's overlap rolls nothing else back, with
--- no subtransaction per call. (A subtransaction per call was tried first: a row locked by the
--- batch and then updated by one of its subtransactions gets a MultiXact as
--- its xmax, and every later look at the booker's row versions read the
--- MultiXact's members; PostgreSQL spent 2.6-3.0 ms per booking instead of
--- about 1.)
+-- booking_create (sql/008) is redefined to answer an overlap with the
+-- outcome 'slot_unavailable' instead of raising exclusion_violation: it
+-- looks for busy rows of both parties before the insert, under locks of
+-- their hours (booking_lock_hours). So one call's overlap rolls nothing else
+-- back, and no call needs a subtransaction of its own. Subtransactions are
+-- avoided on purpose: a row locked by the batch and then updated in a
+-- subtransaction gets a MultiXact as its xmax, and every later look at that
+-- row's versions has to read the MultiXact's members.
 --
--- Locks, and their order. A booking locked both parties' wallet rows
--- (sql/006), so bookings of one host waited for each other whatever their
--- hours, and two batches sharing a host ran one after the other. Now it
--- locks the booker's wallet row (the balance), then a lock per person and
--- hour for both parties (what must not overlap); the host's row is only
--- read. A batch takes all its bookers' wallet rows in id order, then all its
--- hour locks in order, before any booking row: every transaction takes
--- wallet rows before hour locks, and each kind in order, so none waits in a
--- circle (bookings.cancel and settlement take no hour locks; they only
--- remove busy rows). Within the batch, a
--- call sees what the calls before it wrote: a second call with a key that
--- an earlier one used is its replay, a second booking of one slot is
--- 'slot_unavailable', and a booker's balance is what the calls before left.
+-- Locks, and their order, replacing sql/006's lock of both parties' wallet
+-- rows. A booking locks the booker's wallet row (the balance), then a lock
+-- per person and hour for both parties (what must not overlap); the host's
+-- row is only read, so bookings of one host at other hours do not wait for
+-- each other. A batch takes all its bookers' wallet rows in id order, then
+-- all its hour locks in order, before any booking row: every transaction
+-- takes wallet rows before hour locks, and each kind in order, so none waits
+-- in a circle (bookings.cancel and settlement take no hour locks; they only
+-- remove busy rows). Within the batch, a call sees what the calls before it
+-- wrote: a second call with a key that an earlier one used is its replay, a
+-- second booking of one slot is 'slot_unavailable', and a booker's balance
+-- is what the calls before left.
 --
 -- Any error rolls the whole batch back (the server then makes each of its
 -- calls alone, so that each gets its own answer). The arrays come back in

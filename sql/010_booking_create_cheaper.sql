@@ -1,25 +1,22 @@
--- bookings.create costs PostgreSQL less (measured with pg_stat_statements,
--- track = all, in loadtests/bench_bookings.py).
+-- bookings.create with less work for PostgreSQL per booking.
 --
--- 1. users gets room on its pages (fillfactor 70). Every booking, top-up,
+-- 1. users keeps room on its pages (fillfactor 70). Every booking, top-up,
 --    refund and payout updates a balance; on a full page the new row
 --    version goes to another page, so the update also inserts an entry
---    into every index of users (six) and the table grows. With room on the
---    page the update is HOT: no index is touched. (Pages written before
---    this keep no room until their rows are next moved. The benchmark,
---    which books for the same 50 bookers 25 times a second each, still
---    finds pages full more than half of the time.)
+--    into every index of users and the table grows. With room on the page
+--    the update is HOT: no index is touched. Pages written before this
+--    setting keep no room until their rows are next moved.
 --
--- 2. A batch (booking_create_batch) locks all its bookers' rows and all
---    its hour locks before its first booking; booking_create took both
---    again for each call (the hour locks alone were a tenth of what a
---    booking cost, a row lock writes WAL). It now has p_locked: the batch
---    says they are held. Called alone it still takes them itself.
+-- 2. A batch (booking_create_batch) locks all its bookers' rows and all its
+--    hour locks before its first booking, so booking_create takes p_locked:
+--    the batch says they are held, and the call does not take them again
+--    (each lock has a cost; a row lock writes WAL). Called alone it takes
+--    them itself.
 --
--- 3. The batch locks its bookers' rows one by one, by primary key: its
---    plan of "id = ANY (bookers)" was made once per connection and kept,
---    and made while users was small (the benchmark's fresh database) it
---    read every row of the table, however much it had grown since.
+-- 3. The batch locks its bookers' rows one by one, by primary key. A plan
+--    of "id = ANY (bookers)" is made once per connection and kept; made
+--    while users is small (a fresh database) it reads every row of the
+--    table, however much the table grows afterwards.
 --
 -- 4. A batch whose calls all go through is written a table at a time
 --    (booking_create_all, below), and the busy rows of new bookings come
@@ -148,7 +145,7 @@ $$;
 -- row: a batch (booking_create_all) inserts all its bookings in one
 -- statement, and one insert of their busy rows follows. Updates keep the
 -- row trigger of sql/008 (a trigger with a column list can have no
--- transition table). Rows go in user id order, as sql/008's did.
+-- transition table). Rows go in user id order, as the row trigger's do.
 CREATE FUNCTION booking_busy_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO booking_busy (booking_id, user_id, role, during)

@@ -1,0 +1,5 @@
+import sys
+
+from server.devstack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""``python -m server.devstack start|stop|restart|status``: prints where
+each server listens and the URLs to export; ``status`` exits 1 unless all run."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+from server.devstack.process import log
+from server.devstack.stack import from_env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv else "status"
+    stack = from_env()
+    if cmd == "start":
+        t0 = time.monotonic()
+        stack.start()
+        log(f"up in {time.monotonic() - t0:.1f}s")
+    elif cmd == "stop":
+        stack.stop()
+    elif cmd == "restart":
+        stack.stop()
+        stack.start()
+    elif cmd != "status":
+        print("usage: python -m server.devstack start|stop|restart|status", file=sys.stderr)
+        return 2
+    st = stack.status()
+    print(f"base dir     {stack.base_dir}")
+    for name, port in (("primary", stack.primary_port), ("replica", stack.replica_port),
+                       ("redis", stack.redis_port)):
+        print(f"{name:<12} {'running' if st[name] else 'stopped':<8} 127.0.0.1:{port}")
+    print(f"DATABASE_URL={stack.database_url}")
+    print(f"DATABASE_REPLICA_URLS={','.join(stack.replica_urls)}")
+    print(f"REDIS_URL={stack.redis_url}")
+    if cmd == "status":
+        return 0 if all(st.values()) else 1
+    return 0

@@ -1,0 +1,186 @@
+"""``DevStack``: the whole stack under one base directory, as the tests,
+the load tests and ``python -m server`` use it: its URLs, and starting or
+stopping it (or one of its servers) idempotently under the directory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.devstack.lock import dir_lock
+from server.devstack.osuser import PG_OS_USER, chown_pg, pg_ids, run_pg
+from server.devstack.postgres import SUPERUSER
+from server.devstack.primary import DATABASE, Primary
+from server.devstack.redis_server import RedisServer
+from server.devstack.replica import Replica
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DIR = REPO_ROOT / ".devstack"
+DEFAULT_PORT = 25432
+
+
+@dataclass
+class DevStack:
+    base_dir: Path
+    primary_port: int = DEFAULT_PORT
+    replica_port: int = DEFAULT_PORT + 1
+    redis_port: int = DEFAULT_PORT + 2
+
+    def __post_init__(self) -> None:
+        self.base_dir = Path(self.base_dir).expanduser().absolute()
+        self.primary_port = int(self.primary_port)
+        self.replica_port = int(self.replica_port)
+        self.redis_port = int(self.redis_port)
+
+    # ---- URLs ------------------------------------------------------------ #
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.primary_port}/{DATABASE}"
+
+    @property
+    def replica_urls(self) -> list[str]:
+        return [f"postgresql://{SUPERUSER}@127.0.0.1:{self.replica_port}/{DATABASE}"]
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    # ---- paths ----------------------------------------------------------- #
+
+    @property
+    def primary_dir(self) -> Path:
+        return self.base_dir / "primary"
+
+    @property
+    def replica_dir(self) -> Path:
+        return self.base_dir / "replica"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.base_dir / "logs"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.base_dir / "redis"
+
+    @property
+    def redis_pidfile(self) -> Path:
+        return self.redis_server.pidfile
+
+    @property
+    def socket_dir(self) -> Path:
+        """Unix socket dir: inside base_dir unless that path would be too long
+        for a unix socket (sun_path is 108 bytes), then a short dir in /tmp."""
+        d = self.base_dir / "run"
+        if len(str(d / f".s.PGSQL.{max(self.primary_port, self.replica_port)}.lock")) < 100:
+            return d
+        h = hashlib.sha1(str(self.base_dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"devstack-{h}"
+
+    # ---- its servers ----------------------------------------------------- #
+
+    @property
+    def primary(self) -> Primary:
+        return Primary("primary", self.primary_dir, self.primary_port, self.socket_dir,
+                       self.log_dir, self.base_dir)
+
+    @property
+    def replica(self) -> Replica:
+        return Replica("replica", self.replica_dir, self.replica_port, self.socket_dir,
+                       self.log_dir, self.base_dir, primary=self.primary)
+
+    @property
+    def redis_server(self) -> RedisServer:
+        return RedisServer(self.redis_port, self.redis_dir, self.log_dir / "redis.log")
+
+    # ---- public API ------------------------------------------------------ #
+
+    def start(self) -> None:
+        """Create/start whatever is missing or stopped. Idempotent."""
+        with self._lock():
+            self._prepare_dirs()
+            self.primary.ensure()
+            self.replica.ensure()
+            self.redis_server.ensure()
+
+    def stop(self) -> None:
+        """Stop replica, primary and Redis. Idempotent."""
+        with self._lock():
+            self.replica.stop()
+            self.primary.stop()
+            self.redis_server.stop()
+
+    def stop_replica(self) -> None:
+        with self._lock():
+            self.replica.stop()
+
+    def start_replica(self) -> None:
+        """Start the replica (building it if needed) and wait until it streams."""
+        with self._lock():
+            self._prepare_dirs()
+            if not self.primary_running():
+                self.primary.ensure()
+            self.replica.ensure()
+
+    def stop_redis(self) -> None:
+        with self._lock():
+            self.redis_server.stop()
+
+    def start_redis(self) -> None:
+        with self._lock():
+            self._prepare_dirs()
+            self.redis_server.ensure()
+
+    def primary_running(self) -> bool:
+        return self.primary.running()
+
+    def replica_running(self) -> bool:
+        return self.replica.running()
+
+    def redis_running(self) -> bool:
+        return self.redis_server.ping()
+
+    def replica_streaming(self) -> bool:
+        return self.replica.streaming()
+
+    def status(self) -> dict[str, bool]:
+        return {
+            "primary": self.primary_running(),
+            "replica": self.replica_running(),
+            "redis": self.redis_running(),
+        }
+
+    # ---- internals ------------------------------------------------------- #
+
+    def _lock(self):
+        return dir_lock(self.base_dir)
+
+    def _prepare_dirs(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.log_dir, self.redis_dir, self.socket_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if pg_ids() is None:
+            return
+        # postgres writes its logs and sockets here; Redis (run as us) can
+        # still write into logs/ because we are root.
+        for d in (self.log_dir, self.socket_dir):
+            chown_pg(d)
+        os.chmod(self.socket_dir, 0o755)
+        probe = run_pg(["/usr/bin/test", "-w", str(self.log_dir)], self.base_dir, check=False)
+        if probe.returncode != 0:
+            raise RuntimeError(
+                f"the '{PG_OS_USER}' OS user cannot reach {self.base_dir} (a parent "
+                f"directory is not traversable by it); pick a DEVSTACK_DIR it can access"
+            )
+
+
+def from_env() -> DevStack:
+    """The stack at ``DEVSTACK_DIR`` (default ``<repo>/.devstack``) on
+    ``DEVSTACK_PORT`` (default 25432), +1 and +2."""
+    base = Path(os.environ.get("DEVSTACK_DIR") or DEFAULT_DIR)
+    port = int(os.environ.get("DEVSTACK_PORT") or DEFAULT_PORT)
+    return DevStack(base_dir=base, primary_port=port, replica_port=port + 1, redis_port=port + 2)

@@ -7,15 +7,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from protocol.codec import encode
+from server.frames import event_frame
 
 if TYPE_CHECKING:
     from server.services import Services
-
-
-def event_frame(name: str, payload: BaseModel | dict) -> bytes:
-    data = payload.model_dump(mode="python") if isinstance(payload, BaseModel) else payload
-    return encode({"event": name, "data": data})
 
 
 async def to_users(services: "Services", users: "list[uuid.UUID] | tuple[uuid.UUID, ...]", name: str, payload: BaseModel | dict) -> None:

@@ -14,18 +14,18 @@ from aiohttp import web
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models.common import parse_uuid
-from server import auth as tokens
+from server import credentials
+from server.dispatch import UNAVAILABLE_ERRORS
 from server.handlers.auth import session_user
 from server.services import Services
-from server.socket import UNAVAILABLE_ERRORS, Connection
+from server.socket import Connection
 
 SUBPROTOCOL = "hangout.v1"
 KYC_STATUSES = ("pending", "verified", "rejected")
+SERVICES = web.AppKey("services", Services)  # set by server.app.create_app
 
 
 def _services(request: web.Request) -> Services:
-    from server.app import SERVICES
-
     return request.app[SERVICES]
 
 
@@ -47,7 +47,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         claims = None
         if token is not None:
             try:
-                claims = tokens.decode_access_token(cfg.jwt_secret, token)
+                claims = credentials.decode_access_token(cfg.jwt_secret, token)
                 checking.enter_context(services.sessions.checking(claims.user_id, claims.family_id))
                 await session_user(services, claims)
             except RpcError as err:
@@ -69,7 +69,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # The contract gives a client a whole ping interval to answer, where
         # aiohttp would wait only half of one.
         ws._pong_heartbeat = cfg.ping_interval_s
-        conn = Connection(ws, services)
+        conn = Connection(ws, request, services)
         try:
             if claims is not None:
                 # Bound (the user's channel subscribed) before the 101 goes out:

@@ -72,7 +72,7 @@ async def _backfill(services: Services, channel: str, after_seq: int, limit: int
     return [(r["seq"], message_frame(_message(r))) for r in rows]
 
 
-@rpc("chat.conversations", m.ConversationsParams)
+@rpc("chat.conversations")
 async def conversations(call: Call, p: m.ConversationsParams) -> m.ConversationsResult:
     after = p.after()
     rows = await call.services.db.read(call.user_id, chat_db.inbox, call.user_id, after, p.limit + 1)
@@ -102,7 +102,7 @@ def _require_still_bound(call: Call) -> None:
         raise RpcError(ErrorCode.UNAUTHENTICATED, "the socket is no longer signed in as the caller")
 
 
-@rpc("chat.join", m.JoinParams)
+@rpc("chat.join")
 async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     services, hub, user = call.services, call.services.hub, call.user_id
     if hub.backfill is None:
@@ -145,7 +145,7 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     return result
 
 
-@rpc("chat.leave", m.LeaveParams)
+@rpc("chat.leave")
 async def leave(call: Call, p: m.LeaveParams) -> dict:
     hub = call.services.hub
     channel = hub.conversation_channel(p.conversation_id)
@@ -155,7 +155,7 @@ async def leave(call: Call, p: m.LeaveParams) -> dict:
     return {}
 
 
-@rpc("chat.send", m.SendParams)
+@rpc("chat.send")
 async def send(call: Call, p: m.SendParams) -> m.SendResult:
     services = call.services
     channel = services.hub.conversation_channel(p.conversation_id)
@@ -182,7 +182,7 @@ async def send(call: Call, p: m.SendParams) -> m.SendResult:
     return m.SendResult(message=message)
 
 
-@rpc("chat.history", m.HistoryParams)
+@rpc("chat.history")
 async def history(call: Call, p: m.HistoryParams) -> m.HistoryResult:
     services, user = call.services, call.user_id
     args = (p.conversation_id, user, p.before_seq, p.limit + 1)
@@ -194,7 +194,7 @@ async def history(call: Call, p: m.HistoryParams) -> m.HistoryResult:
     return m.HistoryResult(messages=[_message(r) for r in rows[: p.limit]], has_more=len(rows) > p.limit)
 
 
-@rpc("chat.typing", m.TypingParams)
+@rpc("chat.typing")
 async def typing(call: Call, p: m.TypingParams) -> dict:
     services, user = call.services, call.user_id
     # A socket that joined was checked then; typing is too frequent to ask

@@ -76,12 +76,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 # a client may count on every event published after it has the
                 # 101. Events that come meanwhile wait in the socket's queue.
                 try:
-                    await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+                    await conn.binding.bind(claims.user_id, claims.family_id, claims.expires_at)
                 except RpcError:
                     pass  # the session ended meanwhile: the socket serves unbound
             await ws.prepare(request)
         except BaseException:
-            conn.unbind()
+            conn.binding.unbind()
             raise
         if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
             sock = request.transport.get_extra_info("socket")

@@ -19,8 +19,8 @@ from server.dispatch import UNAVAILABLE_ERRORS
 from server.handlers.auth import session_user
 from server.services import Services
 from server.socket import Connection
+from server.transport import websocket_response
 
-SUBPROTOCOL = "hangout.v1"
 KYC_STATUSES = ("pending", "verified", "rejected")
 SERVICES = web.AppKey("services", Services)  # set by server.app.create_app
 
@@ -55,20 +55,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 return web.json_response({"error": err.code.value}, status=status)
             except UNAVAILABLE_ERRORS:
                 return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
-        ws = web.WebSocketResponse(
-            protocols=(SUBPROTOCOL,),
-            heartbeat=cfg.ping_interval_s,
-            # aiohttp refuses a message of max_msg_size bytes or more; the
-            # contract accepts one of exactly MAX_FRAME_BYTES.
-            max_msg_size=cfg.max_frame_bytes + 1,
-            compress=False,
-            # A text frame closes with 1003 whatever it holds; decoded, one that
-            # is not UTF-8 would be closed by aiohttp with 1007 first.
-            decode_text=False,
-        )
-        # The contract gives a client a whole ping interval to answer, where
-        # aiohttp would wait only half of one.
-        ws._pong_heartbeat = cfg.ping_interval_s
+        ws = websocket_response(cfg)
         conn = Connection(ws, request, services)
         try:
             if claims is not None:

@@ -1,4 +1,5 @@
-"""A WebSocket's transport: reading frames, writing them, closing with a code.
+"""A WebSocket's transport: the aiohttp socket set up as the contract wants
+(``websocket_response``), then reading frames, writing them, closing with a code.
 
 The transport owns one task, the writer, for the life of the socket; it is
 cancelled and awaited in ``finish``. Replies and events share one outgoing
@@ -23,9 +24,30 @@ from server.config import Config
 
 log = logging.getLogger("hangout.socket")
 
+SUBPROTOCOL = "hangout.v1"
 SLOW_PEER_CLOSE_S = 10.0  # how long a 1013 close frame may wait for a stalled peer
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], asyncio.Task]
+
+
+def websocket_response(config: Config) -> web.WebSocketResponse:
+    """aiohttp's side of a new socket, set up as the contract wants it."""
+    ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
+        heartbeat=config.ping_interval_s,
+        # aiohttp refuses a message of max_msg_size bytes or more; the
+        # contract accepts one of exactly MAX_FRAME_BYTES.
+        max_msg_size=config.max_frame_bytes + 1,
+        compress=False,
+        # A text frame closes with 1003 whatever it holds; decoded, one that
+        # is not UTF-8 would be closed by aiohttp with 1007 first.
+        decode_text=False,
+    )
+    # The contract gives a client a whole ping interval to answer, where
+    # aiohttp would wait only half of one. aiohttp has no public setting for
+    # it: the one private attribute of aiohttp set here, read by its heartbeat.
+    ws._pong_heartbeat = config.ping_interval_s
+    return ws
 
 
 class Transport:

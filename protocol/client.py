@@ -17,10 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from protocol.codec import decode, encode
+from protocol.codec import SUBPROTOCOL, decode, encode
 from protocol.errors import RpcError
-
-SUBPROTOCOL = "hangout.v1"
 
 
 class ConnectionClosed(ConnectionError):

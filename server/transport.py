@@ -20,11 +20,11 @@ from typing import Any, Callable, Coroutine
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from protocol.codec import SUBPROTOCOL
 from server.config import Config
 
 log = logging.getLogger("hangout.socket")
 
-SUBPROTOCOL = "hangout.v1"
 SLOW_PEER_CLOSE_S = 10.0  # how long a 1013 close frame may wait for a stalled peer
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], asyncio.Task]

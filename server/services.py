@@ -33,6 +33,8 @@ class ServedSocket(Protocol):
 
     async def drain(self, timeout: float) -> None: ...
 
+    def stats(self) -> dict[str, int | bool]: ...
+
 
 @dataclass
 class Services:

@@ -223,7 +223,7 @@ async def bench_users(database_url: str, count: int, prefix: str) -> list[uuid.U
     """``count`` real users (made once, reused by later runs), verified, each
     with a refresh-token family of its own. Made in SQL because registering
     10,000 users through argon2 would take minutes and measure nothing here."""
-    from server.auth import _hasher
+    from server.credentials import _hasher
 
     password_hash = _hasher.hash(BENCH_PASSWORD)
     conn = await asyncpg.connect(database_url)
@@ -248,7 +248,7 @@ async def bench_users(database_url: str, count: int, prefix: str) -> list[uuid.U
 async def access_tokens(database_url: str, users: list[uuid.UUID], ttl_s: int = 3600) -> list[str]:
     """A fresh token family per user and an access token in it, signed with
     the server's JWT secret (JWT_SECRET, the dev secret by default)."""
-    from server.auth import issue_access_token
+    from server.credentials import issue_access_token
     from server.config import dev_secrets
 
     secret = dev_secrets()["JWT_SECRET"]

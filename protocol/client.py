@@ -1,6 +1,6 @@
 """An asyncio client for the hangout protocol (used by tests and load tests).
 
-    async with Client.connect("ws://127.0.0.1:8080/ws") as c:
+    async with await Client.connect("ws://127.0.0.1:8080/ws") as c:
         session = await c.call("auth.login", {"email": ..., "password": ...})
         booking = await c.call("bookings.create", {...})
         event = await c.next_event("booking.created")
@@ -17,10 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from protocol.codec import decode, encode
+from protocol.codec import SUBPROTOCOL, decode, encode
 from protocol.errors import RpcError
-
-SUBPROTOCOL = "hangout.v1"
 
 
 class ConnectionClosed(ConnectionError):

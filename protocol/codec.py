@@ -24,7 +24,10 @@ import msgpack
 
 from protocol.times import timestamp_time
 
-__all__ = ["encode", "decode", "DecodeError"]
+__all__ = ["encode", "decode", "DecodeError", "SUBPROTOCOL"]
+
+# The WebSocket subprotocol that client and server agree on for these frames.
+SUBPROTOCOL = "hangout.v1"
 
 
 class DecodeError(ValueError):

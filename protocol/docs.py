@@ -1,7 +1,8 @@
 """Generate the protocol reference from the models: ``python -m protocol.docs``.
 
-Writes docs/protocol-reference.md: for every method its params and result,
-for every event its payload, and the error codes. The models are the source
+Writes docs/protocol-reference.md: for every method its params, its result
+and whether it needs an authenticated socket, for every event its payload,
+and the error codes. The declarations in ``protocol.models`` are the source
 of truth, so the reference cannot drift from what the server validates.
 """
 
@@ -18,7 +19,6 @@ from protocol.errors import ErrorCode
 from protocol.models import EVENTS, METHODS
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "protocol-reference.md"
-AUTH_FREE = {"auth.register", "auth.login", "auth.authenticate", "auth.refresh"}
 
 
 def _type_name(schema: dict[str, Any], defs: dict[str, Any]) -> str:
@@ -126,13 +126,14 @@ def render() -> str:
     seen: set[type] = set()
     module = None
     for name in sorted(METHODS):
-        params, result = METHODS[name]
+        spec = METHODS[name]
+        params, result = spec.params, spec.result
         if params.__module__ != module:
             # Each service module's docstring holds its decisions beyond the contract.
             module = params.__module__
             doc = inspect.getdoc(sys.modules[module]) or ""
             lines += [f"## {module.rsplit('.', 1)[-1]}", "", doc, ""]
-        auth = "no" if name in AUTH_FREE else "yes"
+        auth = "yes" if spec.auth else "no"
         lines += [f"### `{name}`", "", f"Needs an authenticated socket: {auth}.", "", "**params**", ""]
         lines += _model_table(params)
         res_name = result.__name__ if isinstance(result, type) and issubclass(result, BaseModel) else "{}"

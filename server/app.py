@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from aiohttp import web
 
+import server.handlers  # noqa: F401  (importing the handlers registers their methods)
+from server import http
 from server.config import Config
+from server.http import SERVICES
 from server.services import Services
 from server.settlement import Settlement
 
 log = logging.getLogger("hangout")
 
-SERVICES = web.AppKey("services", Services)
-
 
 def create_app(config: Config) -> web.Application:
-    # Importing the handlers registers their methods.
-    import server.handlers  # noqa: F401
-    from server import http
-
-    if os.environ.get("HANGOUT_TEST_METHODS") == "1":
-        # Test servers only: methods that reach paths no real method may
-        # reach on purpose (tests/debug_methods.py). Never set in production.
-        import tests.debug_methods  # noqa: F401
-
     app = web.Application(client_max_size=1024 * 1024)
     app[SERVICES] = Services.build(config)
     http.add_routes(app)

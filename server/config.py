@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 # Published with the code: anyone could sign tokens and KYC webhooks with
 # them. ``serve`` uses them only on the embedded dev stack (or when a
@@ -65,7 +65,10 @@ class Config:
     ryw_ttl_s: int = 60
     redis_timeout_s: float = 2.0
     redis_probe_interval_s: float = 0.5
-    extra: dict = field(default_factory=dict)
+    # How long binding a socket to a user waits for Redis to confirm the
+    # user's channel. Past it the socket is bound anyway, and the
+    # subscription is made when Redis answers (server/binding.py).
+    subscribe_wait_s: float = 2.0
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -101,6 +104,7 @@ class Config:
             ryw_ttl_s=_int("RYW_TTL_S", cls.ryw_ttl_s),
             redis_timeout_s=_float("REDIS_TIMEOUT_S", cls.redis_timeout_s),
             redis_probe_interval_s=_float("REDIS_PROBE_INTERVAL_S", cls.redis_probe_interval_s),
+            subscribe_wait_s=_float("SUBSCRIBE_WAIT_S", cls.subscribe_wait_s),
         )
 
     def missing_secrets(self) -> list[str]:

@@ -7,18 +7,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from protocol.codec import encode
 from protocol.models import chat as m
 from server.db import chat as chat_db
+from server.frames import event_frame
 
 if TYPE_CHECKING:
-    from server.db.pools import Database
+    from server.db.database import Database
     from server.services import Services
-
-
-def event_frame(name: str, payload: BaseModel | dict) -> bytes:
-    data = payload.model_dump(mode="python") if isinstance(payload, BaseModel) else payload
-    return encode({"event": name, "data": data})
 
 
 def message_frame(message: m.Message) -> bytes:

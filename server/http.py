@@ -14,19 +14,19 @@ from aiohttp import web
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models.common import parse_uuid
-from server import auth as tokens
+from server import credentials
 from server.db.errors import DatabaseUnavailable
+from server.dispatch import UNAVAILABLE_ERRORS
 from server.handlers.auth import session_user
 from server.services import Services
-from server.socket import UNAVAILABLE_ERRORS, Connection
+from server.socket import Connection
+from server.transport import websocket_response
 
-SUBPROTOCOL = "hangout.v1"
 KYC_STATUSES = ("pending", "verified", "rejected")
+SERVICES = web.AppKey("services", Services)  # set by server.app.create_app
 
 
 def _services(request: web.Request) -> Services:
-    from server.app import SERVICES
-
     return request.app[SERVICES]
 
 
@@ -48,7 +48,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         claims = None
         if token is not None:
             try:
-                claims = tokens.decode_access_token(cfg.jwt_secret, token)
+                claims = credentials.decode_access_token(cfg.jwt_secret, token)
                 checking.enter_context(services.sessions.checking(claims.user_id, claims.family_id))
                 await session_user(services, claims)
             except RpcError as err:
@@ -56,33 +56,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 return web.json_response({"error": err.code.value}, status=status)
             except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
                 return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
-        ws = web.WebSocketResponse(
-            protocols=(SUBPROTOCOL,),
-            heartbeat=cfg.ping_interval_s,
-            # aiohttp refuses a message of max_msg_size bytes or more; the
-            # contract accepts one of exactly MAX_FRAME_BYTES.
-            max_msg_size=cfg.max_frame_bytes + 1,
-            compress=False,
-            # A text frame closes with 1003 whatever it holds; decoded, one that
-            # is not UTF-8 would be closed by aiohttp with 1007 first.
-            decode_text=False,
-        )
-        # The contract gives a client a whole ping interval to answer, where
-        # aiohttp would wait only half of one.
-        ws._pong_heartbeat = cfg.ping_interval_s
-        conn = Connection(ws, services)
+        ws = websocket_response(cfg)
+        conn = Connection(ws, request, services)
         try:
             if claims is not None:
                 # Bound (the user's channel subscribed) before the 101 goes out:
                 # a client may count on every event published after it has the
                 # 101. Events that come meanwhile wait in the socket's queue.
                 try:
-                    await conn.bind(claims.user_id, claims.family_id, claims.expires_at)
+                    await conn.binding.bind(claims.user_id, claims.family_id, claims.expires_at)
                 except RpcError:
                     pass  # the session ended meanwhile: the socket serves unbound
             await ws.prepare(request)
         except BaseException:
-            conn.unbind()
+            conn.binding.unbind()
             raise
         if cfg.socket_send_buffer_bytes > 0 and request.transport is not None:
             sock = request.transport.get_extra_info("socket")

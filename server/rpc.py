@@ -1,32 +1,53 @@
-"""The method registry: ``@rpc(name, Params, auth=True)`` over an async handler.
+"""The method registry: ``@rpc("bookings.create")`` over an async handler.
+
+A method is declared once, in ``protocol.models.METHODS`` (its name, params,
+result and whether it needs an authenticated socket); ``rpc`` finds that
+declaration by name, and fails at import when the contract has no such
+method. Methods outside the contract (the test servers' own, in
+``tests/debug_methods.py``) pass a ``MethodSpec`` of their own instead.
 
 A handler receives a ``Call`` (who is calling, on which socket, with which
 services) and its validated params, and returns a result model (or a plain
-dict for ``{}``). Errors are raised as ``RpcError``; only the dispatcher in
-``server.socket`` turns results and errors into frames.
+dict for ``{}``). Errors are raised as ``RpcError``; only the dispatcher
+(``server.dispatch``) turns results and errors into frames.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
-
-from pydantic import BaseModel
+from typing import Any, Awaitable, Callable, Protocol
 
 from protocol.errors import ErrorCode, RpcError
+from protocol.methods import MethodSpec
+from protocol.models import METHODS as DECLARED
+from server.services import Services
 
-if TYPE_CHECKING:
-    from server.services import Services
-    from server.socket import Connection
+__all__ = ["rpc", "METHODS", "Method", "Call", "Socket", "RpcError", "ErrorCode"]
 
-__all__ = ["rpc", "METHODS", "Method", "Call", "RpcError", "ErrorCode"]
+
+class Socket(Protocol):
+    """The socket a call came in on, as handlers see it (``server.binding``):
+    who it is bound to, binding and unbinding it, and, as a follower of the
+    hub's channels, taking events."""
+
+    user_id: uuid.UUID | None
+    token_family: uuid.UUID | None
+    # The access token expired: the socket stays bound but gets no events.
+    events_suspended: bool
+
+    async def bind(self, user_id: uuid.UUID, family: uuid.UUID | None, expires_at: dt.datetime) -> None: ...
+
+    def unbind(self) -> None: ...
+
+    def send_event(self, frame: bytes) -> None: ...
 
 
 @dataclass(slots=True)
 class Call:
-    services: "Services"
-    conn: "Connection"
+    services: Services
+    conn: Socket
     # Who the socket was bound to when the call arrived. The socket may be
     # bound to someone else (or to no one) by the time the call finishes: a
     # call's writes, events and read-your-writes positions stay its caller's.
@@ -34,7 +55,7 @@ class Call:
 
     @property
     def user_id(self) -> uuid.UUID:
-        """The authenticated caller (guaranteed for ``auth=True`` methods)."""
+        """The authenticated caller (guaranteed for methods that need auth)."""
         assert self.caller is not None
         return self.caller
 
@@ -49,20 +70,28 @@ Handler = Callable[[Call, Any], Awaitable[Any]]
 
 @dataclass(slots=True, frozen=True)
 class Method:
-    name: str
-    params: type[BaseModel]
+    spec: MethodSpec
     handler: Handler
-    auth: bool
 
 
 METHODS: dict[str, Method] = {}
 
 
-def rpc(name: str, params: type[BaseModel], *, auth: bool = True) -> Callable[[Handler], Handler]:
+def rpc(method: str | MethodSpec) -> Callable[[Handler], Handler]:
+    """Register the handler of ``method``: a name declared in
+    ``protocol.models.METHODS``, or, for a method outside the contract
+    (tests only), its own ``MethodSpec``."""
+    if isinstance(method, str):
+        spec = DECLARED.get(method)
+        if spec is None:
+            raise LookupError(f"method {method} is not declared in protocol.models")
+    else:
+        spec = method
+
     def register(handler: Handler) -> Handler:
-        if name in METHODS:
-            raise RuntimeError(f"method {name} registered twice")
-        METHODS[name] = Method(name, params, handler, auth)
+        if spec.name in METHODS:
+            raise RuntimeError(f"method {spec.name} registered twice")
+        METHODS[spec.name] = Method(spec, handler)
         return handler
 
     return register

@@ -8,7 +8,7 @@ import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import Any, Coroutine, Protocol
 
 import redis.asyncio as aioredis
 
@@ -20,10 +20,21 @@ from server.outbox import Outbox
 from server.rooms import Hub
 from server.sessions import Sessions
 
-if TYPE_CHECKING:
-    from server.socket import Connection
-
 log = logging.getLogger("hangout")
+
+
+class ServedSocket(Protocol):
+    """What the process needs of a socket it serves (``server.socket.Connection``)."""
+
+    @property
+    def user_id(self) -> uuid.UUID | None: ...
+
+    @property
+    def token_family(self) -> uuid.UUID | None: ...
+
+    async def drain(self, timeout: float) -> None: ...
+
+    def stats(self) -> dict[str, int | bool]: ...
 
 
 @dataclass
@@ -34,7 +45,7 @@ class Services:
     db: Database
     hub: Hub
     sessions: Sessions
-    connections: set["Connection"] = field(default_factory=set)
+    connections: set[ServedSocket] = field(default_factory=set)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
 

@@ -10,7 +10,7 @@ unbinds its sockets of that user bound with that family. Their next call is
 ``unauthenticated``, and they stop getting the user's events.
 
 Each process also remembers the families it heard of for as long as an
-access token lives, and ``Connection.bind`` checks them once the user's
+access token lives, and ``AuthBinding.bind`` checks them once the user's
 channel is subscribed. That closes the gap of a socket whose session check
 passed just before the session ended, and whose binding came just after the
 news: one of the two always sees the other, since both run on the loop.

@@ -38,10 +38,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """One ``python -m server serve`` process on its own port."""
+    """One ``python -m server serve`` process on its own port; with
+    ``test_methods``, ``python -m tests.server_with_test_methods serve``
+    (the test-only methods of tests/debug_methods.py registered too)."""
 
-    def __init__(self, stack: devstack.DevStack, **env: Any) -> None:
+    def __init__(self, stack: devstack.DevStack, *, test_methods: bool = False, **env: Any) -> None:
         self.port = free_port()
+        self.module = "tests.server_with_test_methods" if test_methods else "server"
         self.env = dict(
             os.environ,
             **dev_secrets(),
@@ -70,7 +73,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> "ServerProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=self.env, stderr=self.stderr)
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "serve"], cwd=ROOT, env=self.env, stderr=self.stderr)
         async with aiohttp.ClientSession() as s:
             for _ in range(300):
                 if self.proc.poll() is not None:

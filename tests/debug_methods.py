@@ -1,18 +1,29 @@
-"""Methods that exist only in test servers: ``server/app.py`` imports this
-module when ``HANGOUT_TEST_METHODS=1`` (never set in production). They reach
-dispatcher paths that no real method may reach on purpose."""
+"""Methods that exist only in test servers (``tests/server_with_test_methods.py``,
+which imports this module). They reach dispatcher paths that no real method
+may reach on purpose. Being outside the contract, each declares its own
+``MethodSpec`` (``test_only``)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
+from pydantic import BaseModel
+
+from protocol.methods import MethodSpec
 from protocol.models.common import Params
-from server.rpc import Call, rpc
+from server.rpc import Call, Handler, rpc
+
+
+def test_only(name: str, params: type[BaseModel]) -> Callable[[Handler], Handler]:
+    """Register a test-only method: no auth needed, a plain dict for a result."""
+    return rpc(MethodSpec(name, params, dict, auth=False))
 
 
 class CrashParams(Params):
     pass
 
 
-@rpc("test.crash", CrashParams, auth=False)
+@test_only("test.crash", CrashParams)
 async def crash(call: Call, p: CrashParams) -> dict:
     """A handler with a bug: the dispatcher must answer ``internal`` with a
     correlation id, log it, and keep the socket."""
@@ -23,14 +34,12 @@ class SocketsParams(Params):
     pass
 
 
-@rpc("test.sockets", SocketsParams, auth=False)
+@test_only("test.sockets", SocketsParams)
 async def sockets(call: Call, p: SocketsParams) -> dict:
     """The process's sockets as the outgoing side sees them, by user."""
     return {
         "sockets": [
-            {"user_id": str(c.user_id), "replies": c.replies, "calls_in_flight": c.calls_in_flight,
-             "queued_replies": c.queued_replies,
-             "reading_paused": c.reading_paused}
+            {"user_id": str(c.user_id), **c.stats()}
             for c in call.services.connections if c.user_id is not None
         ]
     }
@@ -40,7 +49,7 @@ class FailParams(Params):
     fail: bool
 
 
-@rpc("test.fail_position_lookups", FailParams, auth=False)
+@test_only("test.fail_position_lookups", FailParams)
 async def fail_position_lookups(call: Call, p: FailParams) -> dict:
     """Fault injection: while on, reading the primary's WAL position after a
     commit fails as if the primary had stopped answering just then."""
@@ -51,7 +60,7 @@ async def fail_position_lookups(call: Call, p: FailParams) -> dict:
     return {}
 
 
-@rpc("test.fail_merged_writes", FailParams, auth=False)
+@test_only("test.fail_merged_writes", FailParams)
 async def fail_merged_writes(call: Call, p: FailParams) -> dict:
     """Fault injection: while on, every merged batch of bookings.create calls
     (two or more) fails in the database, as a deadlock would end it."""
@@ -69,7 +78,7 @@ class HoldMergedParams(Params):
     hold: bool
 
 
-@rpc("test.hold_merged_writes", HoldMergedParams, auth=False)
+@test_only("test.hold_merged_writes", HoldMergedParams)
 async def hold_merged_writes(call: Call, p: HoldMergedParams) -> dict:
     """While on, bookings.create calls wait for a batch and none is sent;
     turned off, those waiting go, as one batch (at most
@@ -89,7 +98,7 @@ class SessionParams(Params):
     family_id: str
 
 
-@rpc("test.hear_session_ended", SessionParams, auth=False)
+@test_only("test.hear_session_ended", SessionParams)
 async def hear_session_ended(call: Call, p: SessionParams) -> dict:
     """This process hears that a session ended, as from server/sessions.py's
     channel, without the session being revoked in the database: what a
@@ -104,7 +113,7 @@ class HoldParams(Params):
     hold: bool
 
 
-@rpc("test.hold_subscriptions", HoldParams, auth=False)
+@test_only("test.hold_subscriptions", HoldParams)
 async def hold_subscriptions(call: Call, p: HoldParams) -> dict:
     """Fault injection: while on, Redis's confirmations of this process's new
     subscriptions are held back, as if Redis were slow to answer SUBSCRIBE
@@ -120,7 +129,7 @@ class HeldParams(Params):
     channel: str
 
 
-@rpc("test.subscription_held", HeldParams, auth=False)
+@test_only("test.subscription_held", HeldParams)
 async def subscription_held(call: Call, p: HeldParams) -> dict:
     """Answers once test.hold_subscriptions has held the confirmation of
     ``channel`` (at most 10 s), with the channels held."""
@@ -130,7 +139,7 @@ async def subscription_held(call: Call, p: HeldParams) -> dict:
     return {"held": held}
 
 
-@rpc("test.hold_subscriber_away", HoldParams, auth=False)
+@test_only("test.hold_subscriber_away", HoldParams)
 async def hold_subscriber_away(call: Call, p: HoldParams) -> dict:
     """Fault injection: with ``hold``, this process loses its Redis pub/sub
     link and cannot make it again, as if Redis were away from it alone
@@ -157,7 +166,7 @@ class NoParams(Params):
     pass
 
 
-@rpc("test.redis_unreachable", NoParams, auth=False)
+@test_only("test.redis_unreachable", NoParams)
 async def redis_unreachable(call: Call, p: NoParams) -> dict:
     """This process's outbox takes Redis for unreachable (publishes fail at
     once) until its next probe is answered (``REDIS_PROBE_INTERVAL_S``)."""
@@ -165,7 +174,7 @@ async def redis_unreachable(call: Call, p: NoParams) -> dict:
     return {}
 
 
-@rpc("test.outbox_reopened", NoParams, auth=False)
+@test_only("test.outbox_reopened", NoParams)
 async def outbox_reopened(call: Call, p: NoParams) -> dict:
     """Answers once the outbox sends again and the news of ended sessions it
     could not publish meanwhile has been published, with how many

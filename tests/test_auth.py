@@ -18,7 +18,7 @@ import pytest
 
 from protocol.client import Client
 from protocol.codec import encode
-from server.auth import issue_access_token
+from server.credentials import issue_access_token
 from server.config import DEV_JWT_SECRET
 from tests.booking_support import events_until
 from tests.chat_helpers import RawSocket, open_room
@@ -340,7 +340,7 @@ async def test_an_authenticate_whose_session_ended_meanwhile_keeps_the_earlier_b
     this process hears in between that the session ended (test-only
     test.hear_session_ended stands in for that news), the call fails and
     the socket stays bound as before, with its events."""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1").start()
+    proc = await ServerProcess(stack, test_methods=True).start()
     try:
         async with await proc.connect() as c, await proc.connect() as other:
             a = await register(c)
@@ -364,7 +364,7 @@ async def test_a_session_that_ends_while_its_channel_is_subscribed_leaves_the_ea
     user A's binding, events included: it never gets B's, and it is not
     left bound as A but deaf to A's. B lives on another process, so that
     this one has no subscription to B's channel already."""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", SUBSCRIBE_WAIT_S="60").start()
+    proc = await ServerProcess(stack, test_methods=True, SUBSCRIBE_WAIT_S="60").start()
     try:
         async with await proc.connect() as c, await proc.connect() as ops, await server.connect() as b_socket:
             a = await register(c)
@@ -399,7 +399,7 @@ async def test_a_session_ended_while_a_process_was_away_from_redis_is_checked_wh
     from Redis at that moment misses it. Once its link is back it asks the
     database which of its sockets' sessions ended meanwhile, and unbinds
     their sockets: the logout holds on every process."""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1").start()
+    proc = await ServerProcess(stack, test_methods=True).start()
     try:
         async with await proc.connect() as s, await proc.connect() as kept, await proc.connect() as ops, \
                 await server.connect() as elsewhere:
@@ -423,7 +423,7 @@ async def test_news_of_an_ended_session_that_could_not_be_published_goes_out_whe
     reaches the other processes: the news is published once Redis answers
     that process's probe again. (Their links to Redis never broke, so they
     have nothing to catch up from the database.)"""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", REDIS_PROBE_INTERVAL_S="3").start()
+    proc = await ServerProcess(stack, test_methods=True, REDIS_PROBE_INTERVAL_S="3").start()
     try:
         async with await server.connect() as s, await server.connect() as w_there, \
                 await proc.connect() as e, await proc.connect() as w_here, await proc.connect() as ops:

@@ -130,7 +130,7 @@ method_names = sorted(METHODS) + ["auth.logout"]  # logout changes the socket: t
 
 def params_for(method: str) -> st.SearchStrategy[dict]:
     """Maps of the method's own field names with values of any type (mostly wrong)."""
-    model = METHODS[method][0] if method in METHODS else None
+    model = METHODS[method].params if method in METHODS else None
     fields = sorted(f.alias or n for n, f in model.model_fields.items()) if model is not None else []
     fields = fields or ["unknown"]
     return st.dictionaries(st.sampled_from(fields), values, max_size=len(fields))

@@ -63,7 +63,7 @@ async def made_together(server, client, calls, return_exceptions: bool = False) 
 @pytest.fixture(scope="module")
 async def test_server(stack):
     """A server with the test-only methods (tests/debug_methods.py)."""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", LOG_LEVEL="ERROR").start()
+    proc = await ServerProcess(stack, test_methods=True, LOG_LEVEL="ERROR").start()
     yield proc
     await proc.stop()
 

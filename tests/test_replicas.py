@@ -265,7 +265,7 @@ async def test_a_committed_write_whose_position_cannot_be_read_is_answered_and_r
     answered with its result: the write is committed, and "unavailable"
     would invite a retry that writes twice. The user's reads then go to the
     primary until the record expires."""
-    proc = await ServerProcess(stack, HANGOUT_TEST_METHODS="1", LOG_LEVEL="ERROR").start()
+    proc = await ServerProcess(stack, test_methods=True, LOG_LEVEL="ERROR").start()
     try:
         async with await proc.connect() as c:
             s = await register(c)

@@ -414,7 +414,7 @@ async def test_omitted_params_mean_an_empty_map(server):
 
 @pytest.fixture(scope="module")
 async def server_with_test_methods(stack):
-    proc = ServerProcess(stack, HANGOUT_TEST_METHODS="1", LOG_LEVEL="ERROR")
+    proc = ServerProcess(stack, test_methods=True, LOG_LEVEL="ERROR")
     proc.stderr = tempfile.TemporaryFile()
     await proc.start()
     yield proc
@@ -459,7 +459,7 @@ async def test_replies_do_not_count_toward_the_outgoing_queue_bound(stack):
     # ~700 KiB of replies wait in the server's queue, and every one of them
     # is still delivered.
     proc = await ServerProcess(stack, OUTGOING_QUEUE_MAX_BYTES="1024", MAX_IN_FLIGHT="1000",
-                               HANGOUT_TEST_METHODS="1").start()
+                               test_methods=True).start()
     try:
         async with await proc.connect() as c:
             s = await register(c)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
+from protocol.methods import MethodSpec
 from protocol.models.common import Params, Result, Time
 from protocol.models.users import Gender, Name, OwnUser
 
@@ -81,11 +82,11 @@ class ExpiringEvent(Result):
     expires_at: Time
 
 
-METHODS = {
-    "auth.register": (RegisterParams, SessionResult),
-    "auth.login": (LoginParams, SessionResult),
-    "auth.authenticate": (AuthenticateParams, AuthenticateResult),
-    "auth.refresh": (RefreshParams, RefreshResult),
-    "auth.logout": (LogoutParams, dict),
-}
+METHODS = (
+    MethodSpec("auth.register", RegisterParams, SessionResult, auth=False),
+    MethodSpec("auth.login", LoginParams, SessionResult, auth=False),
+    MethodSpec("auth.authenticate", AuthenticateParams, AuthenticateResult, auth=False),
+    MethodSpec("auth.refresh", RefreshParams, RefreshResult, auth=False),
+    MethodSpec("auth.logout", LogoutParams, dict),
+)
 EVENTS = {"auth.expiring": ExpiringEvent}

@@ -21,6 +21,7 @@ from typing import Literal, Optional
 from pydantic import ValidationInfo, field_validator
 
 from protocol.cursors import aware_time
+from protocol.methods import MethodSpec
 from protocol.models.common import UTC, Id, Money, PageParams, Params, Result, Time, WholeHour
 from protocol.models.wallet import IdempotencyKey
 
@@ -106,12 +107,12 @@ class BookingEvent(Result):
     booking: Booking
 
 
-METHODS = {
-    "bookings.create": (CreateParams, CreateResult),
-    "bookings.cancel": (BookingIdParams, CancelResult),
-    "bookings.get": (BookingIdParams, Booking),
-    "bookings.list": (ListParams, ListResult),
-}
+METHODS = (
+    MethodSpec("bookings.create", CreateParams, CreateResult),
+    MethodSpec("bookings.cancel", BookingIdParams, CancelResult),
+    MethodSpec("bookings.get", BookingIdParams, Booking),
+    MethodSpec("bookings.list", ListParams, ListResult),
+)
 EVENTS = {
     "booking.created": BookingEvent,
     "booking.cancelled": BookingEvent,

@@ -42,6 +42,7 @@ from typing import Annotated, Optional
 from pydantic import Field, field_validator
 
 from protocol.cursors import aware_time
+from protocol.methods import MethodSpec
 from protocol.models.common import EmptyResult, Id, Limit, PageParams, Params, Result, Time
 
 MAX_CONTENT = 4000
@@ -145,12 +146,12 @@ class TypingEvent(Result):
     user_id: Id
 
 
-METHODS = {
-    "chat.conversations": (ConversationsParams, ConversationsResult),
-    "chat.join": (JoinParams, JoinResult),
-    "chat.leave": (LeaveParams, EmptyResult),
-    "chat.send": (SendParams, SendResult),
-    "chat.history": (HistoryParams, HistoryResult),
-    "chat.typing": (TypingParams, EmptyResult),
-}
+METHODS = (
+    MethodSpec("chat.conversations", ConversationsParams, ConversationsResult),
+    MethodSpec("chat.join", JoinParams, JoinResult),
+    MethodSpec("chat.leave", LeaveParams, EmptyResult),
+    MethodSpec("chat.send", SendParams, SendResult),
+    MethodSpec("chat.history", HistoryParams, HistoryResult),
+    MethodSpec("chat.typing", TypingParams, EmptyResult),
+)
 EVENTS = {"chat.message": MessageEvent, "chat.typing": TypingEvent}

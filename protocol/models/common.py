@@ -157,9 +157,5 @@ class PageParams(Params):
         return super().raw_errors(raw)
 
 
-class Empty(Params):
-    pass
-
-
 class EmptyResult(Result):
     pass

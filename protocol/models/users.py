@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
+from protocol.methods import MethodSpec
 from protocol.models.common import Id, Money, PageParams, Params, PositiveMoney, Result, Time
 
 KycStatus = Literal["pending", "verified", "rejected"]
@@ -125,11 +126,11 @@ class AvailabilityResult(Result):
     busy: list[BusyInterval]
 
 
-METHODS = {
-    "users.me": (MeParams, OwnUser),
-    "users.update": (UpdateParams, OwnUser),
-    "users.get": (GetParams, PublicUser),
-    "hosts.search": (SearchParams, SearchResult),
-    "hosts.availability": (AvailabilityParams, AvailabilityResult),
-}
+METHODS = (
+    MethodSpec("users.me", MeParams, OwnUser),
+    MethodSpec("users.update", UpdateParams, OwnUser),
+    MethodSpec("users.get", GetParams, PublicUser),
+    MethodSpec("hosts.search", SearchParams, SearchResult),
+    MethodSpec("hosts.availability", AvailabilityParams, AvailabilityResult),
+)
 EVENTS = {"user.updated": UserUpdatedEvent}

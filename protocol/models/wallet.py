@@ -16,6 +16,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, field_validator
 
 from protocol.cursors import aware_time
+from protocol.methods import MethodSpec
 from protocol.models.common import Id, Money, PageParams, Params, Result, Time
 
 TOPUP_MAX = Decimal("10000.00")
@@ -69,8 +70,8 @@ class WalletUpdatedEvent(Result):
     balance: Money
 
 
-METHODS = {
-    "wallet.topup": (TopupParams, TopupResult),
-    "wallet.transactions": (TransactionsParams, TransactionsResult),
-}
+METHODS = (
+    MethodSpec("wallet.topup", TopupParams, TopupResult),
+    MethodSpec("wallet.transactions", TransactionsParams, TransactionsResult),
+)
 EVENTS = {"wallet.updated": WalletUpdatedEvent}

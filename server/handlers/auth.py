@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import auth as m
 from protocol.models.users import OwnUser
-from server import auth as tokens
+from server import credentials
 from server.db import auth as auth_db
 from server.db import users as users_db
 from server.limits import LoginLimiter
@@ -22,25 +22,25 @@ if TYPE_CHECKING:
 
 async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
     cfg = call.services.config
-    refresh, refresh_hash = tokens.new_refresh_token()
+    refresh, refresh_hash = credentials.new_refresh_token()
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
     family = await call.services.db.write(user.id, auth_db.start_family, user.id, refresh_hash, expires)
-    access = tokens.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user.id, family)
-    claims = tokens.decode_access_token(cfg.jwt_secret, access)
+    access = credentials.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user.id, family)
+    claims = credentials.decode_access_token(cfg.jwt_secret, access)
     await call.conn.bind(user.id, family, claims.expires_at)
     return m.SessionResult(user=user, access_token=access, refresh_token=refresh)
 
 
-@rpc("auth.register", m.RegisterParams, auth=False)
+@rpc("auth.register")
 async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
-    password_hash = await tokens.hash_password(p.password)
+    password_hash = await credentials.hash_password(p.password)
     row = await call.services.db.write(lambda r: r and r["id"], users_db.insert_user, p.email, password_hash, p.name, p.gender)
     if row is None:
         raise RpcError(ErrorCode.EMAIL_TAKEN)
     return await _open_session(call, OwnUser.model_validate(dict(row)))
 
 
-@rpc("auth.login", m.LoginParams, auth=False)
+@rpc("auth.login")
 async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     cfg = call.services.config
     limiter = LoginLimiter(call.services.redis, cfg.login_max_failures, cfg.login_window_s,
@@ -48,7 +48,7 @@ async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     await limiter.reserve(p.email)  # counted as a failure until proven otherwise
     try:
         row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
-        good = await tokens.verify_password(row["password_hash"] if row else None, p.password)
+        good = await credentials.verify_password(row["password_hash"] if row else None, p.password)
     except asyncio.CancelledError:
         # The socket went away mid-check: not a wrong guess either. The
         # release cannot be awaited here; the process runs it.
@@ -65,7 +65,7 @@ async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     return await _open_session(call, OwnUser.model_validate(user))
 
 
-async def session_user(services: Services, claims: tokens.AccessClaims) -> Any:
+async def session_user(services: Services, claims: credentials.AccessClaims) -> Any:
     """The user of a valid access token; ``unauthenticated`` when its session
     ended (logout, a reused refresh token) or the user is gone. Read where
     the user's reads go; a "no" from a replica is confirmed on the primary,
@@ -82,37 +82,37 @@ async def session_user(services: Services, claims: tokens.AccessClaims) -> Any:
     return row
 
 
-@rpc("auth.authenticate", m.AuthenticateParams, auth=False)
+@rpc("auth.authenticate")
 async def authenticate(call: Call, p: m.AuthenticateParams) -> m.AuthenticateResult:
-    claims = tokens.decode_access_token(call.services.config.jwt_secret, p.access_token)
+    claims = credentials.decode_access_token(call.services.config.jwt_secret, p.access_token)
     with call.services.sessions.checking(claims.user_id, claims.family_id):
         row = await session_user(call.services, claims)
         await call.conn.bind(claims.user_id, claims.family_id, claims.expires_at)
     return m.AuthenticateResult(user=OwnUser.model_validate(dict(row)))
 
 
-@rpc("auth.refresh", m.RefreshParams, auth=False)
+@rpc("auth.refresh")
 async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
     cfg = call.services.config
-    new_token, new_hash = tokens.new_refresh_token()
+    new_token, new_hash = credentials.new_refresh_token()
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
     # Whose reads must see it: a reuse revokes the family, and the session
     # check of the family's access tokens reads a replica.
     outcome, user_id, family = await call.services.db.write(
-        lambda r: r[1], auth_db.rotate, tokens.hash_refresh_token(p.refresh_token), new_hash, expires
+        lambda r: r[1], auth_db.rotate, credentials.hash_refresh_token(p.refresh_token), new_hash, expires
     )
     if outcome == "reused":  # the family was revoked by this call
         await call.services.sessions.end(user_id, family)
     if outcome != "ok":
         raise RpcError(ErrorCode.INVALID_CREDENTIALS, "refresh token is not valid")
     assert user_id is not None and family is not None
-    access = tokens.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user_id, family)
+    access = credentials.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user_id, family)
     return m.RefreshResult(access_token=access, refresh_token=new_token)
 
 
 # A protected call like any other: with an expired access token it answers
 # token_expired (authenticate with a refreshed token, then log out).
-@rpc("auth.logout", m.LogoutParams)
+@rpc("auth.logout")
 async def logout(call: Call, p: m.LogoutParams) -> dict:
     user, family = call.user_id, call.conn.token_family
     if family is not None:

@@ -48,7 +48,7 @@ def _booking(row: Any) -> m.Booking:
     return m.Booking.model_validate(dict(row))
 
 
-@rpc("bookings.create", m.CreateParams)
+@rpc("bookings.create")
 async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
     services = call.services
     # Calls made at the same moment share one transaction (sql/009).
@@ -76,7 +76,7 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
     return m.CreateResult(booking=booking, replayed=outcome == "replayed")
 
 
-@rpc("bookings.cancel", m.BookingIdParams)
+@rpc("bookings.cancel")
 async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
     services = call.services
     outcome, row, balance = await services.db.write(
@@ -101,7 +101,7 @@ async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
     return m.CancelResult(booking=booking)
 
 
-@rpc("bookings.get", m.BookingIdParams)
+@rpc("bookings.get")
 async def get(call: Call, p: m.BookingIdParams) -> m.Booking:
     async with call.services.db.acquire_primary() as conn:
         row = await bookings_db.get_for(conn, p.booking_id, call.user_id)
@@ -110,7 +110,7 @@ async def get(call: Call, p: m.BookingIdParams) -> m.Booking:
     return _booking(row)
 
 
-@rpc("bookings.list", m.ListParams)
+@rpc("bookings.list")
 async def list_(call: Call, p: m.ListParams) -> m.ListResult:
     after = p.after()
     rows = await call.services.db.read(

@@ -27,11 +27,6 @@ from server.db import chat as chat_db
 from server.rpc import Call, rpc
 from server.services import Services
 
-# How long chat.join waits for Redis to confirm the room's subscription. If
-# it does not, the join still answers; the room is repaired from PostgreSQL
-# once the subscription is confirmed (Hub.mark_stale).
-SUBSCRIBE_WAIT_S = 2.0
-
 _MESSAGE_FIELDS = ("id", "seq", "sender_id", "content", "created_at", "client_msg_id")
 
 
@@ -59,7 +54,7 @@ async def _party_conversation(services: Services, user_id: uuid.UUID, conversati
     return row
 
 
-@rpc("chat.conversations", m.ConversationsParams)
+@rpc("chat.conversations")
 async def conversations(call: Call, p: m.ConversationsParams) -> m.ConversationsResult:
     after = p.after()
     rows = await call.services.db.read(call.user_id, chat_db.inbox, call.user_id, after, p.limit + 1)
@@ -89,7 +84,7 @@ def _require_still_bound(call: Call) -> None:
         raise RpcError(ErrorCode.UNAUTHENTICATED, "the socket is no longer signed in as the caller")
 
 
-@rpc("chat.join", m.JoinParams)
+@rpc("chat.join")
 async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     services, hub, user = call.services, call.services.hub, call.user_id
     if await _on_primary(services, chat_db.get_conversation, p.conversation_id, user) is None:
@@ -101,7 +96,9 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     last_seq: int | None = None
     try:
         if subscribed is not None:
-            done, _ = await asyncio.wait({subscribed}, timeout=SUBSCRIBE_WAIT_S)
+            # Past the wait the join still answers; the room is repaired from
+            # PostgreSQL once Redis confirms the subscription.
+            done, _ = await asyncio.wait({subscribed}, timeout=services.config.subscribe_wait_s)
             if not done or not subscribed.result():
                 hub.mark_stale(channel)  # Redis away or slow: repaired once subscribed
         snap = await _on_primary(
@@ -130,7 +127,7 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     return result
 
 
-@rpc("chat.leave", m.LeaveParams)
+@rpc("chat.leave")
 async def leave(call: Call, p: m.LeaveParams) -> dict:
     hub = call.services.hub
     channel = hub.conversation_channel(p.conversation_id)
@@ -140,7 +137,7 @@ async def leave(call: Call, p: m.LeaveParams) -> dict:
     return {}
 
 
-@rpc("chat.send", m.SendParams)
+@rpc("chat.send")
 async def send(call: Call, p: m.SendParams) -> m.SendResult:
     services = call.services
     channel = services.hub.conversation_channel(p.conversation_id)
@@ -167,7 +164,7 @@ async def send(call: Call, p: m.SendParams) -> m.SendResult:
     return m.SendResult(message=message)
 
 
-@rpc("chat.history", m.HistoryParams)
+@rpc("chat.history")
 async def history(call: Call, p: m.HistoryParams) -> m.HistoryResult:
     services, user = call.services, call.user_id
     args = (p.conversation_id, user, p.before_seq, p.limit + 1)
@@ -179,7 +176,7 @@ async def history(call: Call, p: m.HistoryParams) -> m.HistoryResult:
     return m.HistoryResult(messages=[_message(r) for r in rows[: p.limit]], has_more=len(rows) > p.limit)
 
 
-@rpc("chat.typing", m.TypingParams)
+@rpc("chat.typing")
 async def typing(call: Call, p: m.TypingParams) -> dict:
     services, user = call.services, call.user_id
     # A socket that joined was checked then; typing is too frequent to ask

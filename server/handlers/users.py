@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 
 from protocol.errors import ErrorCode, RpcError
@@ -14,11 +13,7 @@ from server.rpc import Call, rpc
 from server.services import Services
 
 
-def _parse_time(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text)
-
-
-@rpc("users.me", m.MeParams)
+@rpc("users.me")
 async def me(call: Call, p: m.MeParams) -> m.OwnUser:
     row = await call.services.db.read(call.user_id, users_db.get_own, call.user_id)
     if row is None:
@@ -26,7 +21,7 @@ async def me(call: Call, p: m.MeParams) -> m.OwnUser:
     return m.OwnUser.model_validate(dict(row))
 
 
-@rpc("users.update", m.UpdateParams)
+@rpc("users.update")
 async def update(call: Call, p: m.UpdateParams) -> m.OwnUser:
     changes = {f: getattr(p, f) for f in p.model_fields_set}
     try:
@@ -41,7 +36,7 @@ async def update(call: Call, p: m.UpdateParams) -> m.OwnUser:
     return user
 
 
-@rpc("users.get", m.GetParams)
+@rpc("users.get")
 async def get(call: Call, p: m.GetParams) -> m.PublicUser:
     # Only the user's own writes change their profile, so read-your-writes
     # needs the caller's write position only when they look at themselves.
@@ -57,7 +52,7 @@ async def get(call: Call, p: m.GetParams) -> m.PublicUser:
     return m.PublicUser.model_validate(dict(row))
 
 
-@rpc("hosts.search", m.SearchParams)
+@rpc("hosts.search")
 async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
     after = p.after()
     rows = await call.services.db.read(
@@ -69,7 +64,7 @@ async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
     return m.SearchResult(hosts=hosts, next_cursor=next_cursor)
 
 
-@rpc("hosts.availability", m.AvailabilityParams)
+@rpc("hosts.availability")
 async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityResult:
     rows = await call.services.db.read(call.user_id, users_db.busy_intervals, p.host_id, p.from_, p.to)
     if rows is None:  # as in users.get: unknown to a lagging replica is not unknown

@@ -18,7 +18,7 @@ def request_hash(p: m.TopupParams) -> bytes:
     return hashlib.sha256(f"topup|{p.amount:.2f}".encode()).digest()
 
 
-@rpc("wallet.topup", m.TopupParams)
+@rpc("wallet.topup")
 async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
     outcome, transaction, balance = await call.services.db.write(
         # A replay records too: the original call may not have (its
@@ -40,7 +40,7 @@ async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
     )
 
 
-@rpc("wallet.transactions", m.TransactionsParams)
+@rpc("wallet.transactions")
 async def transactions(call: Call, p: m.TransactionsParams) -> m.TransactionsResult:
     after = p.after()
     rows = await call.services.db.read(call.user_id, wallet_db.transactions, call.user_id, after, p.limit + 1)

@@ -159,8 +159,6 @@ class Hub:
         for channel in list(self._channels_of.get(follower, ())):
             self.unfollow(follower, channel)
 
-    forget = unfollow_all
-
     def followers(self, channel: str) -> list[Follower]:
         """The local followers of ``channel``, in a list of their own."""
         return list(self._followers.get(channel, ()))

@@ -1,4 +1,4 @@
-"""Passwords, access tokens and refresh tokens (no I/O here)."""
+"""Credentials: password hashing, access tokens (JWT) and refresh tokens (no I/O here)."""
 
 from __future__ import annotations
 

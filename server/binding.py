@@ -1,0 +1,141 @@
+"""A socket's auth binding: who it is signed in as, with which session, until when.
+
+``AuthBinding`` is also the socket as the hub and the handlers see it
+(``server.rpc.Socket``): it follows the bound user's channel and the rooms
+the socket joined, and takes their events. Its one timer, the token's
+expiry, is cancelled by ``unbind`` or ``end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from typing import Callable
+
+from protocol.errors import ErrorCode, RpcError
+from server.frames import event_frame
+from server.services import Services
+
+
+class _Placeholder:
+    """Holds a user's channel subscribed while ``AuthBinding.bind`` waits for
+    Redis, so that the socket itself changes only once the wait is over."""
+
+    user_id = None
+    events_suspended = False
+
+    def send_event(self, frame: bytes) -> None:
+        pass
+
+
+class AuthBinding:
+    def __init__(self, services: Services, queue_event: Callable[[bytes], None]) -> None:
+        self._hub = services.hub
+        self._sessions = services.sessions
+        self._expiring_lead_s = services.config.auth_expiring_lead_s
+        self._subscribe_wait_s = services.config.subscribe_wait_s
+        self._queue_event = queue_event  # the socket's outgoing queue
+        self.user_id: uuid.UUID | None = None
+        self.token_family: uuid.UUID | None = None
+        self.token_expires_at: dt.datetime | None = None
+        self.events_suspended = False  # the token expired (``_suspend_events``)
+        self._expiry_timer: asyncio.TimerHandle | None = None
+
+    def send_event(self, frame: bytes) -> None:
+        """An event for the socket; dropped while the token has expired."""
+        if not self.events_suspended:
+            self._queue_event(frame)
+
+    def require_auth(self) -> uuid.UUID:
+        if self.user_id is None:
+            raise RpcError(ErrorCode.UNAUTHENTICATED)
+        if self.token_expires_at is not None and dt.datetime.now(dt.timezone.utc) >= self.token_expires_at:
+            self._suspend_events()  # if the timer has not fired yet
+            raise RpcError(ErrorCode.TOKEN_EXPIRED)
+        return self.user_id
+
+    async def bind(self, user_id: uuid.UUID, family: uuid.UUID | None, expires_at: dt.datetime) -> None:
+        """Bind (or re-bind) the socket to a user and schedule ``auth.expiring``.
+
+        Returns once the user's channel is subscribed, so that no event about
+        the user published after the reply can be missed (unless Redis is
+        down, in which case the subscription is made when it is back)."""
+        sessions, hub = self._sessions, self._hub
+        if family is not None and sessions.ended(family):
+            # The session ended after it was checked, before this: the call
+            # fails, and the earlier binding stays as it was.
+            raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+        if self.user_id != user_id:
+            # The new user's channel is subscribed before the socket changes
+            # at all, on behalf of a placeholder: if the session ends while
+            # Redis confirms, the call fails with the earlier binding (its
+            # user, its rooms) as it was. Past the wait nothing awaits, so
+            # no news can fall between the last check and the switch.
+            channel = hub.user_channel(user_id)
+            placeholder = _Placeholder()
+            subscribed = hub.follow(placeholder, channel)
+            try:
+                if subscribed is not None:
+                    await asyncio.wait({subscribed}, timeout=self._subscribe_wait_s)
+                if family is not None and sessions.ended(family):
+                    raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
+                # Another user's events and rooms must never reach this socket.
+                hub.unfollow_all(self)
+                hub.follow(self, channel)  # subscribed already (or made when Redis is back)
+            finally:
+                hub.unfollow(placeholder, channel)
+        resumed = self.events_suspended and self.user_id == user_id
+        self.events_suspended = False
+        if resumed:
+            hub.resume(self)
+        self.user_id = user_id
+        self.token_family = family
+        self.token_expires_at = expires_at
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - self._expiring_lead_s)
+        self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
+
+    def session_ended(self, family: uuid.UUID) -> None:
+        """Another socket or process ended this socket's session (server/sessions.py)."""
+        if self.token_family == family:
+            self.unbind()
+
+    def unbind(self) -> None:
+        if self.user_id is not None:
+            self._hub.unfollow_all(self)
+        self.user_id = None
+        self.token_family = None
+        self.token_expires_at = None
+        self.events_suspended = False
+        self.end()
+
+    def end(self) -> None:
+        """The socket is going: its timer with it."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+
+    def _warn_expiring(self, expires_at: dt.datetime) -> None:
+        if self.token_expires_at != expires_at:
+            return
+        self.send_event(event_frame("auth.expiring", {"expires_at": expires_at}))
+        left = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        self._expiry_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expired, expires_at)
+
+    def _expired(self, expires_at: dt.datetime) -> None:
+        if self.token_expires_at == expires_at:
+            self._suspend_events()
+
+    def _suspend_events(self) -> None:
+        """The access token has expired. The socket stays bound (its calls
+        answer ``token_expired``), but it gets none of the user's events or
+        room messages until it authenticates again: a token that leaked must
+        not keep a socket listening for longer than the token lives. It keeps
+        its subscriptions, so that an ended session still reaches it
+        (server/sessions.py) and its rooms resume, missing nothing, once it
+        authenticates again as the same user (``Hub.resume``)."""
+        if self.user_id is not None:
+            self.events_suspended = True

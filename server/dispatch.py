@@ -1,0 +1,198 @@
+"""Dispatching a socket's frames: each request checked, run as a call, answered.
+
+A frame that is not a request is answered ``bad_frame`` (too many close the
+socket with 1008); a call's params are validated against its declaration and
+its auth checked before the handler runs. Each call is a task owned by the
+socket's ``Dispatcher``, cancelled and awaited when the socket ends. Results
+and errors become frames in ``_call`` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+import redis.exceptions
+from aiohttp import WSCloseCode
+from pydantic import BaseModel, ValidationError
+
+from protocol.codec import DecodeError, decode
+from protocol.errors import ErrorCode, RpcError
+from server.binding import AuthBinding
+from server.db.errors import DatabaseUnavailable
+from server.frames import error_frame, result_frame
+from server.rpc import METHODS, Call
+from server.services import Services
+from server.transport import Transport
+
+log = logging.getLogger("hangout.socket")
+
+MAX_UINT64 = 2**64 - 1
+
+# A dependency that did not answer: the call fails ``unavailable`` (retry).
+UNAVAILABLE_ERRORS = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    errors = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err["loc"]) or "params"
+        reason = err["msg"]
+        if reason.startswith("Value error, "):
+            reason = reason[len("Value error, "):]
+        errors.append({"field": field, "reason": reason})
+    return errors
+
+
+def _holds_nul(value: Any) -> bool:
+    # Iterative: a frame may nest values ~1000 deep, past Python's recursion limit.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
+@functools.cache
+def _wire_names(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(f.alias or name for name, f in model.model_fields.items())
+
+
+def nul_errors(model: type[BaseModel], raw: dict[Any, Any], named: set[str]) -> list[dict[str, str]]:
+    """Known params holding a NUL character: PostgreSQL text cannot store
+    one, so letting it through would fail later as an internal error."""
+    known = _wire_names(model)
+    return [
+        {"field": key, "reason": "must not contain NUL characters"}
+        for key, value in raw.items()
+        if key in known and key not in named and _holds_nul(value)
+    ]
+
+
+class Dispatcher:
+    def __init__(self, services: Services, transport: Transport, binding: AuthBinding) -> None:
+        self.services = services
+        self._transport = transport
+        self._send_reply = transport.send_reply
+        self._binding = binding
+        self._max_in_flight = services.config.max_in_flight
+        self._max_bad_frames = services.config.max_bad_frames
+        self._calls: set[asyncio.Task] = set()
+        self.bad_frames = 0
+        self.draining = False  # shutting down: no new calls
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._calls)
+
+    async def wait_calls(self, timeout: float) -> None:
+        """Until the calls in flight finish, at most ``timeout`` seconds."""
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=timeout)
+
+    async def cancel_calls(self) -> None:
+        for task in list(self._calls):
+            task.cancel()
+        if self._calls:
+            await asyncio.gather(*self._calls, return_exceptions=True)
+
+    # ---- frames in -------------------------------------------------------
+
+    def on_frame(self, data: bytes) -> None:
+        if self._transport.closing:
+            return
+        try:
+            frame = decode(data)
+        except DecodeError:
+            return self._bad_frame(None, "not a single MessagePack value")
+        if not isinstance(frame, dict):
+            return self._bad_frame(None, "frame is not a map")
+        req_id = frame.get("id")
+        if type(req_id) is not int or not 0 <= req_id <= MAX_UINT64:
+            return self._bad_frame(None, "missing or unusable id")
+        method = frame.get("method")
+        if type(method) is not str:
+            return self._bad_frame(req_id, "missing or unusable method")
+        params = frame.get("params", {})
+        if self.draining:
+            # Shutting down: tell the client to retry elsewhere rather than
+            # leave the call unanswered.
+            return self._send_reply(error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, "server shutting down, retry")))
+        if len(self._calls) >= self._max_in_flight:
+            return self._send_reply(error_frame(req_id, RpcError(ErrorCode.TOO_MANY_REQUESTS)))
+        task = asyncio.create_task(self._call(req_id, method, params))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def _bad_frame(self, req_id: int | None, reason: str) -> None:
+        self.bad_frames += 1
+        if self.bad_frames >= self._max_bad_frames:
+            # Frames that came in the same read as this one must not run.
+            self._transport.close_soon(WSCloseCode.POLICY_VIOLATION, "too many bad frames")
+            return
+        self._send_reply(error_frame(req_id, RpcError(ErrorCode.BAD_FRAME, reason)))
+
+    # ---- calls -----------------------------------------------------------
+
+    async def _call(self, req_id: int, name: str, raw_params: Any) -> None:
+        try:
+            frame = result_frame(req_id, await self.dispatch(name, raw_params))
+        except RpcError as err:
+            frame = error_frame(req_id, err)
+        except asyncio.CancelledError:
+            raise
+        except DatabaseUnavailable as exc:
+            frame = error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, str(exc) or None))
+        except UNAVAILABLE_ERRORS as exc:
+            log.warning("call %s unavailable: %r", name, exc)
+            frame = error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE))
+        except Exception:
+            ref = uuid.uuid4().hex
+            log.exception("internal error in %s ref=%s", name, ref)
+            frame = error_frame(req_id, RpcError(ErrorCode.INTERNAL, data={"ref": ref}))
+        self._send_reply(frame)
+
+    async def dispatch(self, name: str, raw_params: Any) -> Any:
+        method = METHODS.get(name)
+        if method is None:
+            raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no method named {name[:100]!r}")
+        spec = method.spec
+        if spec.auth:
+            self._binding.require_auth()
+        if not isinstance(raw_params, dict):
+            raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "params", "reason": "must be a map"}]})
+        errors: list[dict[str, str]] = []
+        try:
+            params = spec.params.model_validate(raw_params)
+        except ValidationError as exc:
+            errors = validation_errors(exc)
+        named = {e["field"] for e in errors}
+        errors += [e for e in spec.params.raw_errors(raw_params) if e["field"] not in named]
+        errors += nul_errors(spec.params, raw_params, {e["field"] for e in errors})
+        if errors:
+            raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
+        # The call's write positions go to Redis in the pipeline of its
+        # events, and the reply waits for them (read-your-writes).
+        async with self.services.db.recording_writes():
+            return await method.handler(Call(self.services, self._binding, self._binding.user_id), params)

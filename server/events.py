@@ -7,26 +7,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from protocol.models import chat as m
-from server.db import chat as chat_db
 from server.frames import event_frame
 
 if TYPE_CHECKING:
-    from server.db.database import Database
     from server.services import Services
-
-
-def message_frame(message: m.Message) -> bytes:
-    return event_frame("chat.message", m.MessageEvent(message=message))
-
-
-async def conversation_backfill(db: "Database", channel: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-    """A room's messages after ``after_seq`` as event frames, for the hub's
-    repairs (``server/rooms/repair.py``). From the primary: the hole is
-    already committed there, maybe not yet on a replica."""
-    conversation_id = uuid.UUID(channel[2:])
-    rows = await db.read_primary(chat_db.messages_after, conversation_id, after_seq, limit)
-    return [(r["seq"], message_frame(m.Message.model_validate(dict(r)))) for r in rows]
 
 
 async def to_users(services: "Services", users: "list[uuid.UUID] | tuple[uuid.UUID, ...]", name: str, payload: BaseModel | dict) -> None:

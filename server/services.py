@@ -12,7 +12,7 @@ from typing import Any, Coroutine, Protocol
 
 import redis.asyncio as aioredis
 
-from server import events
+from server import messages
 from server.config import Config
 from server.db import auth as auth_db
 from server.db.database import Database
@@ -62,7 +62,7 @@ class Services:
                         probe_interval_s=config.redis_probe_interval_s)
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
-        hub = Hub(config.redis_url, outbox, backfill=functools.partial(events.conversation_backfill, db))
+        hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
                        sessions=Sessions(hub, config.access_token_ttl_s))
 

@@ -21,7 +21,7 @@ import asyncpg
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import chat as m
-from server import events
+from server import events, messages
 from protocol.cursors import encode_cursor
 from server.db import chat as chat_db
 from server.rpc import Call, rpc
@@ -153,7 +153,7 @@ async def send(call: Call, p: m.SendParams) -> m.SendResult:
         # the publish need not wait for). Published again on a client_msg_id
         # replay too: if the first publish was lost the room gets it now, and
         # sockets that had it drop it by seq.
-        published.append(services.spawn(services.hub.publish(channel, events.message_frame(message), seq=message.seq)))
+        published.append(services.spawn(services.hub.publish(channel, messages.message_frame(message), seq=message.seq)))
         return message
 
     message = await services.db.write(call.user_id, store)

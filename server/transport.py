@@ -34,7 +34,10 @@ def websocket_response(config: Config) -> web.WebSocketResponse:
     """aiohttp's side of a new socket, set up as the contract wants it."""
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
-        heartbeat=config.ping_interval_s,
+        # Pings are the transport's own (``Transport._ping_due``): aiohttp's
+        # heartbeat gives a client half an interval to answer, the contract a
+        # whole one. So the reader sees pings and pongs, and answers pings.
+        autoping=False,
         # aiohttp refuses a message of max_msg_size bytes or more; the
         # contract accepts one of exactly MAX_FRAME_BYTES.
         max_msg_size=config.max_frame_bytes + 1,
@@ -43,10 +46,6 @@ def websocket_response(config: Config) -> web.WebSocketResponse:
         # is not UTF-8 would be closed by aiohttp with 1007 first.
         decode_text=False,
     )
-    # The contract gives a client a whole ping interval to answer, where
-    # aiohttp would wait only half of one. aiohttp has no public setting for
-    # it: the one private attribute of aiohttp set here, read by its heartbeat.
-    ws._pong_heartbeat = config.ping_interval_s
     return ws
 
 
@@ -58,6 +57,11 @@ class Transport:
         self.id = uuid.uuid4()
         self._max_replies = config.max_in_flight
         self._max_event_bytes = config.outgoing_queue_max_bytes
+        self._ping_interval = config.ping_interval_s
+        self._heard = False  # the peer sent something since the last ping check
+        self._pinged = False  # a ping went out and nothing came back since
+        self._ping_due = False  # the writer sends a ping before its queue
+        self._ping_timer: asyncio.TimerHandle | None = None
         self._spawn = spawn  # runs a close frame's send when the caller cannot wait
         self._on_stop = on_stop  # nothing more is queued from now on (see _stop_output)
         self.closing = False
@@ -83,10 +87,19 @@ class Transport:
         down, ending with ``finish``."""
         self._serve_task = asyncio.current_task()
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        self._ping_timer = asyncio.get_running_loop().call_later(self._ping_interval, self._check_peer)
         ws = self.ws
         async for msg in ws:
+            self._heard = True  # any frame counts as an answer to a ping
             if msg.type is WSMsgType.BINARY:
                 on_frame(msg.data)
+            elif msg.type is WSMsgType.PING:
+                try:
+                    await ws.pong(msg.data)
+                except (ConnectionError, RuntimeError):
+                    return
+            elif msg.type is WSMsgType.PONG:
+                pass
             elif msg.type is WSMsgType.TEXT:
                 await self.close(WSCloseCode.UNSUPPORTED_DATA, "binary frames only")
                 return
@@ -101,6 +114,24 @@ class Transport:
                 await self._replies_room.wait()
             if self.closing or self._writer_stopped:
                 return  # (a writer that stopped means the peer is gone)
+
+    def _check_peer(self) -> None:
+        """Every ping interval: a peer silent for a whole interval is pinged,
+        and one still silent an interval after its ping is gone (the
+        connection is cut, as a dead peer cannot take a close frame)."""
+        if self.closing:
+            return
+        if self._heard:
+            self._heard = self._pinged = False
+        elif not self._pinged:
+            self._pinged = self._ping_due = True
+            self._wake.set()
+        else:
+            log.info("socket %s: no answer to a ping within %.0fs, dropping it", self.id, self._ping_interval)
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            return
+        self._ping_timer = asyncio.get_running_loop().call_later(self._ping_interval, self._check_peer)
 
     @property
     def reading_paused(self) -> bool:
@@ -151,6 +182,12 @@ class Transport:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._ping_due:
+                    self._ping_due = False
+                    try:
+                        await ws.ping()
+                    except (ConnectionError, RuntimeError):
+                        return
                 while out:
                     frame, is_event = out.popleft()
                     if is_event:
@@ -239,6 +276,8 @@ class Transport:
         """The end of the socket's teardown: the close frame (if closing
         with a code) after the queued replies, then the writer, stopped."""
         self.closing = True
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
         if self._close_task is not None:
             await asyncio.gather(self._close_task, return_exceptions=True)
         if self._writer is not None:

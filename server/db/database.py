@@ -36,7 +36,7 @@ class Database:
         self.replicas = Replicas(config.replica_urls, pool_args(config), self.primary_lsn,
                                  config.replica_max_lag_bytes, config.replica_check_interval_s)
         self.positions = WritePositions(redis, outbox, config.ryw_ttl_s, self.insert_head)
-        # Every RPC call enters this (server/socket.py): bound once, not
+        # Every RPC call enters this (server/dispatch.py): bound once, not
         # delegated per call. See WritePositions.recording.
         self.recording_writes = self.positions.recording
         self._merged_reads: dict[Any, Batcher] = {}

@@ -1,4 +1,4 @@
--- Bookings and money. See DESIGN: the seed's UNIQUE (host_id, start_at) only
+-- Bookings and money. The seed's UNIQUE (host_id, start_at) only
 -- stopped identical starts, not overlaps, and a failed or cancelled booking
 -- held its slot forever. It is replaced by a rule over active bookings only,
 -- and overlap is made impossible by an exclusion constraint on booking_busy.

@@ -5,8 +5,8 @@
 -- creates, cancels and settles bookings (sql/006, server/db/bookings.py), a
 -- booking written any other way (a fix by hand, a script, a future code
 -- path) could be active without busy rows, and overlap another: the rule
--- would be the code's, not the database's. DESIGN asks for the database to
--- enforce it.
+-- would be the code's, not the database's, and the database must enforce
+-- it.
 --
 -- booking_busy_sync keeps one row per party of every active booking (status
 -- pending or confirmed), for [start_at, end_at), in the transaction that

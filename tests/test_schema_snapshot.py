@@ -1,4 +1,4 @@
-"""sql/schema/functions.sql shows every function, procedure and trigger as
+"""sql/schema/functions.md shows every function, procedure and trigger as
 the migrations make them: a migration that changes one without the snapshot
 being regenerated fails here."""
 

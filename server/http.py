@@ -17,6 +17,7 @@ from protocol.models.common import parse_uuid
 from server import credentials
 from server.db.errors import DatabaseUnavailable
 from server.dispatch import UNAVAILABLE_ERRORS
+from server.edge import client_address
 from server.handlers.auth import session_user
 from server.services import Services
 from server.socket import Connection
@@ -57,7 +58,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
                 return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
         ws = websocket_response(cfg)
-        conn = Connection(ws, request, services)
+        address = client_address(request.remote, request.headers.get("X-Forwarded-For"), cfg.trusted_proxies)
+        conn = Connection(ws, request, services, address)
         try:
             if claims is not None:
                 # Bound (the user's channel subscribed) before the 101 goes out:

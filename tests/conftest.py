@@ -57,6 +57,11 @@ class ServerProcess:
             HANGOUT_SKIP_MIGRATE="1",
             LOG_LEVEL=os.environ.get("TEST_SERVER_LOG_LEVEL", "WARNING"),
             PYTHONUNBUFFERED="1",
+            # The whole suite connects and signs in from 127.0.0.1: the
+            # per-address limits are raised here, and the tests of those
+            # limits set them back explicitly.
+            MAX_SOCKETS_PER_ADDRESS="100000",
+            AUTH_MAX_PER_ADDRESS="100000",
         )
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None

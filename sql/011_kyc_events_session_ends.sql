@@ -11,11 +11,13 @@ CREATE INDEX idx_kyc_events_applied ON kyc_events(applied_at);
 
 -- A refresh-token family (a session) ends SESSION_MAX_AGE_S after the login
 -- or registration that began it, fixed then, however often it is refreshed.
--- Families begun before this column existed end 90 days (the default) after
--- they began.
+-- The server always sets it; families begun before this column existed, and
+-- any made by hand, end 90 days (the default) after they began.
 ALTER TABLE refresh_token_families ADD COLUMN ends_at TIMESTAMPTZ;
 UPDATE refresh_token_families SET ends_at = created_at + interval '90 days';
-ALTER TABLE refresh_token_families ALTER COLUMN ends_at SET NOT NULL;
+ALTER TABLE refresh_token_families
+  ALTER COLUMN ends_at SET NOT NULL,
+  ALTER COLUMN ends_at SET DEFAULT now() + interval '90 days';
 
 -- What the cleanup job looks for: ended families, and unused tokens past
 -- their expiry.

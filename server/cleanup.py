@@ -22,7 +22,6 @@ What is kept, and why:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Awaitable, Callable
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from server import kyc
 from server.db import auth as auth_db
 from server.db import kyc as kyc_db
-from server.db.errors import DatabaseUnavailable
+from server.periodic import Periodic
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -38,41 +37,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("hangout.cleanup")
 
 
-class Cleanup:
+class Cleanup(Periodic):
     """Background worker owned by ``Services`` (``start``/``stop``)."""
+
+    name = "cleanup"
 
     def __init__(self, services: "Services", interval_s: float | None = None,
                  batch_size: int = 1000, max_batches: int = 100) -> None:
-        self.services = services
         cfg = services.config
-        self.interval_s = cfg.session_cleanup_interval_s if interval_s is None else interval_s
+        super().__init__(cfg.session_cleanup_interval_s if interval_s is None else interval_s, log)
+        self.services = services
         self.batch_size = batch_size
         self.max_batches = max_batches
         self.grace = dt.timedelta(seconds=cfg.access_token_ttl_s)
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="cleanup")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                deleted = await self.clean()
-                if any(deleted.values()):
-                    log.info("cleanup deleted %s", ", ".join(f"{n} {what}" for what, n in deleted.items()))
-            except asyncio.CancelledError:
-                raise
-            except DatabaseUnavailable as err:  # the database is away: the next pass retries
-                log.warning("cleanup pass skipped: %s", err)
-            except Exception:  # a bad pass must not end cleanup for good
-                log.exception("cleanup pass failed; retrying in %.1fs", self.interval_s)
-            await asyncio.sleep(self.interval_s)
+    async def run_pass(self) -> None:
+        deleted = await self.clean()
+        if any(deleted.values()):
+            log.info("cleanup deleted %s", ", ".join(f"{n} {what}" for what, n in deleted.items()))
 
     async def clean(self) -> dict[str, int]:
         """One pass; returns how many rows of each kind this process deleted."""

@@ -277,7 +277,7 @@ class Session:
 
     def verify_kyc(self) -> None:
         """The KYC provider's signed webhook, then the ``user.updated`` push."""
-        body = json.dumps({"user_id": self.user_id, "status": "verified"}).encode()
+        body = json.dumps({"event_id": f"lt-{uuid.uuid4().hex}", "user_id": self.user_id, "status": "verified"}).encode()
         t0 = time.perf_counter()
         err: Exception | None = None
         try:

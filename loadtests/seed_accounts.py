@@ -31,7 +31,7 @@ async def sign_up(session: aiohttp.ClientSession, host: str, kind: str) -> dict:
         s = await c.call("auth.register", {"email": email, "password": accounts.PASSWORD,
                                            "name": f"{kind.title()} {random.randint(1, 9999)}",
                                            "gender": random.choice(("female", "male", "nonbinary"))})
-        body = json.dumps({"user_id": s["user"]["id"], "status": "verified"}).encode()
+        body = json.dumps({"event_id": f"lt-{uuid.uuid4().hex}", "user_id": s["user"]["id"], "status": "verified"}).encode()
         async with session.post(http_url_for(host) + "/webhooks/kyc", data=body,
                                 headers={"X-Signature": kyc_signature(body), "Content-Type": "application/json"}) as r:
             if r.status != 200:

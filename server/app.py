@@ -10,6 +10,7 @@ from aiohttp import web
 import server.handlers  # noqa: F401  (importing the handlers registers their methods)
 from server import http
 from server.config import Config
+from server.cleanup import Cleanup
 from server.http import SERVICES
 from server.services import Services
 from server.settlement import Settlement
@@ -31,6 +32,7 @@ async def _startup(app: web.Application) -> None:
     services = app[SERVICES]
     await services.start()
     services.add_worker(Settlement(services))
+    services.add_worker(Cleanup(services))
     await services.start_workers()
 
 

@@ -30,7 +30,8 @@ class _Placeholder:
 
 
 class AuthBinding:
-    def __init__(self, services: Services, queue_event: Callable[[bytes], None]) -> None:
+    def __init__(self, services: Services, queue_event: Callable[[bytes], None], address: str) -> None:
+        self.address = address  # the client's address (server.edge), for per-address limits
         self._hub = services.hub
         self._sessions = services.sessions
         self._expiring_lead_s = services.config.auth_expiring_lead_s

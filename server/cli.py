@@ -11,7 +11,7 @@ from server.services import Services
 
 
 async def set_kyc_by_email(config: Config, email: str, status: str) -> int:
-    from server.handlers.users import set_kyc_status
+    from server.kyc import set_status
 
     services = Services.build(config.with_(replica_urls=()))
     await services.db.start()
@@ -21,7 +21,7 @@ async def set_kyc_by_email(config: Config, email: str, status: str) -> int:
         if row is None:
             print(f"no user with email {email!r}", file=sys.stderr)
             return 1
-        user, changed = await set_kyc_status(services, row["id"], status)
+        user, changed = await set_status(services, row["id"], status)
         print(f"{email}: kyc_status={status}" + ("" if changed else " (unchanged)"))
         return 0
     finally:

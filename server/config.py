@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,15 @@ def _int(name: str, default: int) -> int:
 
 def _float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(name: str) -> tuple[Network, ...]:
+    """Comma-separated IP addresses or CIDR ranges."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in os.environ.get(name, "").split(",") if part.strip())
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,22 @@ class Config:
     # user's channel. Past it the socket is bound anyway, and the
     # subscription is made when Redis answers (server/binding.py).
     subscribe_wait_s: float = 2.0
+    # The edge: what a client the server has never seen may hold or cost
+    # (docs/security.md says what each protects and how to tune it).
+    auth_deadline_s: float = 10.0
+    max_sockets_per_address: int = 256
+    max_sockets: int = 15000
+    trusted_proxies: tuple[Network, ...] = ()
+    max_frame_values: int = 1024
+    max_frame_depth: int = 16
+    auth_max_per_address: int = 20
+    auth_address_window_s: int = 60
+    hash_concurrency: int = os.cpu_count() or 1
+    hash_max_wait_s: float = 2.0
+    session_max_age_s: int = 90 * 24 * 3600
+    session_cleanup_interval_s: float = 600.0
+    # Bearer token that shows /readyz's details; empty = details never shown.
+    ops_token: str = ""
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -105,6 +131,19 @@ class Config:
             redis_timeout_s=_float("REDIS_TIMEOUT_S", cls.redis_timeout_s),
             redis_probe_interval_s=_float("REDIS_PROBE_INTERVAL_S", cls.redis_probe_interval_s),
             subscribe_wait_s=_float("SUBSCRIBE_WAIT_S", cls.subscribe_wait_s),
+            auth_deadline_s=_float("AUTH_DEADLINE_S", cls.auth_deadline_s),
+            max_sockets_per_address=_int("MAX_SOCKETS_PER_ADDRESS", cls.max_sockets_per_address),
+            max_sockets=_int("MAX_SOCKETS", cls.max_sockets),
+            trusted_proxies=_networks("TRUSTED_PROXIES"),
+            max_frame_values=_int("MAX_FRAME_VALUES", cls.max_frame_values),
+            max_frame_depth=_int("MAX_FRAME_DEPTH", cls.max_frame_depth),
+            auth_max_per_address=_int("AUTH_MAX_PER_ADDRESS", cls.auth_max_per_address),
+            auth_address_window_s=_int("AUTH_ADDRESS_WINDOW_S", cls.auth_address_window_s),
+            hash_concurrency=_int("HASH_CONCURRENCY", cls.hash_concurrency),
+            hash_max_wait_s=_float("HASH_MAX_WAIT_S", cls.hash_max_wait_s),
+            session_max_age_s=_int("SESSION_MAX_AGE_S", cls.session_max_age_s),
+            session_cleanup_interval_s=_float("SESSION_CLEANUP_INTERVAL_S", cls.session_cleanup_interval_s),
+            ops_token=os.environ.get("OPS_TOKEN", ""),
         )
 
     def missing_secrets(self) -> list[str]:

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import os
 import socket
+import time
 
 from aiohttp import web
 
 from protocol.errors import ErrorCode, RpcError
-from protocol.models.common import parse_uuid
-from server import credentials
+from server import credentials, kyc
+from server.db import kyc as kyc_db
 from server.db.errors import DatabaseUnavailable
 from server.dispatch import UNAVAILABLE_ERRORS
+from server.edge import client_address
 from server.handlers.auth import session_user
 from server.services import Services
 from server.socket import Connection
 from server.transport import websocket_response
 
-KYC_STATUSES = ("pending", "verified", "rejected")
 SERVICES = web.AppKey("services", Services)  # set by server.app.create_app
 
 
@@ -57,7 +55,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
                 return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
         ws = websocket_response(cfg)
-        conn = Connection(ws, request, services)
+        address = client_address(request.remote, request.headers.get("X-Forwarded-For"), cfg.trusted_proxies)
+        conn = Connection(ws, request, services, address)
         try:
             if claims is not None:
                 # Bound (the user's channel subscribed) before the 101 goes out:
@@ -138,44 +137,28 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def kyc_webhook(request: web.Request) -> web.Response:
-    from server.handlers.users import set_kyc_status
-
     services = _services(request)
-    raw = await request.read()
-    expected = hmac.new(services.config.kyc_webhook_secret.encode(), raw, hashlib.sha256).hexdigest()
-    given = request.headers.get("X-Signature", "")
-    # Compared as bytes: compare_digest refuses str with non-ASCII characters
-    # (a 500), and header values may hold any byte.
-    given_digest = given[7:].lower().encode("utf-8", "surrogateescape")
-    if not (given.startswith("sha256=") and hmac.compare_digest(given_digest, expected.encode())):
+    raw = await request.read()  # bounded by the application's client_max_size (413 past it)
+    signatures = request.headers.getall("X-Signature", [])
+    # Checked before anything in the body: an unsigned request learns nothing else.
+    if len(signatures) != 1 or not kyc.signature_valid(
+        services.config.kyc_webhook_secret, signatures[0], raw, int(time.time())
+    ):
         return web.json_response({"error": "bad signature"}, status=401)
+    event = kyc.parse_event(raw)
+    if isinstance(event, str):
+        return web.json_response({"error": event}, status=400)
     try:
-        body = json.loads(raw, parse_constant=_not_json)
-        if not isinstance(body, dict):
-            raise ValueError("not an object")
-        status = body.get("status")
-    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
-        return web.json_response({"error": "malformed body"}, status=400)
-    try:
-        user_id = parse_uuid(body["user_id"]) if isinstance(body.get("user_id"), str) else None
-    except ValueError:
-        user_id = None
-    if user_id is None:
-        return web.json_response({"error": "user_id must be a UUID"}, status=400)
-    if status not in KYC_STATUSES:
-        return web.json_response({"error": "unknown status"}, status=400)
-    try:
-        user, changed = await set_kyc_status(services, user_id, status)
+        outcome, user = await kyc.apply_event(services, event)
     except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
         # The provider retries on 5xx: tell it to, rather than "server error".
         return web.json_response({"error": "database unavailable, retry"}, status=503, headers={"Retry-After": "1"})
     if user is None:
         return web.json_response({"error": "unknown user"}, status=404)
-    return web.json_response({"user_id": str(user_id), "status": status, "changed": changed})
-
-
-def _not_json(constant: str) -> None:
-    raise ValueError(f"{constant} is not JSON")
+    return web.json_response({
+        "event_id": event.event_id, "user_id": str(user.id), "status": user.kyc_status,
+        "changed": outcome == kyc_db.CHANGED, "already_applied": outcome == kyc_db.ALREADY_APPLIED,
+    })
 
 
 def add_routes(app: web.Application) -> None:

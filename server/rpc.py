@@ -34,6 +34,8 @@ class Socket(Protocol):
 
     user_id: uuid.UUID | None
     token_family: uuid.UUID | None
+    # The client's address as the edge sees it (``server.edge``).
+    address: str
     # The access token expired: the socket stays bound but gets no events.
     events_suspended: bool
 

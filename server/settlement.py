@@ -14,7 +14,6 @@ allows. It never holds up the other bookings.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ from protocol.models.bookings import Booking, BookingEvent
 from protocol.models.wallet import WalletUpdatedEvent
 from server import events
 from server.db import bookings as bookings_db
-from server.db.errors import DatabaseUnavailable
+from server.periodic import Periodic
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -40,38 +39,21 @@ def _parties(result: tuple[list, dict, int]) -> list[uuid.UUID]:
     return list({u for r in completed for u in (r["user_id"], r["host_id"])})
 
 
-class Settlement:
+class Settlement(Periodic):
     """Background worker owned by ``Services`` (``start``/``stop``)."""
 
+    name = "settlement"
+
     def __init__(self, services: "Services", interval_s: float | None = None, batch_size: int = 200) -> None:
+        super().__init__(services.config.settlement_interval_s if interval_s is None else interval_s, log)
         self.services = services
-        self.interval_s = services.config.settlement_interval_s if interval_s is None else interval_s
         self.batch_size = batch_size
         self.settled = 0  # bookings this process completed, for tests and logs
         self._reported: set[uuid.UUID] = set()  # unpayable bookings warned of (report_unpayable)
         self._reported_more = False
-        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="settlement")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.settle_due()
-            except asyncio.CancelledError:
-                raise
-            except DatabaseUnavailable as err:  # the database is away: the next pass retries
-                log.warning("settlement pass skipped: %s", err)
-            except Exception:  # a bad pass must not end settlement for good
-                log.exception("settlement pass failed; retrying in %.1fs", self.interval_s)
-            await asyncio.sleep(self.interval_s)
+    async def run_pass(self) -> None:
+        await self.settle_due()
 
     async def settle_due(self) -> int:
         """Settle everything due now; returns how many bookings this process

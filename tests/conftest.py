@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -57,6 +58,11 @@ class ServerProcess:
             HANGOUT_SKIP_MIGRATE="1",
             LOG_LEVEL=os.environ.get("TEST_SERVER_LOG_LEVEL", "WARNING"),
             PYTHONUNBUFFERED="1",
+            # The whole suite connects and signs in from 127.0.0.1: the
+            # per-address limits are raised here, and the tests of those
+            # limits set them back explicitly.
+            MAX_SOCKETS_PER_ADDRESS="100000",
+            AUTH_MAX_PER_ADDRESS="100000",
         )
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
@@ -156,12 +162,21 @@ async def register(client: Client, name: str = "Test User", gender: str = "femal
     )
 
 
-def sign(body: bytes, secret: str = DEV_KYC_SECRET) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(body: bytes, secret: str = DEV_KYC_SECRET, t: int | str | None = None) -> str:
+    """The KYC webhook's ``X-Signature``, made at ``t`` (default now)."""
+    stamp = str(int(time.time()) if t is None else t)
+    return f"t={stamp},sha256=" + hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-async def post_kyc(server: ServerProcess, user_id: str, status: str, secret: str = DEV_KYC_SECRET) -> aiohttp.ClientResponse:
-    body = json.dumps({"user_id": user_id, "status": status}).encode()
+def kyc_body(user_id: str, status: str, event_id: str | None = None) -> bytes:
+    return json.dumps({"event_id": event_id or f"evt_{uuid.uuid4().hex}", "user_id": user_id, "status": status}).encode()
+
+
+async def post_kyc(
+    server: ServerProcess, user_id: str, status: str, secret: str = DEV_KYC_SECRET, event_id: str | None = None
+) -> aiohttp.ClientResponse:
+    """A signed webhook delivery, of a new event unless ``event_id`` is given."""
+    body = kyc_body(user_id, status, event_id)
     async with aiohttp.ClientSession() as s:
         async with s.post(server.http + "/webhooks/kyc", data=body, headers={"X-Signature": sign(body, secret)}) as r:
             await r.read()

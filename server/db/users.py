@@ -66,18 +66,6 @@ async def update_profile(conn: asyncpg.Connection, user_id: uuid.UUID, changes: 
     return row
 
 
-async def set_kyc_status(conn: asyncpg.Connection, user_id: uuid.UUID, status: str) -> tuple[asyncpg.Record | None, bool]:
-    """Returns (user, changed). (None, False) for an unknown user."""
-    row = await conn.fetchrow(
-        f"""UPDATE users SET kyc_status = $2, updated_at = now()
-            WHERE id = $1 AND kyc_status <> $2 RETURNING {USER_COLUMNS}""",
-        user_id, status,
-    )
-    if row is not None:
-        return row, True
-    return await get_own(conn, user_id), False
-
-
 def search_hosts_query(
     caller: uuid.UUID,
     start_at: dt.datetime | None,

@@ -24,7 +24,7 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
     cfg = call.services.config
     refresh, refresh_hash = credentials.new_refresh_token()
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
-    family = await call.services.db.write(user.id, auth_db.start_family, user.id, refresh_hash, expires)
+    family = await call.services.db.write(user.id, auth_db.start_family, user.id, refresh_hash, expires, cfg.session_max_age_s)
     access = credentials.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user.id, family)
     claims = credentials.decode_access_token(cfg.jwt_secret, access)
     await call.conn.bind(user.id, family, claims.expires_at)
@@ -98,15 +98,17 @@ async def refresh(call: Call, p: m.RefreshParams) -> m.RefreshResult:
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=cfg.refresh_token_ttl_s)
     # Whose reads must see it: a reuse revokes the family, and the session
     # check of the family's access tokens reads a replica.
-    outcome, user_id, family = await call.services.db.write(
+    outcome, user_id, family, ends_at = await call.services.db.write(
         lambda r: r[1], auth_db.rotate, credentials.hash_refresh_token(p.refresh_token), new_hash, expires
     )
     if outcome == "reused":  # the family was revoked by this call
         await call.services.sessions.end(user_id, family)
     if outcome != "ok":
         raise RpcError(ErrorCode.INVALID_CREDENTIALS, "refresh token is not valid")
-    assert user_id is not None and family is not None
-    access = credentials.issue_access_token(cfg.jwt_secret, cfg.access_token_ttl_s, user_id, family)
+    assert user_id is not None and family is not None and ends_at is not None
+    # No access token outlives its session: near the end, a shorter one.
+    left_s = int((ends_at - dt.datetime.now(dt.timezone.utc)).total_seconds())
+    access = credentials.issue_access_token(cfg.jwt_secret, max(1, min(cfg.access_token_ttl_s, left_s)), user_id, family)
     return m.RefreshResult(access_token=access, refresh_token=new_token)
 
 

@@ -1,8 +1,6 @@
-"""users.* and hosts.*, and KYC status changes (webhook and operator CLI)."""
+"""users.* and hosts.*."""
 
 from __future__ import annotations
-
-import uuid
 
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import users as m
@@ -74,20 +72,8 @@ async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityRes
     return m.AvailabilityResult(busy=[m.BusyInterval.model_validate(dict(r)) for r in rows])
 
 
-# ---- shared with the KYC webhook and the operator CLI ---------------------
+# ---- shared with the KYC status changes (server/kyc.py) -------------------
 
 
 async def publish_user_updated(services: Services, user: m.OwnUser) -> None:
     await events.to_users(services, [user.id], "user.updated", m.UserUpdatedEvent(user=user))
-
-
-async def set_kyc_status(services: Services, user_id: uuid.UUID, status: str) -> tuple[m.OwnUser | None, bool]:
-    """Set a user's KYC status; pushes ``user.updated`` only on a change.
-    Returns (user or None when unknown, changed)."""
-    row, changed = await services.db.write(user_id, users_db.set_kyc_status, user_id, status)
-    if row is None:
-        return None, False
-    user = m.OwnUser.model_validate(dict(row))
-    if changed:
-        await publish_user_updated(services, user)
-    return user, changed

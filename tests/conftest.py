@@ -29,6 +29,7 @@ from server.db.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
+OPS_TOKEN = "test-ops-token-0123456789abcdef0123456789"
 
 
 def free_port() -> int:
@@ -62,6 +63,8 @@ class ServerProcess:
             # limits set them back explicitly.
             MAX_SOCKETS_PER_ADDRESS="100000",
             AUTH_MAX_PER_ADDRESS="100000",
+            # /readyz shows its details to this token only (see ``readyz``).
+            OPS_TOKEN=OPS_TOKEN,
         )
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
@@ -210,9 +213,12 @@ async def replay_paused(replica_db: asyncpg.Pool) -> AsyncIterator[None]:
         await replica_db.execute("SELECT pg_wal_replay_resume()")
 
 
-async def readyz(server: ServerProcess) -> tuple[int, dict]:
+async def readyz(server: ServerProcess, token: str | None = None) -> tuple[int, dict]:
+    """/readyz as an operator sees it (the process's OPS_TOKEN), or with ``token``."""
+    token = server.env.get("OPS_TOKEN", "") if token is None else token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as s:
-        async with s.get(server.http + "/readyz") as r:
+        async with s.get(server.http + "/readyz", headers=headers) as r:
             return r.status, await r.json()
 
 

@@ -109,6 +109,7 @@ class WritePositions:
         self.ttl_s = ttl_s
         self.insert_head = insert_head
         self.local: dict[uuid.UUID, int] = {}  # this process's writes
+        self.newest = 0  # the highest of them, of any user
         # Any position read after a commit covers it, so writes that
         # committed meanwhile share one look-up (and free their connection
         # before it).
@@ -167,6 +168,7 @@ class WritePositions:
         # The local hint has no expiry: an unknown position lives in Redis
         # only, where it expires with the other positions (ttl_s).
         if lsn_text != UNKNOWN_POSITION:
+            self.newest = max(self.newest, lsn)
             for u in users:
                 if self.local.get(u, 0) < lsn:
                     self.local[u] = lsn

@@ -1,5 +1,7 @@
 """The primary's replicas: their health, polled by a loop, and which one
-serves a read.
+serves a read. The loop polls the primary's WAL position too, replicas or
+not: it measures their lag, tells /readyz whether the primary answers, and
+is the newest commit a process knows of (server/db/database.py).
 
 A replica serves a read only while it is healthy (it answers, and lags the
 primary by at most ``replica_max_lag_bytes``) and has replayed the reader's
@@ -70,6 +72,7 @@ class Replicas:
         self.primary_lsn = primary_lsn
         self.max_lag_bytes = max_lag_bytes
         self.interval_s = interval_s
+        self.head = 0  # the primary's WAL position as last polled
         self._turn = 0
         self._task: asyncio.Task | None = None
 
@@ -103,12 +106,11 @@ class Replicas:
                 log.exception("replica health check failed")
 
     async def check(self) -> None:
-        if not self.members:
-            return
         try:
-            head = await self.primary_lsn()
+            head: int | None = await self.primary_lsn()
         except Exception:
             head = None
+        self.head = max(self.head, head or 0)
         await asyncio.gather(*(self._check(r, head) for r in self.members))
 
     async def _check(self, replica: Replica, head: int | None) -> None:

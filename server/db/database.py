@@ -28,6 +28,12 @@ from server.db.replicas import REPLICA_FAILURES, Replicas
 from server.outbox import Outbox
 
 T = TypeVar("T")
+
+# A replica that lacks a row may only be a little behind (it replays within
+# milliseconds under load): it gets this long to catch up before the
+# primary is asked, so that ids which do not exist cost the primary nothing.
+MISS_CATCH_UP_S = 0.1
+MISS_CATCH_UP_POLLS = 20
 Query = Callable[..., Awaitable[T]]
 
 
@@ -204,11 +210,11 @@ class Database:
                 async with Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:  # type: ignore[arg-type]
                     result = await query(conn, *args)
                     if missed is not None and missed(result):
-                        if not await self._caught_up(conn):
+                        if not await self._catch_up(conn):
                             raise _Behind
-                        # Asked again: this snapshot is newer than the position
-                        # just checked, which covers every commit this process
-                        # knows of, so what it lacks does not exist.
+                        # Asked again: this snapshot is newer than a position
+                        # past every write recorded before the call came, so
+                        # what it lacks did not exist when the caller asked.
                         result = await query(conn, *args)
                 replica.served += 1
                 return result
@@ -219,13 +225,21 @@ class Database:
         async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             return await query(conn, *args)
 
-    async def _caught_up(self, conn: asyncpg.Connection) -> bool:
-        """Has the replica on ``conn`` replayed everything it has received,
-        and every commit this process knows of? If so, a query made after
-        this one sees every row those commits made."""
-        replayed, received = await conn.fetchrow(
-            "SELECT pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text")
-        return parse_lsn(replayed) >= max(parse_lsn(received), self.newest_commit())
+    async def _catch_up(self, conn: asyncpg.Connection) -> bool:
+        """Wait, at most ``MISS_CATCH_UP_S``, until the replica on ``conn`` has
+        replayed every write this process knows of: its own, the primary's
+        position as last polled, and the newest any process recorded (so a
+        user created a moment ago on another process is among them). False
+        if it has not, or if that newest position is unknown."""
+        newest = await self.positions.newest_anywhere()
+        if newest < 0:
+            return False
+        target = max(newest, self.newest_commit())
+        for _ in range(MISS_CATCH_UP_POLLS):
+            if parse_lsn(await conn.fetchval("SELECT pg_last_wal_replay_lsn()::text")) >= target:
+                return True
+            await asyncio.sleep(MISS_CATCH_UP_S / MISS_CATCH_UP_POLLS)
+        return False
 
 
 class _Behind(Exception):

@@ -222,6 +222,23 @@ async def readyz(server: ServerProcess, token: str | None = None) -> tuple[int, 
             return r.status, await r.json()
 
 
+async def until_not_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
+    """Bounded poll until /readyz says 503: it reports the health loops'
+    last look, which sees an outage within a poll interval and a timeout.
+    Each answer comes at once (it never waits on a dependency)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        started = loop.time()
+        status, body = await readyz(server)
+        assert loop.time() - started < 1, "/readyz waited"
+        if status == 503:
+            assert body["ready"] is False
+            return body
+        assert loop.time() < deadline, f"still ready: {body}"
+        await asyncio.sleep(0.05)
+
+
 async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0) -> None:
     """The hub's reconnection is visible in /readyz; poll it, bounded."""
     deadline = asyncio.get_running_loop().time() + timeout

@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from protocol.errors import RpcError
-from tests.conftest import ServerProcess, post_kyc, readyz, register, wait_subscriber_connected
+from tests.conftest import (ServerProcess, post_kyc, readyz, register, until_not_ready,
+                            wait_subscriber_connected)
 
 
 async def wait_until_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
@@ -27,22 +28,6 @@ async def wait_until_ready(server: ServerProcess, timeout: float = 15.0) -> dict
             return body
         assert time.monotonic() < deadline, f"not ready again: {body}"
         await asyncio.sleep(0.1)
-
-
-async def until_not_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
-    """Bounded poll until /readyz says 503: it reports the health loops'
-    last look, which sees an outage within a poll interval and a timeout.
-    Each answer comes at once (it never waits on a dependency)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        started = time.monotonic()
-        status, body = await readyz(server)
-        assert time.monotonic() - started < 1, "/readyz waited"
-        if status == 503:
-            assert body["ready"] is False
-            return body
-        assert time.monotonic() < deadline, f"still ready: {body}"
-        await asyncio.sleep(0.05)
 
 
 class PrimaryLink:

@@ -10,6 +10,7 @@ import logging
 import redis.asyncio as aioredis
 
 from server.outbox import UNREACHABLE, Outbox
+from server.poller import Poller
 
 log = logging.getLogger("hangout")
 
@@ -22,33 +23,20 @@ class RedisHealth:
     def __init__(self, redis: aioredis.Redis, outbox: Outbox, interval_s: float, timeout_s: float) -> None:
         self.redis = redis
         self.outbox = outbox
-        self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.answers = False
         self.error: str | None = None
-        self._task: asyncio.Task | None = None
+        self._poller = Poller("redis-health", self.check, interval_s)
 
     @property
     def ok(self) -> bool:
         return self.answers and self.outbox.available
 
     async def start(self) -> None:
-        await self.check()
-        self._task = asyncio.create_task(self._check_forever(), name="redis-health")
+        await self._poller.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _check_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check()
-            except Exception:  # never let the loop die
-                log.exception("redis health check failed")
+        await self._poller.stop()
 
     async def check(self) -> None:
         try:

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+from server.config import DEV_KYC_SECRET
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtests" / "reports"
 PASSWORD = "loadtest password 1"
-DEV_KYC_SECRET = "dev-only-kyc-webhook-secret"  # server/config.py's default
 KYC_SECRET = os.environ.get("KYC_WEBHOOK_SECRET", DEV_KYC_SECRET)
 
 

@@ -37,6 +37,9 @@ server that is busy but not saturated. The targets are judged on the
 saturated rounds.
 Targets: ratio >= 0.6, p99 < 50 ms. Exits 3 when a target is missed or a
 call failed.
+Its clients all come from 127.0.0.1: the server starts with the per-address
+and total socket limits, the sign-up and login limit per address and
+AUTH_DEADLINE_S raised (loadtests/benchlib.py ``LOCAL_LIMITS``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Measures, from this process:
 
 Prints the figures and the ratio of the committed and delivered rates to
 pgbench tps (target >= 0.6). Exit status 3 when a target is missed.
+Its clients all come from 127.0.0.1: the server starts with the per-address
+and total socket limits, the sign-up and login limit per address and
+AUTH_DEADLINE_S raised (loadtests/benchlib.py ``LOCAL_LIMITS``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ distinct users, so each one is bound and follows its user channel.
 Prints KiB per socket for both and the ratio. Target: at most 2.0.
 RLIMIT_NOFILE is raised to the hard limit (20,000 here); the sockets of the
 two servers are open one server at a time, so neither side needs more.
+All of them come from 127.0.0.1: the hangout server starts with the limits
+on sockets per address and in all raised, and a long AUTH_DEADLINE_S
+(loadtests/benchlib.py ``LOCAL_LIMITS``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 import urllib.request
 import json
 
-from loadtests.benchlib import ROOT, Server, Stack, access_tokens, bench_users, free_port, raise_nofile, rss_kib, stop_process, wait_http
+from loadtests.benchlib import OPS_TOKEN, ROOT, Server, Stack, access_tokens, bench_users, free_port, raise_nofile, rss_kib, stop_process, wait_http
 from protocol.codec import decode, encode
 
 SUBPROTOCOL = "hangout.v1"
@@ -220,7 +223,9 @@ async def measure(label: str, pid: int, port: int, tokens: list[str | None], set
 
 
 def readyz(http: str) -> dict:
-    with urllib.request.urlopen(http + "/readyz", timeout=10) as r:
+    """/readyz with its details (the socket count): the bench server's OPS_TOKEN."""
+    request = urllib.request.Request(http + "/readyz", headers={"Authorization": f"Bearer {OPS_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 

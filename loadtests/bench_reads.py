@@ -20,6 +20,9 @@ To compare two checkouts in one run on a noisy machine:
 ``--baseline DIR`` runs a second server from another checkout (e.g.
 ``git archive HEAD | tar -x -C DIR``) and measures the two in turns,
 ``--rounds`` times each; ``--profile DIR`` records py-spy flame graphs.
+Its clients all come from 127.0.0.1: the server starts with the per-address
+and total socket limits, the sign-up and login limit per address and
+AUTH_DEADLINE_S raised (loadtests/benchlib.py ``LOCAL_LIMITS``).
 """
 
 from __future__ import annotations

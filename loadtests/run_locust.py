@@ -21,6 +21,13 @@ Settings (argument, then environment, then default):
   --processes LOADTEST_PROCESSES 1 (locust worker processes; -1 = one per core),
   --workers LOADTEST_SERVER_WORKERS 2 (local server processes).
 Against another deployment also set KYC_WEBHOOK_SECRET to its webhook secret.
+
+Every locust user connects from this machine's one address, so the local
+server starts with the edge's limits raised (``LOCAL_LIMITS``: sockets per
+address and in all, sign-ups and logins per address, the deadline of an
+unauthenticated socket). A deployment under test must raise the same for
+the load generator's address, or the load tests those limits instead
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
     stack = devstack.from_env()
     stack.start()
     port = free_port()
+    from loadtests.benchlib import LOCAL_LIMITS
     from server.config import dev_secrets
 
     env = dict(
@@ -66,6 +74,7 @@ def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
         WORKERS=str(workers),
         LOG_LEVEL=os.environ.get("LOADTEST_SERVER_LOG_LEVEL", "WARNING"),
         PYTHONUNBUFFERED="1",
+        **LOCAL_LIMITS,
     )
     # Its own session, so that stopping it reaches the worker processes too.
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env, start_new_session=True)

@@ -10,17 +10,20 @@ import signal
 import subprocess
 import sys
 
-from server.config import Config, dev_secrets
+from server.config import MIN_SECRET_BYTES, Config, dev_secrets
 from server.runtime import settle_heap
 
 log = logging.getLogger("hangout")
 
+ON_DEVSTACK = "HANGOUT_ON_DEVSTACK"
 
-def _use_devstack_if_unconfigured() -> None:
+
+def _use_devstack_if_unconfigured() -> bool:
     """No DATABASE_URL: start (or reuse) the embedded dev stack and point the
-    environment at it, so every later step and every worker sees it."""
+    environment at it, so every later step and every worker sees it. True
+    if it did."""
     if os.environ.get("DATABASE_URL"):
-        return
+        return os.environ.get(ON_DEVSTACK) == "1"
     from server import devstack
 
     stack = devstack.from_env()
@@ -29,7 +32,10 @@ def _use_devstack_if_unconfigured() -> None:
     os.environ["DATABASE_REPLICA_URLS"] = ",".join(stack.replica_urls)
     os.environ["REDIS_URL"] = stack.redis_url
     os.environ.update(dev_secrets())
+    # Tells the worker processes (which find DATABASE_URL set) where they are.
+    os.environ[ON_DEVSTACK] = "1"
     log.info("using the embedded dev stack in %s", stack.base_dir)
+    return True
 
 
 def _migrate() -> list[str]:
@@ -83,7 +89,7 @@ def _serve_workers(n: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _use_devstack_if_unconfigured()
+    on_devstack = _use_devstack_if_unconfigured()
     config = Config.from_env()
     missing = config.missing_secrets()
     if missing:
@@ -92,6 +98,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"hangout: {' and '.join(missing)} not set. Set {'them' if len(missing) > 1 else 'it'} "
               "(a long random string), or leave DATABASE_URL unset to run on the embedded dev stack "
               "with development secrets.", file=sys.stderr)
+        return 2
+    short = [] if on_devstack else config.short_secrets()
+    if short:
+        # A short HMAC key can be found by trying keys against one signed
+        # token or webhook, offline.
+        print(f"hangout: {' and '.join(short)} shorter than {MIN_SECRET_BYTES} bytes. Use a long random "
+              "string, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`.", file=sys.stderr)
         return 2
     if config.workers > 1:
         _migrate()

@@ -11,7 +11,8 @@ import server.handlers  # noqa: F401  (importing the handlers registers their me
 from server import http
 from server.config import Config
 from server.cleanup import Cleanup
-from server.http import SERVICES
+from server.health import RedisHealth
+from server.http import HEALTH, SERVICES
 from server.services import Services
 from server.settlement import Settlement
 
@@ -20,7 +21,8 @@ log = logging.getLogger("hangout")
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=1024 * 1024)
-    app[SERVICES] = Services.build(config)
+    services = app[SERVICES] = Services.build(config)
+    app[HEALTH] = RedisHealth(services.redis, services.outbox, config.redis_probe_interval_s, config.redis_timeout_s)
     http.add_routes(app)
     app.on_startup.append(_startup)
     app.on_shutdown.append(drain_sockets)
@@ -31,6 +33,7 @@ def create_app(config: Config) -> web.Application:
 async def _startup(app: web.Application) -> None:
     services = app[SERVICES]
     await services.start()
+    services.add_worker(app[HEALTH])
     services.add_worker(Settlement(services))
     services.add_worker(Cleanup(services))
     await services.start_workers()

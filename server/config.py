@@ -10,8 +10,14 @@ from dataclasses import dataclass, replace
 # them. ``serve`` uses them only on the embedded dev stack (or when a
 # harness that starts one passes them on, see ``dev_secrets``).
 DEV_JWT_SECRET = "dev-only-jwt-secret-change-me-in-production"
-DEV_KYC_SECRET = "dev-only-kyc-webhook-secret"
+DEV_KYC_SECRET = "dev-only-kyc-webhook-secret-change-me-in-production"
 SECRETS = ("JWT_SECRET", "KYC_WEBHOOK_SECRET")
+# HMAC-SHA256 keys: shorter than the hash, a secret is easier to guess than
+# the signature it makes.
+MIN_SECRET_BYTES = 32
+# Where a server that uses the public development secrets listens unless
+# HOST says otherwise: anyone who can reach it could sign tokens.
+DEV_HOST = "127.0.0.1"
 
 
 def dev_secrets() -> dict[str, str]:
@@ -99,13 +105,16 @@ class Config:
     @classmethod
     def from_env(cls) -> "Config":
         replicas = os.environ.get("DATABASE_REPLICA_URLS", "")
+        jwt_secret = os.environ.get("JWT_SECRET", "")
+        kyc_webhook_secret = os.environ.get("KYC_WEBHOOK_SECRET", "")
+        public = jwt_secret == DEV_JWT_SECRET or kyc_webhook_secret == DEV_KYC_SECRET
         return cls(
             database_url=os.environ.get("DATABASE_URL") or None,
             replica_urls=tuple(u.strip() for u in replicas.split(",") if u.strip()),
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
-            jwt_secret=os.environ.get("JWT_SECRET", ""),
-            kyc_webhook_secret=os.environ.get("KYC_WEBHOOK_SECRET", ""),
-            host=os.environ.get("HOST", cls.host),
+            jwt_secret=jwt_secret,
+            kyc_webhook_secret=kyc_webhook_secret,
+            host=os.environ.get("HOST", DEV_HOST if public else cls.host),
             port=_int("PORT", cls.port),
             workers=_int("WORKERS", cls.workers),
             settlement_interval_s=_float("SETTLEMENT_INTERVAL_S", cls.settlement_interval_s),
@@ -149,6 +158,11 @@ class Config:
     def missing_secrets(self) -> list[str]:
         """Names of the secrets that are not set (empty)."""
         return [name for name, value in zip(SECRETS, (self.jwt_secret, self.kyc_webhook_secret)) if not value]
+
+    def short_secrets(self) -> list[str]:
+        """Names of the secrets set but shorter than ``MIN_SECRET_BYTES``."""
+        return [name for name, value in zip(SECRETS, (self.jwt_secret, self.kyc_webhook_secret))
+                if value and len(value.encode()) < MIN_SECRET_BYTES]
 
     def with_(self, **changes) -> "Config":
         return replace(self, **changes)

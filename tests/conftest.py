@@ -30,6 +30,7 @@ from server.db.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
+OPS_TOKEN = "test-ops-token-0123456789abcdef0123456789"
 
 
 def free_port() -> int:
@@ -63,6 +64,8 @@ class ServerProcess:
             # limits set them back explicitly.
             MAX_SOCKETS_PER_ADDRESS="100000",
             AUTH_MAX_PER_ADDRESS="100000",
+            # /readyz shows its details to this token only (see ``readyz``).
+            OPS_TOKEN=OPS_TOKEN,
         )
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
@@ -220,10 +223,30 @@ async def replay_paused(replica_db: asyncpg.Pool) -> AsyncIterator[None]:
         await replica_db.execute("SELECT pg_wal_replay_resume()")
 
 
-async def readyz(server: ServerProcess) -> tuple[int, dict]:
+async def readyz(server: ServerProcess, token: str | None = None) -> tuple[int, dict]:
+    """/readyz as an operator sees it (the process's OPS_TOKEN), or with ``token``."""
+    token = server.env.get("OPS_TOKEN", "") if token is None else token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as s:
-        async with s.get(server.http + "/readyz") as r:
+        async with s.get(server.http + "/readyz", headers=headers) as r:
             return r.status, await r.json()
+
+
+async def until_not_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
+    """Bounded poll until /readyz says 503: it reports the health loops'
+    last look, which sees an outage within a poll interval and a timeout.
+    Each answer comes at once (it never waits on a dependency)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        started = loop.time()
+        status, body = await readyz(server)
+        assert loop.time() - started < 1, "/readyz waited"
+        if status == 503:
+            assert body["ready"] is False
+            return body
+        assert loop.time() < deadline, f"still ready: {body}"
+        await asyncio.sleep(0.05)
 
 
 async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0) -> None:

@@ -14,7 +14,9 @@ import pytest
 
 from protocol.client import ConnectionClosed
 from protocol.errors import RpcError
-from tests.conftest import ROOT, ServerProcess, register, row_locked, until_writes_wait_on_the_lock
+from tests.conftest import OPS_TOKEN, ROOT, ServerProcess, register, row_locked, until_writes_wait_on_the_lock
+
+OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}  # /readyz shows the pid to operators only
 
 
 async def until_connections_are_refused(server: ServerProcess, timeout: float = 5.0) -> None:
@@ -91,7 +93,7 @@ async def test_workers_2_runs_two_processes_on_one_port(stack):
             while len(pids) < 2:
                 assert time.monotonic() < deadline, f"only saw {pids}"
                 try:
-                    async with s.get(proc.http + "/readyz") as r:
+                    async with s.get(proc.http + "/readyz", headers=OPS) as r:
                         pids.add((await r.json())["pid"])
                 except aiohttp.ClientError:
                     pass  # the second worker may still be starting

@@ -38,6 +38,10 @@ UNKNOWN_POSITION = "80000000/00000000"  # 2**63: no real position gets there
 # Present as long as Redis has kept its data; see WritePositions._set_floor.
 RYW_FLOOR_KEY = "ryw:floor"
 
+# The newest write position any process recorded (``ryw:newest``, no TTL):
+# every id a client can know of was made by a write at or before it.
+NEWEST = "newest"
+
 # Raise KEYS[1] to ARGV[1], never lower it. With ARGV[2], the key lives that
 # many seconds from now (a user's write position); without, it keeps no TTL
 # (the floor, see ``_set_floor``).
@@ -109,6 +113,7 @@ class WritePositions:
         self.ttl_s = ttl_s
         self.insert_head = insert_head
         self.local: dict[uuid.UUID, int] = {}  # this process's writes
+        self.newest = 0  # the highest of them, of any user
         # Any position read after a commit covers it, so writes that
         # committed meanwhile share one look-up (and free their connection
         # before it).
@@ -167,6 +172,7 @@ class WritePositions:
         # The local hint has no expiry: an unknown position lives in Redis
         # only, where it expires with the other positions (ttl_s).
         if lsn_text != UNKNOWN_POSITION:
+            self.newest = max(self.newest, lsn)
             for u in users:
                 if self.local.get(u, 0) < lsn:
                     self.local[u] = lsn
@@ -175,7 +181,11 @@ class WritePositions:
                 for u in users:
                     self.local[u] = lsn
         # Keep the highest position; a plain SET could move it back.
-        recorded = self.outbox.submit([("EVAL", SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.ttl_s) for u in users])
+        # An unknown position stays the writers' own: it would send every
+        # miss of everyone to the primary (server/db/database.py).
+        newest = [("EVAL", SET_MAX_LUA, 1, f"ryw:{NEWEST}", lsn)] if lsn_text != UNKNOWN_POSITION else []
+        recorded = self.outbox.submit([("EVAL", SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.ttl_s) for u in users]
+                                      + newest)
         deferred = _DEFERRED_RECORDS.get()
         if deferred is not None and not deferred.closed:
             deferred.append(recorded)
@@ -207,11 +217,17 @@ class WritePositions:
         (-1: unknown, so only the primary may)."""
         if user is None:
             return 0
-        local = self.local.get(user, 0)
+        return await self._recorded_position(user, self.local.get(user, 0))
+
+    async def newest_anywhere(self) -> int:
+        """The newest write position recorded by any process (-1: unknown)."""
+        return await self._recorded_position(NEWEST, self.newest)
+
+    async def _recorded_position(self, key: uuid.UUID | str, local: int) -> int:
         if not self.outbox.available:
             return -1  # Redis is not answering: other processes' writes are unknown
         try:
-            remote = await self._lookups.get(user)
+            remote = await self._lookups.get(key)
         except (redis.exceptions.RedisError, OSError) as exc:
             # Without Redis we cannot know what other processes wrote: be safe.
             if isinstance(exc, UNREACHABLE):
@@ -219,7 +235,7 @@ class WritePositions:
             return -1
         return max(local, int(remote) if remote else 0)
 
-    async def _write_positions(self, users: list[uuid.UUID], _required: int) -> dict[uuid.UUID, Any]:
+    async def _write_positions(self, users: list[uuid.UUID | str], _required: int) -> dict[uuid.UUID | str, Any]:
         floor, *positions = await self.redis.mget([RYW_FLOOR_KEY, *(f"ryw:{u}" for u in users)])
         if floor is None:
             floor = await self._set_floor()

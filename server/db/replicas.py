@@ -1,5 +1,7 @@
 """The primary's replicas: their health, polled by a loop, and which one
-serves a read.
+serves a read. The loop polls the primary's WAL position too, replicas or
+not: it measures their lag, tells /readyz whether the primary answers, and
+is the newest commit a process knows of (server/db/database.py).
 
 A replica serves a read only while it is healthy (it answers, and lags the
 primary by at most ``replica_max_lag_bytes``) and has replayed the reader's
@@ -22,6 +24,7 @@ import asyncpg
 from server.db.errors import DatabaseUnavailable
 from server.db.pool import REPLICA_DEADLINE_S, Acquire, FairPool, create_pool
 from server.db.positions import parse_lsn
+from server.poller import Poller
 
 log = logging.getLogger("hangout.db")
 
@@ -69,9 +72,9 @@ class Replicas:
         self.pool_args = {**pool_args, "min_size": 1, "timeout": 2}
         self.primary_lsn = primary_lsn
         self.max_lag_bytes = max_lag_bytes
-        self.interval_s = interval_s
+        self.head = 0  # the primary's WAL position as last polled
         self._turn = 0
-        self._task: asyncio.Task | None = None
+        self._poller = Poller("replica-health", self.check, interval_s)
 
     def __iter__(self) -> Iterator[Replica]:
         return iter(self.members)
@@ -81,34 +84,21 @@ class Replicas:
 
     async def start(self) -> None:
         """Check every replica once, then keep checking in the background."""
-        await self.check()
-        self._task = asyncio.create_task(self._check_forever(), name="replica-health")
+        await self._poller.start()
 
     async def stop(self) -> None:
         """Stop checking; the pools stay open (``pools`` lists them)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._poller.stop()
 
     def pools(self) -> list[FairPool]:
         return [r.pool for r in self.members if r.pool is not None]
 
-    async def _check_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check()
-            except Exception:  # never let the loop die
-                log.exception("replica health check failed")
-
     async def check(self) -> None:
-        if not self.members:
-            return
         try:
-            head = await self.primary_lsn()
+            head: int | None = await self.primary_lsn()
         except Exception:
             head = None
+        self.head = max(self.head, head or 0)
         await asyncio.gather(*(self._check(r, head) for r in self.members))
 
     async def _check(self, replica: Replica, head: int | None) -> None:

@@ -30,12 +30,8 @@ async def get_own(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Recor
     return await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
 
 
-async def get_public(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
-    return await conn.fetchrow(f"SELECT {PUBLIC_COLUMNS} FROM users WHERE id = $1", user_id)
-
-
 async def get_public_many(conn: asyncpg.Connection, user_ids: list[uuid.UUID]) -> dict[uuid.UUID, asyncpg.Record]:
-    """``get_public`` for many users in one statement (Database.read_one)."""
+    """Public profiles of many users in one statement (Database.read_one)."""
     rows = await conn.fetch(f"SELECT {PUBLIC_COLUMNS} FROM users WHERE id = ANY($1::uuid[])", user_ids)
     return {r["id"]: r for r in rows}
 

@@ -39,12 +39,9 @@ async def get(call: Call, p: m.GetParams) -> m.PublicUser:
     # Only the user's own writes change their profile, so read-your-writes
     # needs the caller's write position only when they look at themselves.
     reader = call.user_id if p.user_id == call.user_id else None
-    # Concurrent look-ups share one query (see Database.read_one).
-    row = await call.services.db.read_one(reader, users_db.get_public_many, p.user_id)
-    if row is None:
-        # The id may come from a fresher read (a search served by the primary,
-        # an event): a lagging replica must not call a real user unknown.
-        row = await call.services.db.read_primary(users_db.get_public, p.user_id)
+    # Concurrent look-ups share one query; an id the replica lacks is asked of
+    # the primary only if the replica may be behind (see Database.read_one).
+    row = await call.services.db.read_one(reader, users_db.get_public_many, p.user_id, checked_miss=True)
     if row is None:
         raise RpcError(ErrorCode.NOT_FOUND)
     return m.PublicUser.model_validate(dict(row))
@@ -64,9 +61,8 @@ async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
 
 @rpc("hosts.availability")
 async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityResult:
-    rows = await call.services.db.read(call.user_id, users_db.busy_intervals, p.host_id, p.from_, p.to)
-    if rows is None:  # as in users.get: unknown to a lagging replica is not unknown
-        rows = await call.services.db.read_primary(users_db.busy_intervals, p.host_id, p.from_, p.to)
+    rows = await call.services.db.read(call.user_id, users_db.busy_intervals, p.host_id, p.from_, p.to,
+                                       checked_miss=True)
     if rows is None:
         raise RpcError(ErrorCode.NOT_FOUND)
     return m.AvailabilityResult(busy=[m.BusyInterval.model_validate(dict(r)) for r in rows])

@@ -37,19 +37,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("hangout.cleanup")
 
 
-class Cleanup(Periodic):
+class Cleanup:
     """Background worker owned by ``Services`` (``start``/``stop``)."""
-
-    name = "cleanup"
 
     def __init__(self, services: "Services", interval_s: float | None = None,
                  batch_size: int = 1000, max_batches: int = 100) -> None:
         cfg = services.config
-        super().__init__(cfg.session_cleanup_interval_s if interval_s is None else interval_s, log)
+        interval = cfg.session_cleanup_interval_s if interval_s is None else interval_s
+        self._loop = Periodic("cleanup", self.run_pass, interval, log)
         self.services = services
         self.batch_size = batch_size
         self.max_batches = max_batches
         self.grace = dt.timedelta(seconds=cfg.access_token_ttl_s)
+
+    async def start(self) -> None:
+        await self._loop.start()
+
+    async def stop(self) -> None:
+        await self._loop.stop()
 
     async def run_pass(self) -> None:
         deleted = await self.clean()

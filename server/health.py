@@ -10,7 +10,7 @@ import logging
 import redis.asyncio as aioredis
 
 from server.outbox import UNREACHABLE, Outbox
-from server.poller import Poller
+from server.periodic import Periodic
 
 log = logging.getLogger("hangout")
 
@@ -26,14 +26,14 @@ class RedisHealth:
         self.timeout_s = timeout_s
         self.answers = False
         self.error: str | None = None
-        self._poller = Poller("redis-health", self.check, interval_s)
+        self._poller = Periodic("redis-health", self.check, interval_s)
 
     @property
     def ok(self) -> bool:
         return self.answers and self.outbox.available
 
     async def start(self) -> None:
-        await self._poller.start()
+        await self._poller.start(first_pass_now=True)
 
     async def stop(self) -> None:
         await self._poller.stop()

@@ -1,29 +1,32 @@
-"""A background worker that makes one pass every interval, for as long as
-its process runs: a failed pass is logged and the next one tries again."""
+"""Work done every interval for as long as the process runs: the settlement,
+the cleanup and the health loops. A failed pass is logged and the next one
+tries again; the task is owned here, and ``stop`` cancels and awaits it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 from server.db.errors import DatabaseUnavailable
 
 
 class Periodic:
-    """Owned by ``Services`` (``start``/``stop``); subclasses define ``run_pass``."""
-
-    name = "periodic"
-
-    def __init__(self, interval_s: float, log: logging.Logger) -> None:
+    def __init__(self, name: str, work: Callable[[], Awaitable[None]], interval_s: float,
+                 log: logging.Logger | None = None) -> None:
+        self.name = name
+        self.work = work
         self.interval_s = interval_s
-        self.log = log
+        self.log = log or logging.getLogger("hangout")
         self._task: asyncio.Task | None = None
 
-    async def run_pass(self) -> None:
-        raise NotImplementedError
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
+    async def start(self, *, first_pass_now: bool = False) -> None:
+        """Start the loop. With ``first_pass_now`` one pass is made before
+        this returns (a failure of it is the caller's); else the first pass
+        is the loop's own, at once."""
+        if first_pass_now:
+            await self.work()
+        self._task = asyncio.create_task(self._run(wait_first=first_pass_now), name=self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -31,14 +34,16 @@ class Periodic:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def _run(self) -> None:
+    async def _run(self, wait_first: bool) -> None:
+        if wait_first:
+            await asyncio.sleep(self.interval_s)
         while True:
             try:
-                await self.run_pass()
+                await self.work()
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as err:  # the database is away: the next pass retries
                 self.log.warning("%s pass skipped: %s", self.name, err)
-            except Exception:  # a bad pass must not end the worker for good
+            except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
             await asyncio.sleep(self.interval_s)

@@ -39,18 +39,23 @@ def _parties(result: tuple[list, dict, int]) -> list[uuid.UUID]:
     return list({u for r in completed for u in (r["user_id"], r["host_id"])})
 
 
-class Settlement(Periodic):
+class Settlement:
     """Background worker owned by ``Services`` (``start``/``stop``)."""
 
-    name = "settlement"
-
     def __init__(self, services: "Services", interval_s: float | None = None, batch_size: int = 200) -> None:
-        super().__init__(services.config.settlement_interval_s if interval_s is None else interval_s, log)
+        interval = services.config.settlement_interval_s if interval_s is None else interval_s
+        self._loop = Periodic("settlement", self.run_pass, interval, log)
         self.services = services
         self.batch_size = batch_size
         self.settled = 0  # bookings this process completed, for tests and logs
         self._reported: set[uuid.UUID] = set()  # unpayable bookings warned of (report_unpayable)
         self._reported_more = False
+
+    async def start(self) -> None:
+        await self._loop.start()
+
+    async def stop(self) -> None:
+        await self._loop.stop()
 
     async def run_pass(self) -> None:
         await self.settle_due()

@@ -24,7 +24,7 @@ import asyncpg
 from server.db.errors import DatabaseUnavailable
 from server.db.pool import REPLICA_DEADLINE_S, Acquire, FairPool, create_pool
 from server.db.positions import parse_lsn
-from server.poller import Poller
+from server.periodic import Periodic
 
 log = logging.getLogger("hangout.db")
 
@@ -74,7 +74,7 @@ class Replicas:
         self.max_lag_bytes = max_lag_bytes
         self.head = 0  # the primary's WAL position as last polled
         self._turn = 0
-        self._poller = Poller("replica-health", self.check, interval_s)
+        self._poller = Periodic("replica-health", self.check, interval_s)
 
     def __iter__(self) -> Iterator[Replica]:
         return iter(self.members)
@@ -84,7 +84,7 @@ class Replicas:
 
     async def start(self) -> None:
         """Check every replica once, then keep checking in the background."""
-        await self._poller.start()
+        await self._poller.start(first_pass_now=True)
 
     async def stop(self) -> None:
         """Stop checking; the pools stay open (``pools`` lists them)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ErrorCode, RpcError

@@ -1,5 +1,5 @@
 """What a process shares between its sockets: config, pools, Redis, the hub,
-and the background tasks it owns."""
+the password-hashing threads, and the background tasks it owns."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from server import messages
 from server.config import Config
+from server.credentials import PasswordChecks
 from server.db import auth as auth_db
 from server.db.database import Database
 from server.outbox import Outbox
@@ -45,6 +46,7 @@ class Services:
     db: Database
     hub: Hub
     sessions: Sessions
+    passwords: PasswordChecks
     connections: set[ServedSocket] = field(default_factory=set)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
@@ -64,7 +66,8 @@ class Services:
         outbox.on_recovered = db.raise_floor
         hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
-                       sessions=Sessions(hub, config.access_token_ttl_s))
+                       sessions=Sessions(hub, config.access_token_ttl_s),
+                       passwords=PasswordChecks(config.hash_concurrency, config.hash_max_wait_s))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections
@@ -104,6 +107,7 @@ class Services:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.passwords.close()
         await self.sessions.stop()
         await self.hub.stop()
         await self.db.close()

@@ -162,7 +162,7 @@ class PasswordChecks:
         finally:
             # A moving mean, written from the hashing threads: a lost update
             # only makes the prediction a little staler.
-            self._mean_s += (time.perf_counter() - started - self._mean_s) * 0.2
+            self._mean_s += (time.perf_counter() - started - self._mean_s) * 0.5
 
 
 @dataclass(frozen=True, slots=True)

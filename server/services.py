@@ -17,6 +17,7 @@ from server.config import Config
 from server.credentials import PasswordChecks
 from server.db import auth as auth_db
 from server.db.database import Database
+from server.limits import WindowLimit
 from server.outbox import Outbox
 from server.rooms import Hub
 from server.sessions import Sessions
@@ -47,6 +48,8 @@ class Services:
     hub: Hub
     sessions: Sessions
     passwords: PasswordChecks
+    # auth.register and auth.login per client address (server/limits.py)
+    password_checks: WindowLimit
     connections: set[ServedSocket] = field(default_factory=set)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
@@ -67,7 +70,10 @@ class Services:
         hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
                        sessions=Sessions(hub, config.access_token_ttl_s),
-                       passwords=PasswordChecks(config.hash_concurrency, config.hash_max_wait_s))
+                       passwords=PasswordChecks(config.hash_concurrency, config.hash_max_wait_s),
+                       password_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
+                                                   config.auth_address_window_s, lambda: outbox.available,
+                                                   remember_refusals=True))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections

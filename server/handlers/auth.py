@@ -31,15 +31,10 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
     return m.SessionResult(user=user, access_token=access, refresh_token=refresh)
 
 
-def _limit(call: Call, prefix: str, limit: int, window_s: int) -> WindowLimit:
-    return WindowLimit(call.services.redis, prefix, limit, window_s, lambda: call.services.outbox.available)
-
-
 async def _count_password_check(call: Call) -> None:
     """Every register and login counts against the client's address, before
     anything else is done for it (``rate_limited`` past the limit)."""
-    cfg = call.services.config
-    await _limit(call, "auth-address", cfg.auth_max_per_address, cfg.auth_address_window_s).reserve(call.conn.address)
+    await call.services.password_checks.reserve(call.conn.address)
 
 
 @rpc("auth.register")
@@ -56,7 +51,8 @@ async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
 async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     cfg = call.services.config
     await _count_password_check(call)
-    limiter = _limit(call, "login-failures", cfg.login_max_failures, cfg.login_window_s)
+    limiter = WindowLimit(call.services.redis, "login-failures", cfg.login_max_failures, cfg.login_window_s,
+                          lambda: call.services.outbox.available)
     await limiter.reserve(p.email)  # counted as a failure until proven otherwise
     try:
         row = await call.services.db.write(None, users_db.credentials_by_email, p.email)

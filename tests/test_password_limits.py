@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import pytest
 
 from protocol.client import Client
+from server.credentials import PasswordChecks
 from tests.conftest import PASSWORD, ROOT, ServerProcess, new_email, register
 
 LIMIT = 20  # AUTH_MAX_PER_ADDRESS, the contract's default
@@ -136,6 +137,24 @@ async def test_password_checks_are_refused_while_redis_does_not_answer(stack, db
             assert await db.fetchval("SELECT count(*) FROM users WHERE email = $1", email) == 0
     finally:
         await proc.stop()
+
+
+async def test_hashing_threads_serve_each_address_in_arrival_order_and_the_addresses_in_turn():
+    checks = PasswordChecks(concurrency=1, max_wait_s=60)
+    served = []
+
+    async def one(address: str, n: int) -> None:
+        await checks.hash(address, PASSWORD)
+        served.append(f"{address}{n}")
+
+    try:
+        calls = [asyncio.create_task(one("a", n)) for n in range(4)]
+        calls += [asyncio.create_task(one("b", n)) for n in range(2)]
+        await asyncio.gather(*calls)
+    finally:
+        await checks.close()
+    # a0 had the free thread; then a's line and b's line take turns.
+    assert served == ["a0", "a1", "b0", "a2", "b1", "a3"]
 
 
 async def test_a_call_that_would_wait_past_the_bound_for_hashing_is_refused_at_once(stack):

@@ -25,7 +25,7 @@ UTC = dt.timezone.utc
 T = TypeVar("T")
 
 # argon2id at OWASP's minimum (19 MiB, t=2, p=1), run on threads of its own
-# (PasswordChecks) so that logins never stall other sockets.
+# (PasswordHashing) so that logins never stall other sockets.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 _started = time.perf_counter()
 # Verified against when the email is unknown, so that both cases cost the same.
@@ -41,7 +41,7 @@ def _check(password_hash: str | None, password: str) -> bool:
         return False
 
 
-class PasswordChecks:
+class PasswordHashing:
     """Argon2 on ``concurrency`` threads owned by the process, so that a burst
     of password checks never holds the threads everything else shares.
 

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from server import messages
 from server.config import Config
-from server.credentials import PasswordChecks
+from server.credentials import PasswordHashing
 from server.db import auth as auth_db
 from server.db.database import Database
 from server.limits import WindowLimit
@@ -47,9 +47,9 @@ class Services:
     db: Database
     hub: Hub
     sessions: Sessions
-    passwords: PasswordChecks
+    hashing: PasswordHashing
     # auth.register and auth.login per client address (server/limits.py)
-    password_checks: WindowLimit
+    address_checks: WindowLimit
     connections: set[ServedSocket] = field(default_factory=set)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
@@ -70,8 +70,8 @@ class Services:
         hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
                        sessions=Sessions(hub, config.access_token_ttl_s),
-                       passwords=PasswordChecks(config.hash_concurrency, config.hash_max_wait_s),
-                       password_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
+                       hashing=PasswordHashing(config.hash_concurrency, config.hash_max_wait_s),
+                       address_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
                                                    config.auth_address_window_s, lambda: outbox.available,
                                                    remember_refusals=True))
 
@@ -113,7 +113,7 @@ class Services:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.passwords.close()
+        await self.hashing.close()
         await self.sessions.stop()
         await self.hub.stop()
         await self.db.close()

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 import pytest
 
 from protocol.client import Client
-from server.credentials import PasswordChecks
+from server.credentials import PasswordHashing
 from tests.conftest import PASSWORD, ROOT, ServerProcess, new_email, register
 
 LIMIT = 20  # AUTH_MAX_PER_ADDRESS, the contract's default
@@ -140,7 +140,7 @@ async def test_password_checks_are_refused_while_redis_does_not_answer(stack, db
 
 
 async def test_hashing_threads_serve_each_address_in_arrival_order_and_the_addresses_in_turn():
-    checks = PasswordChecks(concurrency=1, max_wait_s=60)
+    checks = PasswordHashing(concurrency=1, max_wait_s=60)
     served = []
 
     async def one(address: str, n: int) -> None:

@@ -34,13 +34,13 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
 async def _count_password_check(call: Call) -> None:
     """Every register and login counts against the client's address, before
     anything else is done for it (``rate_limited`` past the limit)."""
-    await call.services.password_checks.reserve(call.conn.address)
+    await call.services.address_checks.reserve(call.conn.address)
 
 
 @rpc("auth.register")
 async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
     await _count_password_check(call)
-    password_hash = await call.services.passwords.hash(call.conn.address, p.password)
+    password_hash = await call.services.hashing.hash(call.conn.address, p.password)
     row = await call.services.db.write(lambda r: r and r["id"], users_db.insert_user, p.email, password_hash, p.name, p.gender)
     if row is None:
         raise RpcError(ErrorCode.EMAIL_TAKEN)
@@ -56,7 +56,7 @@ async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     await limiter.reserve(p.email)  # counted as a failure until proven otherwise
     try:
         row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
-        good = await call.services.passwords.verify(call.conn.address, row["password_hash"] if row else None, p.password)
+        good = await call.services.hashing.verify(call.conn.address, row["password_hash"] if row else None, p.password)
     except asyncio.CancelledError:
         # The socket went away mid-check: not a wrong guess either. The
         # release cannot be awaited here; the process runs it.

@@ -72,8 +72,8 @@ class Services:
                        sessions=Sessions(hub, config.access_token_ttl_s),
                        hashing=PasswordHashing(config.hash_concurrency, config.hash_max_wait_s),
                        address_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
-                                                   config.auth_address_window_s, lambda: outbox.available,
-                                                   remember_refusals=True))
+                                                  config.auth_address_window_s, lambda: outbox.available,
+                                                  remember_refusals=True))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections

@@ -52,10 +52,18 @@ class Client:
         session: aiohttp.ClientSession | None = None,
         heartbeat: float | None = None,
         max_msg_size: int = 4 * 1024 * 1024,
+        local_address: str | None = None,
         **kwargs: Any,
     ) -> "Client":
+        """``local_address`` binds the socket's own end to that address (any
+        port), e.g. ``"127.0.0.2"``: how a test on one machine connects as
+        another client address. Not with ``session`` (it has a connector)."""
+        if local_address is not None and session is not None:
+            raise ValueError("local_address needs a session of the client's own")
         own = session is None
-        session = session or aiohttp.ClientSession()
+        if session is None:
+            connector = aiohttp.TCPConnector(local_addr=(local_address, 0)) if local_address else None
+            session = aiohttp.ClientSession(connector=connector)
         headers = {}
         params = {}
         if access_token is not None:

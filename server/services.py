@@ -1,5 +1,5 @@
 """What a process shares between its sockets: config, pools, Redis, the hub,
-and the background tasks it owns."""
+the password-hashing threads, and the background tasks it owns."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import redis.asyncio as aioredis
 
 from server import messages
 from server.config import Config
+from server.credentials import PasswordHashing
 from server.db import auth as auth_db
 from server.db.database import Database
+from server.limits import WindowLimit
 from server.outbox import Outbox
 from server.rooms import Hub
 from server.sessions import Sessions
@@ -45,6 +47,9 @@ class Services:
     db: Database
     hub: Hub
     sessions: Sessions
+    hashing: PasswordHashing
+    # auth.register and auth.login per client address (server/limits.py)
+    address_checks: WindowLimit
     connections: set[ServedSocket] = field(default_factory=set)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
@@ -64,7 +69,11 @@ class Services:
         outbox.on_recovered = db.raise_floor
         hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
-                       sessions=Sessions(hub, config.access_token_ttl_s))
+                       sessions=Sessions(hub, config.access_token_ttl_s),
+                       hashing=PasswordHashing(config.hash_concurrency, config.hash_max_wait_s),
+                       address_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
+                                                  config.auth_address_window_s, lambda: outbox.available,
+                                                  remember_refusals=True))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections
@@ -104,6 +113,7 @@ class Services:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hashing.close()
         await self.sessions.stop()
         await self.hub.stop()
         await self.db.close()

@@ -12,7 +12,7 @@ from protocol.models.users import OwnUser
 from server import credentials
 from server.db import auth as auth_db
 from server.db import users as users_db
-from server.limits import LoginLimiter
+from server.limits import WindowLimit
 from server.rpc import Call, rpc
 
 if TYPE_CHECKING:
@@ -30,9 +30,16 @@ async def _open_session(call: Call, user: OwnUser) -> m.SessionResult:
     return m.SessionResult(user=user, access_token=access, refresh_token=refresh)
 
 
+async def _count_password_check(call: Call) -> None:
+    """Every register and login counts against the client's address, before
+    anything else is done for it (``rate_limited`` past the limit)."""
+    await call.services.address_checks.reserve(call.conn.address)
+
+
 @rpc("auth.register")
 async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
-    password_hash = await credentials.hash_password(p.password)
+    await _count_password_check(call)
+    password_hash = await call.services.hashing.hash(call.conn.address, p.password)
     row = await call.services.db.write(lambda r: r and r["id"], users_db.insert_user, p.email, password_hash, p.name, p.gender)
     if row is None:
         raise RpcError(ErrorCode.EMAIL_TAKEN)
@@ -42,12 +49,13 @@ async def register(call: Call, p: m.RegisterParams) -> m.SessionResult:
 @rpc("auth.login")
 async def login(call: Call, p: m.LoginParams) -> m.SessionResult:
     cfg = call.services.config
-    limiter = LoginLimiter(call.services.redis, cfg.login_max_failures, cfg.login_window_s,
-                           lambda: call.services.outbox.available)
+    await _count_password_check(call)
+    limiter = WindowLimit(call.services.redis, "login-failures", cfg.login_max_failures, cfg.login_window_s,
+                          lambda: call.services.outbox.available)
     await limiter.reserve(p.email)  # counted as a failure until proven otherwise
     try:
         row = await call.services.db.write(None, users_db.credentials_by_email, p.email)
-        good = await credentials.verify_password(row["password_hash"] if row else None, p.password)
+        good = await call.services.hashing.verify(call.conn.address, row["password_hash"] if row else None, p.password)
     except asyncio.CancelledError:
         # The socket went away mid-check: not a wrong guess either. The
         # release cannot be awaited here; the process runs it.

@@ -16,6 +16,7 @@ from server import messages
 from server.config import Config
 from server.db import auth as auth_db
 from server.db.database import Database
+from server.edge import SocketCounts
 from server.outbox import Outbox
 from server.rooms import Hub
 from server.sessions import Sessions
@@ -46,6 +47,8 @@ class Services:
     hub: Hub
     sessions: Sessions
     connections: set[ServedSocket] = field(default_factory=set)
+    # Sockets from their admission (server/http.py) to their teardown.
+    sockets: SocketCounts = field(default_factory=SocketCounts)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
 

@@ -21,6 +21,7 @@ import pytest
 from protocol.codec import encode
 from server import credentials
 from server.config import DEV_JWT_SECRET
+from server.edge import SocketCounts
 from tests.conftest import ServerProcess, register
 from tests.test_transport import ask, ask_raw, close_code, next_reply
 
@@ -163,17 +164,18 @@ async def open_sockets(stack_: contextlib.AsyncExitStack, server: ServerProcess,
     return [await stack_.enter_async_context(socket_from(server, source, **kw)) for _ in range(count)]
 
 
-async def admitted_once_freed(server: ServerProcess, stack_: contextlib.AsyncExitStack, source: str,
-                              timeout: float = 5.0) -> aiohttp.ClientWebSocketResponse:
-    """A socket from ``source`` once the server has torn down one it closed:
-    the teardown ends after the close handshake, so a bounded retry while
-    the answer is still 429."""
-    deadline = now() + timeout
+async def admitted_once_freed(server: ServerProcess, stack_: contextlib.AsyncExitStack, source: str, status: int,
+                              **kw) -> aiohttp.ClientWebSocketResponse:
+    """A socket from ``source`` once the process has torn down a socket just
+    closed, whose slot it needs. The teardown ends a moment after the close
+    handshake, and there is no event to await: a bounded retry, as long as
+    the answer is the refusal ``status``."""
+    deadline = now() + 5.0
     while True:
         try:
-            return await stack_.enter_async_context(socket_from(server, source))
+            return await stack_.enter_async_context(socket_from(server, source, **kw))
         except aiohttp.WSServerHandshakeError as refused:
-            assert refused.status == 429 and now() < deadline, refused
+            assert refused.status == status and now() < deadline, refused
         await asyncio.sleep(0.02)
 
 
@@ -186,7 +188,7 @@ async def test_sockets_per_address_are_capped_before_the_upgrade_with_429(capped
         assert await refused_status(capped_server, "127.0.0.1") == 429
         # A closed socket frees its slot.
         await first.close()
-        await admitted_once_freed(capped_server, sockets, "127.0.0.1")
+        await admitted_once_freed(capped_server, sockets, "127.0.0.1", 429)
         assert await refused_status(capped_server, "127.0.0.1") == 429
 
 
@@ -197,19 +199,7 @@ async def test_sockets_per_process_are_capped_before_the_upgrade_with_503(capped
         await open_sockets(sockets, capped_server, "127.0.0.3", 1)
         assert await refused_status(capped_server, "127.0.0.4") == 503
         await last.close()
-        await admitted_once_freed_any(capped_server, sockets, "127.0.0.4")
-
-
-async def admitted_once_freed_any(server: ServerProcess, stack_: contextlib.AsyncExitStack, source: str,
-                                  timeout: float = 5.0) -> None:
-    deadline = now() + timeout
-    while True:
-        try:
-            await stack_.enter_async_context(socket_from(server, source))
-            return
-        except aiohttp.WSServerHandshakeError as refused:
-            assert refused.status == 503 and now() < deadline, refused
-        await asyncio.sleep(0.02)
+        await admitted_once_freed(capped_server, sockets, "127.0.0.4", 503)
 
 
 async def test_forwarded_addresses_count_only_from_a_trusted_proxy(capped_server):
@@ -221,23 +211,10 @@ async def test_forwarded_addresses_count_only_from_a_trusted_proxy(capped_server
         await open_sockets(sockets, capped_server, "127.0.0.1", 1, headers={"X-Forwarded-For": "198.51.100.2"})
     async with contextlib.AsyncExitStack() as sockets:
         # 127.0.0.2 is not: what it claims is ignored, its own address counts.
+        # (The sockets just closed may still hold their slots for a moment.)
         for n in range(PER_ADDRESS):
-            await admitted_claiming(capped_server, sockets, f"203.0.113.{n}")
+            await admitted_once_freed(capped_server, sockets, "127.0.0.2", 503, headers={"X-Forwarded-For": f"203.0.113.{n}"})
         assert await refused_status(capped_server, "127.0.0.2", headers={"X-Forwarded-For": "203.0.113.99"}) == 429
-
-
-async def admitted_claiming(server: ServerProcess, stack_: contextlib.AsyncExitStack, claim: str,
-                            timeout: float = 5.0) -> None:
-    """A socket from 127.0.0.2 claiming ``claim``; the process may still be
-    tearing down the previous block's sockets (a bounded retry on 503)."""
-    deadline = now() + timeout
-    while True:
-        try:
-            await stack_.enter_async_context(socket_from(server, "127.0.0.2", headers={"X-Forwarded-For": claim}))
-            return
-        except aiohttp.WSServerHandshakeError as refused:
-            assert refused.status == 503 and now() < deadline, refused
-        await asyncio.sleep(0.02)
 
 
 # ---- values and levels of a frame --------------------------------------------
@@ -417,3 +394,13 @@ async def test_calls_in_flight_of_the_largest_frames_raise_memory_by_less_than_6
 async def test_a_call_in_flight_holds_its_params_not_its_frame(many_values_server):
     raised = await rss_raised_by_calls_in_flight(many_values_server, empty_maps_frame)
     assert raised < 64 * MIB, raised / MIB
+
+
+def test_socket_counts_keep_no_entry_for_an_address_without_sockets():
+    counts = SocketCounts()
+    for address in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
+        counts.add(address)
+    assert (counts.total, counts.of("192.0.2.1"), counts.addresses) == (3, 2, 2)
+    for address in ("192.0.2.1", "192.0.2.2", "192.0.2.1"):
+        counts.remove(address)
+    assert (counts.total, counts.of("192.0.2.1"), counts.addresses) == (0, 0, 0)

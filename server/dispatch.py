@@ -7,7 +7,7 @@ and params are checked as its frame arrives, and only then is it a task:
 the task holds the params model, never the decoded frame, so what calls in
 flight hold is bounded by the models. Each call is a task owned by the
 socket's ``Dispatcher``, cancelled and awaited when the socket ends. Results
-and errors become frames in ``_answer`` alone.
+and errors become frames in ``_call`` and ``_failure`` alone.
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ class Dispatcher:
         except Exception as exc:
             return self._send_reply(self._failure(req_id, name, exc))
         del frame  # from here the call holds its params model alone
-        task = asyncio.create_task(self._call(req_id, method, params))
+        # The caller is who the socket was bound to when its auth was checked.
+        task = asyncio.create_task(self._call(req_id, method, params, self._binding.user_id))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -189,12 +190,12 @@ class Dispatcher:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
         return method, params
 
-    async def _call(self, req_id: int, method: Method, params: BaseModel) -> None:
+    async def _call(self, req_id: int, method: Method, params: BaseModel, caller: uuid.UUID | None) -> None:
         try:
             # The call's write positions go to Redis in the pipeline of its
             # events, and the reply waits for them (read-your-writes).
             async with self.services.db.recording_writes():
-                result = await method.handler(Call(self.services, self._binding, self._binding.user_id), params)
+                result = await method.handler(Call(self.services, self._binding, caller), params)
             frame = result_frame(req_id, result)
         except asyncio.CancelledError:
             raise

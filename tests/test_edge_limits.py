@@ -16,9 +16,12 @@ import uuid
 from typing import AsyncIterator
 
 import aiohttp
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from protocol.codec import encode
+from protocol.codec import OverLimits, check_shape, encode
 from server import credentials
 from server.config import DEV_JWT_SECRET
 from server.edge import SocketCounts
@@ -404,3 +407,39 @@ def test_socket_counts_keep_no_entry_for_an_address_without_sockets():
     for address in ("192.0.2.1", "192.0.2.2", "192.0.2.1"):
         counts.remove(address)
     assert (counts.total, counts.of("192.0.2.1"), counts.addresses) == (0, 0, 0)
+
+
+# Every kind of MessagePack value, at every size class of its header.
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
+    st.text(max_size=300), st.binary(max_size=300),
+    st.sampled_from(["s" * 70000, b"b" * 70000, msgpack.ExtType(5, b"e" * 300), msgpack.ExtType(5, b"e" * 70000),
+                     msgpack.ExtType(1, b"x"), msgpack.ExtType(1, b"x" * 16), [0] * 70000, dict.fromkeys(range(20000))]),
+    st.datetimes(timezones=st.just(dt.timezone.utc)),
+)
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=20), st.dictionaries(st.one_of(st.text(max_size=5), st.integers(-2**63, 2**64 - 1)), inner, max_size=20)),
+    max_leaves=60)
+
+
+def counted(value, level: int = 0) -> tuple[int, int]:
+    """(values, levels) of a decoded value, the contract's way."""
+    if isinstance(value, dict):
+        parts = [counted(v, level + 1) for pair in value.items() for v in pair]
+    elif isinstance(value, list):
+        parts = [counted(v, level + 1) for v in value]
+    else:
+        return 1, level
+    return 1 + sum(p[0] for p in parts), max([level + 1] + [p[1] for p in parts])
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_the_shape_check_agrees_with_the_decoded_frame_at_every_boundary(value):
+    data = msgpack.packb(value, datetime=True, use_bin_type=True)
+    count, levels = counted(msgpack.unpackb(data, raw=False, strict_map_key=False, timestamp=0))
+    check_shape(data, count, levels)
+    for limits in ((count - 1, levels), (count, levels - 1)):
+        if min(limits) >= 0 and limits != (count, levels):
+            with pytest.raises(OverLimits):
+                check_shape(data, *limits)

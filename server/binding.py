@@ -2,8 +2,9 @@
 
 ``AuthBinding`` is also the socket as the hub and the handlers see it
 (``server.rpc.Socket``): it follows the bound user's channel and the rooms
-the socket joined, and takes their events. Its one timer, the token's
-expiry, is cancelled by ``unbind`` or ``end``.
+the socket joined, and takes their events. It owns the socket's timers: the
+token's expiry while bound, the sign-in deadline (``AUTH_DEADLINE_S``) while
+not; ``end`` cancels both.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class AuthBinding:
         self.token_expires_at: dt.datetime | None = None
         self.events_suspended = False  # the token expired (``_suspend_events``)
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._deadline_s = services.config.auth_deadline_s
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._on_deadline: Callable[[], None] | None = None  # set while the socket is served
 
     def send_event(self, frame: bytes) -> None:
         """An event for the socket; dropped while the token has expired."""
@@ -93,6 +97,7 @@ class AuthBinding:
         self.user_id = user_id
         self.token_family = family
         self.token_expires_at = expires_at
+        self._cancel_deadline()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         loop = asyncio.get_running_loop()
@@ -100,7 +105,9 @@ class AuthBinding:
         self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
 
     def session_ended(self, family: uuid.UUID) -> None:
-        """Another socket or process ended this socket's session (server/sessions.py)."""
+        """Another socket or process ended this socket's session
+        (server/sessions.py): unbound, it has a new sign-in deadline, as
+        after ``auth.logout``."""
         if self.token_family == family:
             self.unbind()
 
@@ -111,10 +118,38 @@ class AuthBinding:
         self.token_family = None
         self.token_expires_at = None
         self.events_suspended = False
-        self.end()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._start_deadline()
+
+    def watch_sign_in(self, on_deadline: Callable[[], None]) -> None:
+        """From the upgrade on, a socket that is not bound ``AUTH_DEADLINE_S``
+        after it (or after it becomes unbound again) gets ``on_deadline``
+        (closed with 1008): an anonymous socket may not hold a slot for longer."""
+        self._on_deadline = on_deadline
+        if self.user_id is None:
+            self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        self._cancel_deadline()
+        if self._on_deadline is not None:
+            self._deadline_timer = asyncio.get_running_loop().call_later(self._deadline_s, self._deadline_passed)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        if self.user_id is None and self._on_deadline is not None:
+            self._on_deadline()
 
     def end(self) -> None:
-        """The socket is going: its timer with it."""
+        """The socket is going: its timers with it."""
+        self._on_deadline = None
+        self._cancel_deadline()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None

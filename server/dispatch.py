@@ -1,10 +1,13 @@
 """Dispatching a socket's frames: each request checked, run as a call, answered.
 
-A frame that is not a request is answered ``bad_frame`` (too many close the
-socket with 1008); a call's params are validated against its declaration and
-its auth checked before the handler runs. Each call is a task owned by the
+A frame that is not a request, or holds more values or levels than
+``MAX_FRAME_VALUES`` / ``MAX_FRAME_DEPTH`` (refused before it is decoded), is
+answered ``bad_frame`` (too many close the socket with 1008). A call's auth
+and params are checked as its frame arrives, and only then is it a task:
+the task holds the params model, never the decoded frame, so what calls in
+flight hold is bounded by the models. Each call is a task owned by the
 socket's ``Dispatcher``, cancelled and awaited when the socket ends. Results
-and errors become frames in ``_call`` alone.
+and errors become frames in ``_call`` and ``_failure`` alone.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import redis.exceptions
 from aiohttp import WSCloseCode
 from pydantic import BaseModel, ValidationError
 
-from protocol.codec import DecodeError, decode
+from protocol.codec import DecodeError, OverLimits, decode
 from protocol.errors import ErrorCode, RpcError
 from server.binding import AuthBinding
 from server.db.errors import DatabaseUnavailable
 from server.frames import error_frame, result_frame
-from server.rpc import METHODS, Call
+from server.rpc import METHODS, Call, Method
 from server.services import Services
 from server.transport import Transport
 
@@ -98,6 +101,8 @@ class Dispatcher:
         self._binding = binding
         self._max_in_flight = services.config.max_in_flight
         self._max_bad_frames = services.config.max_bad_frames
+        self._max_values = services.config.max_frame_values
+        self._max_depth = services.config.max_frame_depth
         self._calls: set[asyncio.Task] = set()
         self.bad_frames = 0
         self.draining = False  # shutting down: no new calls
@@ -123,7 +128,9 @@ class Dispatcher:
         if self._transport.closing:
             return
         try:
-            frame = decode(data)
+            frame = decode(data, self._max_values, self._max_depth)
+        except OverLimits as exc:
+            return self._bad_frame(None, str(exc))
         except DecodeError:
             return self._bad_frame(None, "not a single MessagePack value")
         if not isinstance(frame, dict):
@@ -131,17 +138,22 @@ class Dispatcher:
         req_id = frame.get("id")
         if type(req_id) is not int or not 0 <= req_id <= MAX_UINT64:
             return self._bad_frame(None, "missing or unusable id")
-        method = frame.get("method")
-        if type(method) is not str:
+        name = frame.get("method")
+        if type(name) is not str:
             return self._bad_frame(req_id, "missing or unusable method")
-        params = frame.get("params", {})
         if self.draining:
             # Shutting down: tell the client to retry elsewhere rather than
             # leave the call unanswered.
             return self._send_reply(error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, "server shutting down, retry")))
         if len(self._calls) >= self._max_in_flight:
             return self._send_reply(error_frame(req_id, RpcError(ErrorCode.TOO_MANY_REQUESTS)))
-        task = asyncio.create_task(self._call(req_id, method, params))
+        try:
+            method, params = self._checked(name, frame.get("params", {}))
+        except Exception as exc:
+            return self._send_reply(self._failure(req_id, name, exc))
+        del frame  # from here the call holds its params model alone
+        # The caller is who the socket was bound to when its auth was checked.
+        task = asyncio.create_task(self._call(req_id, method, params, self._binding.user_id))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -155,25 +167,8 @@ class Dispatcher:
 
     # ---- calls -----------------------------------------------------------
 
-    async def _call(self, req_id: int, name: str, raw_params: Any) -> None:
-        try:
-            frame = result_frame(req_id, await self.dispatch(name, raw_params))
-        except RpcError as err:
-            frame = error_frame(req_id, err)
-        except asyncio.CancelledError:
-            raise
-        except DatabaseUnavailable as exc:
-            frame = error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, str(exc) or None))
-        except UNAVAILABLE_ERRORS as exc:
-            log.warning("call %s unavailable: %r", name, exc)
-            frame = error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE))
-        except Exception:
-            ref = uuid.uuid4().hex
-            log.exception("internal error in %s ref=%s", name, ref)
-            frame = error_frame(req_id, RpcError(ErrorCode.INTERNAL, data={"ref": ref}))
-        self._send_reply(frame)
-
-    async def dispatch(self, name: str, raw_params: Any) -> Any:
+    def _checked(self, name: str, raw_params: Any) -> tuple[Method, BaseModel]:
+        """The method and its validated params, or the ``RpcError`` that answers the call."""
         method = METHODS.get(name)
         if method is None:
             raise RpcError(ErrorCode.UNKNOWN_METHOD, f"no method named {name[:100]!r}")
@@ -183,6 +178,7 @@ class Dispatcher:
         if not isinstance(raw_params, dict):
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "params", "reason": "must be a map"}]})
         errors: list[dict[str, str]] = []
+        params = None
         try:
             params = spec.params.model_validate(raw_params)
         except ValidationError as exc:
@@ -190,9 +186,32 @@ class Dispatcher:
         named = {e["field"] for e in errors}
         errors += [e for e in spec.params.raw_errors(raw_params) if e["field"] not in named]
         errors += nul_errors(spec.params, raw_params, {e["field"] for e in errors})
-        if errors:
+        if errors or params is None:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
-        # The call's write positions go to Redis in the pipeline of its
-        # events, and the reply waits for them (read-your-writes).
-        async with self.services.db.recording_writes():
-            return await method.handler(Call(self.services, self._binding, self._binding.user_id), params)
+        return method, params
+
+    async def _call(self, req_id: int, method: Method, params: BaseModel, caller: uuid.UUID | None) -> None:
+        try:
+            # The call's write positions go to Redis in the pipeline of its
+            # events, and the reply waits for them (read-your-writes).
+            async with self.services.db.recording_writes():
+                result = await method.handler(Call(self.services, self._binding, caller), params)
+            frame = result_frame(req_id, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            frame = self._failure(req_id, method.spec.name, exc)
+        self._send_reply(frame)
+
+    def _failure(self, req_id: int, name: str, exc: Exception) -> bytes:
+        """The error frame of a call that failed with ``exc``."""
+        if isinstance(exc, RpcError):
+            return error_frame(req_id, exc)
+        if isinstance(exc, DatabaseUnavailable):
+            return error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, str(exc) or None))
+        if isinstance(exc, UNAVAILABLE_ERRORS):
+            log.warning("call %s unavailable: %r", name, exc)
+            return error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE))
+        ref = uuid.uuid4().hex
+        log.error("internal error in %s ref=%s", name[:100], ref, exc_info=exc)
+        return error_frame(req_id, RpcError(ErrorCode.INTERNAL, data={"ref": ref}))

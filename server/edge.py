@@ -37,3 +37,33 @@ def client_address(peer: str | None, forwarded_for: str | None, proxies: tuple[N
             except ValueError:
                 return peer  # a hop we cannot read: the proxy's own view is all we have
     return peer
+
+
+class SocketCounts:
+    """A process's open sockets, in all and per client address, for the caps
+    checked before an upgrade (``MAX_SOCKETS``, ``MAX_SOCKETS_PER_ADDRESS``).
+    An address's entry exists only while it has a socket: a client that
+    comes once does not leave an entry behind."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+
+    def of(self, address: str) -> int:
+        return self._by_address.get(address, 0)
+
+    @property
+    def addresses(self) -> int:
+        return len(self._by_address)
+
+    def add(self, address: str) -> None:
+        self.total += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+
+    def remove(self, address: str) -> None:
+        self.total -= 1
+        left = self._by_address[address] - 1
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]

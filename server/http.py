@@ -42,6 +42,24 @@ def _upgrade_token(request: web.Request) -> str | None:
 async def websocket(request: web.Request) -> web.StreamResponse:
     services = _services(request)
     cfg = services.config
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"), cfg.trusted_proxies)
+    # The caps come before anything else is done for the socket (a token is
+    # checked in the database). A socket counts from here to its teardown, so
+    # upgrades still in progress count too.
+    sockets = services.sockets
+    if sockets.of(address) >= cfg.max_sockets_per_address:
+        return web.json_response({"error": ErrorCode.RATE_LIMITED.value}, status=429)
+    if sockets.total >= cfg.max_sockets:
+        return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
+    sockets.add(address)
+    try:
+        return await _websocket(request, services, address)
+    finally:
+        sockets.remove(address)
+
+
+async def _websocket(request: web.Request, services: Services, address: str) -> web.StreamResponse:
+    cfg = services.config
     # From the session check until the socket is among the process's
     # connections, a catch-up of ended sessions (server/sessions.py) counts it.
     with contextlib.ExitStack() as checking:
@@ -58,7 +76,6 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except (DatabaseUnavailable, *UNAVAILABLE_ERRORS):
                 return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
         ws = websocket_response(cfg)
-        address = client_address(request.remote, request.headers.get("X-Forwarded-For"), cfg.trusted_proxies)
         conn = Connection(ws, request, services, address)
         try:
             if claims is not None:

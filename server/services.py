@@ -17,6 +17,7 @@ from server.config import Config
 from server.credentials import PasswordHashing
 from server.db import auth as auth_db
 from server.db.database import Database
+from server.edge import SocketCounts
 from server.limits import WindowLimit
 from server.outbox import Outbox
 from server.rooms import Hub
@@ -51,6 +52,8 @@ class Services:
     # auth.register and auth.login per client address (server/limits.py)
     address_checks: WindowLimit
     connections: set[ServedSocket] = field(default_factory=set)
+    # Sockets from their admission (server/http.py) to their teardown.
+    sockets: SocketCounts = field(default_factory=SocketCounts)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
 

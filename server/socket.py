@@ -51,7 +51,12 @@ class Connection:
     def _leave_channels(self) -> None:
         self._hub.unfollow_all(self.binding)
 
+    def _sign_in_deadline_passed(self) -> None:
+        if not self.transport.closing:
+            self.transport.close_soon(WSCloseCode.POLICY_VIOLATION, "not authenticated in time")
+
     async def serve(self) -> None:
+        self.binding.watch_sign_in(self._sign_in_deadline_passed)
         try:
             await self.transport.serve(self.dispatcher.on_frame)
         finally:

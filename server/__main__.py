@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from server.config import MIN_SECRET_BYTES, Config, dev_secrets
+from server.config import MIN_SECRET_BYTES, Config, ConfigError, dev_secrets
 from server.runtime import settle_heap
 
 log = logging.getLogger("hangout")
@@ -90,7 +90,11 @@ def _serve_workers(n: int) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     on_devstack = _use_devstack_if_unconfigured()
-    config = Config.from_env()
+    try:
+        config = Config.from_env()
+    except ConfigError as err:
+        print(f"hangout: {err}", file=sys.stderr)
+        return 2
     missing = config.missing_secrets()
     if missing:
         # The development values are public: a server that fell back to them

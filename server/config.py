@@ -29,12 +29,26 @@ def dev_secrets() -> dict[str, str]:
     }
 
 
+class ConfigError(ValueError):
+    """A setting that does not parse; its message names the variable."""
+
+
+def _parsed(name: str, default: object, parse):
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return parse(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {parse.__name__}") from None
+
+
 def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+    return _parsed(name, default, int)
 
 
 def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+    return _parsed(name, default, float)
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,8 +56,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def _networks(name: str) -> tuple[Network, ...]:
     """Comma-separated IP addresses or CIDR ranges."""
-    return tuple(ipaddress.ip_network(part.strip(), strict=False)
-                 for part in os.environ.get(name, "").split(",") if part.strip())
+    def networks(text: str) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+    return _parsed(name, (), networks)
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,11 @@ async def test_with_its_own_secrets_it_listens_on_every_interface(stack):
 def test_the_development_secrets_are_long_enough():
     assert len(DEV_JWT_SECRET.encode()) >= MIN_SECRET_BYTES
     assert len(DEV_KYC_SECRET.encode()) >= MIN_SECRET_BYTES
+
+
+@pytest.mark.parametrize("name, value", [("MAX_IN_FLIGHT", "many"), ("AUTH_DEADLINE_S", "soon"),
+                                         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-address")])
+def test_a_setting_that_does_not_parse_exits_2_naming_it(stack, name, value):
+    done = refused(stack, JWT_SECRET=LONG, KYC_WEBHOOK_SECRET=LONG, **{name: value})
+    assert done.returncode == 2
+    assert name in done.stderr and "Traceback" not in done.stderr

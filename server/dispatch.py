@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from protocol.codec import DecodeError, decode
 from protocol.errors import ErrorCode, RpcError
+from server import cursors
 from server.binding import AuthBinding
 from server.db.errors import DatabaseUnavailable
 from server.frames import error_frame, result_frame
@@ -183,6 +184,7 @@ class Dispatcher:
         if not isinstance(raw_params, dict):
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [{"field": "params", "reason": "must be a map"}]})
         errors: list[dict[str, str]] = []
+        params = None
         try:
             params = spec.params.model_validate(raw_params)
         except ValidationError as exc:
@@ -190,6 +192,10 @@ class Dispatcher:
         named = {e["field"] for e in errors}
         errors += [e for e in spec.params.raw_errors(raw_params) if e["field"] not in named]
         errors += nul_errors(spec.params, raw_params, {e["field"] for e in errors})
+        # A cursor is checked with the server's key, so beside the model's own rules.
+        named = {e["field"] for e in errors}
+        errors += [e for e in cursors.errors(self.services.config, name, spec.params, raw_params, params)
+                   if e["field"] not in named]
         if errors:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
         # The call's write positions go to Redis in the pipeline of its

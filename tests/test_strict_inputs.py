@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
+import unicodedata
 import uuid
 
 import pytest
 
 from protocol.errors import RpcError
+from protocol.models.common import WHITE_SPACE, has_control
 from tests.booking_support import book, booker, host, key, slot
 from tests.chat_helpers import open_room
 from tests.conftest import PASSWORD, ServerProcess, new_email, register, verified_user
@@ -232,3 +234,14 @@ async def test_a_cursor_made_before_the_secret_changed_is_invalid_params(server,
             assert len((await c.call("wallet.transactions", {"cursor": new}))["transactions"]) == 2
     finally:
         await rotated.stop()
+
+
+def test_names_are_trimmed_of_unicode_white_space_which_str_isspace_is_not():
+    """Python's ``str.strip()`` also strips U+001C-U+001F; White_Space (25
+    code points) does not hold them, and a name must not hold them at all."""
+    is_space = {c for c in map(chr, range(0x110000)) if c.isspace()}
+    assert len(WHITE_SPACE) == 25 and set(WHITE_SPACE) <= is_space
+    assert is_space - set(WHITE_SPACE) == set("\x1c\x1d\x1e\x1f")
+    controls = {c for c in map(chr, range(0x110000)) if unicodedata.category(c) == "Cc"}
+    bidi = {chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+    assert {c for c in map(chr, range(0x110000)) if has_control(c)} == controls | bidi

@@ -114,6 +114,8 @@ PositiveMoney = Annotated[
     Decimal, PlainValidator(_parse_money_positive), PlainSerializer(_dump_money, return_type=str)
 ]
 Limit = Annotated[int, Field(ge=1, le=100, strict=True)]
+# Opaque to clients: what a cursor holds and whom it serves is the server's (server/cursors.py).
+Cursor = Annotated[str, Field(min_length=1, max_length=512, strict=True)]
 
 
 # Unicode's White_Space property. str.strip() differs: it also strips the
@@ -167,7 +169,6 @@ def check_content(value: str) -> str:
     if _CONTENT_CONTROL.search(value):
         raise ValueError("must not hold control characters other than tab, newline and carriage return")
     return value
-Cursor = Annotated[str, Field(min_length=1, max_length=512, strict=True)]
 
 
 class Params(BaseModel):

@@ -320,6 +320,9 @@ def params_for(w: World, method: str, draw: Any) -> dict:
             params.pop(name, None)
         else:
             params[name] = value
+    # Keys no model names, of any kind a map key may be.
+    keys = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), texts, st.binary(max_size=8))
+    params.update(draw(st.dictionaries(keys, anything, max_size=2)))
     return params
 
 

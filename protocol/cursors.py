@@ -1,45 +1,53 @@
-"""Opaque keyset cursors: a urlsafe-base64 JSON list of the last row's sort key.
+"""The values a keyset cursor holds: the last row's sort key.
 
-Clients only hand back what a page gave them. Each paginated params model
-names the types of its key (``PageParams.cursor_key``), so that a cursor
-that does not decode is reported with the other invalid params."""
+A cursor is opaque to clients and made by the server alone (the server signs
+it and binds it to its method and filters, ``server/cursors.py``). Each
+paginated params model names the parts of its key (``PageParams.cursor_key``);
+each part writes its value as a string and reads back only what it wrote, so
+that a value in a cursor is always finite and in range, whatever the
+cursor holds.
+"""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
-from typing import Any, Callable, Sequence
+import re
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
 
-from protocol.errors import ErrorCode, RpcError
 from protocol.times import in_utc
 
-
-# The invalid_params error of a cursor that does not decode as one of its list.
-BAD_CURSOR = {"field": "cursor", "reason": "not a cursor from this list"}
-
-
-def encode_cursor(*values: Any) -> str:
-    raw = json.dumps([str(v) if not isinstance(v, (int, str)) else v for v in values], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+_PRICE = re.compile(r"[0-9]{1,12}\.[0-9]{2}", re.ASCII)
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+# What ``datetime.isoformat()`` writes for an aware time: to the microsecond, with its offset.
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?[+-][0-9]{2}:[0-9]{2}", re.ASCII)
 
 
-def aware_time(text: str) -> dt.datetime:
-    """A cursor's time value (written with ``datetime.isoformat()``), which
-    must carry its offset, in UTC: a time that UTC cannot hold is no cursor
-    of ours (and would otherwise fail in asyncpg, as ``internal``)."""
-    return in_utc(dt.datetime.fromisoformat(text))
+@dataclass(frozen=True, slots=True)
+class KeyPart:
+    name: str
+    dump: Callable[[Any], str]
+    # Reads a dumped value back; anything else is a ValueError.
+    load: Callable[[Any], Any]
 
 
-def decode_cursor(cursor: str | None, *types: Callable[[Any], Any]) -> tuple | None:
-    """Decode and convert each value with ``types``; a bad cursor is invalid_params."""
-    if cursor is None:
-        return None
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        values: Sequence[Any] = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if not isinstance(values, list) or len(values) != len(types):
-            raise ValueError("wrong shape")
-        return tuple(t(v) for t, v in zip(types, values))
-    except Exception:
-        raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [BAD_CURSOR]}) from None
+def _string(value: Any, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError("not a cursor value")
+    return value
+
+
+def _dump_time(when: dt.datetime) -> str:
+    return in_utc(when).isoformat()
+
+
+def _load_time(value: Any) -> dt.datetime:
+    # A time UTC cannot hold is a ValueError here (in_utc), never an overflow further down.
+    return in_utc(dt.datetime.fromisoformat(_string(value, _TIME)))
+
+
+PRICE = KeyPart("price", lambda d: f"{d:.2f}", lambda v: Decimal(_string(v, _PRICE)))
+TIME = KeyPart("time", _dump_time, _load_time)
+ID = KeyPart("id", str, lambda v: uuid.UUID(_string(v, _ID)))

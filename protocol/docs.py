@@ -57,7 +57,9 @@ def _constraints(schema: dict[str, Any]) -> str:
 
 _WIRE = (
     ("_parse_id", "id", "UUID string"),
-    ("_parse_money", "money", "decimal string with two places (\"25.00\"); inputs: string or integer, never a float"),
+    ("_parse_money", "money", "decimal string with two places (\"25.00\"); inputs: ASCII digits with at most two "
+     "places (`[0-9]+(\\.[0-9]{1,2})?`) or an integer, never a float"),
+    ("_name_of", "", "trimmed of White_Space, limits after trimming; no control or bidirectional control characters"),
     ("_parse_time", "time", "MessagePack Timestamp, UTC; inputs also RFC 3339 with an offset"),
 )
 

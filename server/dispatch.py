@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from protocol.codec import DecodeError, OverLimits, decode
 from protocol.errors import ErrorCode, RpcError
+from server import cursors
 from server.binding import AuthBinding
 from server.db.errors import DatabaseUnavailable
 from server.frames import error_frame, result_frame
@@ -186,6 +187,10 @@ class Dispatcher:
         named = {e["field"] for e in errors}
         errors += [e for e in spec.params.raw_errors(raw_params) if e["field"] not in named]
         errors += nul_errors(spec.params, raw_params, {e["field"] for e in errors})
+        # A cursor is checked with the server's key, so beside the model's own rules.
+        named = {e["field"] for e in errors}
+        errors += [e for e in cursors.errors(self.services.config, name, spec.params, raw_params, params)
+                   if e["field"] not in named]
         if errors or params is None:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
         return method, params

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 
 from protocol.methods import MethodSpec
-from protocol.models.common import Params, Result, Time
+from protocol.models.common import Params, Result, Time, has_control
 from protocol.models.users import Gender, Name, OwnUser
 
 # Deliberately plain: one @, a dot in the domain, no spaces. Deliverability is
@@ -27,7 +27,7 @@ class _EmailParams(Params):
     @classmethod
     def _email(cls, v: str) -> str:
         v = normalize_email(v)
-        if len(v) > 255 or not _EMAIL.match(v):
+        if len(v) > 255 or not _EMAIL.match(v) or has_control(v):
             raise ValueError("not a valid email address")
         return v
 

@@ -15,12 +15,11 @@ Decisions where the contract is silent:
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from typing import Literal, Optional
 
 from pydantic import ValidationInfo, field_validator
 
-from protocol.cursors import aware_time
+from protocol import cursors
 from protocol.methods import MethodSpec
 from protocol.models.common import UTC, Id, Money, PageParams, Params, Result, Time, WholeHour
 from protocol.models.wallet import IdempotencyKey
@@ -93,7 +92,7 @@ class ListParams(PageParams):
     role: Role = "any"
     status: Optional[BookingStatus] = None
 
-    cursor_key = (aware_time, uuid.UUID)  # start_at then id, as the list is ordered
+    cursor_key = (cursors.TIME, cursors.ID)  # start_at then id, as the list is ordered
 
 
 class ListResult(Result):

@@ -19,7 +19,11 @@ Decisions where the contract is silent:
   before the ``chat.send`` reply.
 - A ``client_msg_id`` seen before from the same sender in the conversation
   returns the stored message (its first content) and stores nothing.
-- ``content`` is 1-4000 Unicode code points; NUL is refused.
+- ``content`` is 1-4000 Unicode code points, stored exactly as sent: it
+  is not trimmed, and content of only white space is a message like any
+  other. Tab, newline and carriage return are its only control characters
+  (NUL and the other Cc characters are refused); bidirectional controls are
+  allowed, as right-to-left text needs them.
 - ``chat.typing`` works without joining; it reaches the other party's
   joined sockets, never the typist's own.
 - ``chat.leave`` of a room the socket has not joined is ``{}`` for a party.
@@ -36,14 +40,13 @@ Decisions where the contract is silent:
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Optional
 
 from pydantic import Field, field_validator
 
-from protocol.cursors import aware_time
+from protocol import cursors
 from protocol.methods import MethodSpec
-from protocol.models.common import EmptyResult, Id, Limit, PageParams, Params, Result, Time
+from protocol.models.common import EmptyResult, Id, Limit, PageParams, Params, Result, Time, check_content
 
 MAX_CONTENT = 4000
 JOIN_DEFAULT = 50  # latest messages returned by chat.join without since_seq
@@ -80,7 +83,7 @@ class InboxConversation(Conversation):
 class ConversationsParams(PageParams):
     """The caller's inbox, a page at a time."""
 
-    cursor_key = (aware_time, uuid.UUID)  # last_activity_at then id, as the list is ordered
+    cursor_key = (cursors.TIME, cursors.ID)  # last_activity_at then id, as the list is ordered
 
 
 class ConversationsResult(Result):
@@ -112,10 +115,7 @@ class SendParams(Params):
     @field_validator("content")
     @classmethod
     def _storable(cls, v: str) -> str:
-        # PostgreSQL text cannot hold NUL; refuse it here rather than fail the insert.
-        if "\x00" in v:
-            raise ValueError("must not contain NUL characters")
-        return v
+        return check_content(v)
 
 
 class SendResult(Result):

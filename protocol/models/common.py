@@ -1,4 +1,4 @@
-"""Value types shared by every model: ids, money, time, cursors, limits."""
+"""Value types shared by every model: ids, money, time, names, cursors, limits."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import uuid
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Callable, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
 
-from protocol.cursors import BAD_CURSOR, decode_cursor
-from protocol.errors import RpcError
+from protocol.cursors import KeyPart
 from protocol.times import UTC, read_time
 
 CENT = Decimal("0.01")
@@ -45,7 +44,15 @@ def _parse_id(value: Any) -> uuid.UUID:
     raise ValueError("must be a UUID string")
 
 
+# A money input string: ASCII digits, at most two places, nothing else (no
+# sign, exponent, underscore, whitespace or other digits). fullmatch, as
+# ``$`` would also match before a trailing newline.
+_MONEY_INPUT = re.compile(r"[0-9]+(\.[0-9]{1,2})?", re.ASCII)
+
+
 def _parse_money(value: Any) -> Decimal:
+    """Money as the database gives it (a Decimal, in results) or as a
+    client sends it (a string or an integer, in params)."""
     # Floats are refused outright: 0.1 + 0.2 has no place in a ledger.
     if isinstance(value, bool) or isinstance(value, float):
         raise ValueError("must be a decimal string or an integer, not a float")
@@ -53,17 +60,16 @@ def _parse_money(value: Any) -> Decimal:
         amount = Decimal(value)
     elif isinstance(value, Decimal):
         amount = value
+        if not amount.is_finite():
+            raise ValueError("must be a finite amount")
+        if amount.as_tuple().exponent < -2:  # type: ignore[operator]
+            raise ValueError("at most two decimal places")
     elif isinstance(value, str):
-        try:
-            amount = Decimal(value.strip())
-        except InvalidOperation:
-            raise ValueError("must be a decimal string such as \"25.00\"") from None
+        if not _MONEY_INPUT.fullmatch(value):
+            raise ValueError("must be a decimal string such as \"25.00\": digits, at most two places")
+        amount = Decimal(value)
     else:
         raise ValueError("must be a decimal string or an integer")
-    if not amount.is_finite():
-        raise ValueError("must be a finite amount")
-    if amount.as_tuple().exponent < -2:  # type: ignore[operator]
-        raise ValueError("at most two decimal places")
     try:
         return amount.quantize(CENT)
     except InvalidOperation:  # more digits than the decimal context holds
@@ -108,7 +114,61 @@ PositiveMoney = Annotated[
     Decimal, PlainValidator(_parse_money_positive), PlainSerializer(_dump_money, return_type=str)
 ]
 Limit = Annotated[int, Field(ge=1, le=100, strict=True)]
+# Opaque to clients: what a cursor holds and whom it serves is the server's (server/cursors.py).
 Cursor = Annotated[str, Field(min_length=1, max_length=512, strict=True)]
+
+
+# Unicode's White_Space property. str.strip() differs: it also strips the
+# control characters U+001C-U+001F, which a name must not hold at all.
+WHITE_SPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+# Control characters (category Cc) and the bidirectional embeddings,
+# overrides and isolates, which can make a name display as another.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What chat content may not hold: Cc except tab, newline and carriage return.
+_CONTENT_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _name_of(min_length: int, max_length: int) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        value = value.strip(WHITE_SPACE)
+        if not value:
+            raise ValueError("must not be empty or only white space")
+        if len(value) > max_length:
+            raise ValueError(f"at most {max_length} characters")
+        if len(value) < min_length:
+            raise ValueError(f"at least {min_length} characters")
+        if has_control(value):
+            raise ValueError("must not hold control or bidirectional control characters")
+        return value
+
+    return check
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (Cc) or a bidirectional control."""
+    return _CONTROL.search(text) is not None
+
+
+def name_text(min_length: int, max_length: int) -> Any:
+    """A name-like text (a user's name, a gender): trimmed of White_Space,
+    its length limits counted after trimming, no control characters."""
+    return Annotated[
+        str,
+        Field(strict=True),
+        AfterValidator(_name_of(min_length, max_length)),
+        WithJsonSchema({"type": "string", "minLength": min_length, "maxLength": max_length}),
+    ]
+
+
+def check_content(value: str) -> str:
+    """Free text (chat content): kept exactly as sent; tab, newline and
+    carriage return are its only control characters."""
+    if _CONTENT_CONTROL.search(value):
+        raise ValueError("must not hold control characters other than tab, newline and carriage return")
+    return value
 
 
 class Params(BaseModel):
@@ -134,27 +194,17 @@ class Result(BaseModel):
 
 class PageParams(Params):
     """A keyset-paginated list: ``limit`` 1-100 (default 20) and the opaque
-    ``cursor`` of the previous page's ``next_cursor``."""
+    ``cursor`` of the previous page's ``next_cursor``. The server makes and
+    checks cursors (a cursor is bound to its method and to every other
+    param, its filters); a model names only the parts of its sort key."""
 
     limit: Limit = 20
     cursor: Optional[Cursor] = None
 
-    # The types of the sort key a cursor of this list holds.
-    cursor_key: ClassVar[tuple[Callable[[Any], Any], ...]] = ()
-
-    def after(self) -> tuple | None:
-        """The sort key of the last row of the previous page, or None."""
-        return decode_cursor(self.cursor, *self.cursor_key)
-
-    @classmethod
-    def raw_errors(cls, raw: dict[Any, Any]) -> list[dict[str, str]]:
-        cursor = raw.get("cursor")
-        if isinstance(cursor, str) and cursor:
-            try:
-                decode_cursor(cursor, *cls.cursor_key)
-            except RpcError:
-                return [*super().raw_errors(raw), BAD_CURSOR]
-        return super().raw_errors(raw)
+    # The parts of the sort key a cursor of this list holds.
+    cursor_key: ClassVar[tuple[KeyPart, ...]] = ()
+    # Params that are not filters: a cursor stays good when they change.
+    NOT_FILTERS: ClassVar[frozenset[str]] = frozenset({"limit", "cursor"})
 
 
 class EmptyResult(Result):

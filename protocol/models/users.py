@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
+from protocol import cursors
 from protocol.methods import MethodSpec
-from protocol.models.common import Id, Money, PageParams, Params, PositiveMoney, Result, Time
+from protocol.models.common import Id, Money, PageParams, Params, PositiveMoney, Result, Time, name_text
 
 KycStatus = Literal["pending", "verified", "rejected"]
-Name = Annotated[str, Field(min_length=1, max_length=255)]
-Gender = Annotated[str, Field(min_length=1, max_length=20)]
+Name = name_text(1, 255)
+Gender = name_text(1, 20)
 PRICE_MIN = Decimal("1.00")
 PRICE_MAX = Decimal("10000.00")
 
@@ -75,7 +75,7 @@ class SearchParams(PageParams):
     max_price: Optional[PositiveMoney] = None
     gender: Optional[Gender] = None
 
-    cursor_key = (Decimal, uuid.UUID)  # price then id, as the list is ordered
+    cursor_key = (cursors.PRICE, cursors.ID)  # price then id, as the list is ordered
 
     @classmethod
     def raw_errors(cls, raw: dict[Any, Any]) -> list[dict[str, str]]:

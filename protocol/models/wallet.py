@@ -9,13 +9,12 @@ answers with the original transaction, the current balance and
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from protocol.cursors import aware_time
+from protocol import cursors
 from protocol.methods import MethodSpec
 from protocol.models.common import Id, Money, PageParams, Params, Result, Time
 
@@ -56,7 +55,7 @@ class TopupResult(Result):
 class TransactionsParams(PageParams):
     """The caller's ledger, a page at a time."""
 
-    cursor_key = (aware_time, uuid.UUID)  # created_at then id, as the list is ordered
+    cursor_key = (cursors.TIME, cursors.ID)  # created_at then id, as the list is ordered
 
 
 class TransactionsResult(Result):

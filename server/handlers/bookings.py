@@ -10,7 +10,7 @@ from protocol.errors import ErrorCode, RpcError
 from protocol.models import bookings as m
 from protocol.models.wallet import WalletUpdatedEvent
 from server import events
-from protocol.cursors import encode_cursor
+from server import cursors
 from server.db import bookings as bookings_db
 from server.rpc import Call, rpc
 
@@ -112,11 +112,12 @@ async def get(call: Call, p: m.BookingIdParams) -> m.Booking:
 
 @rpc("bookings.list")
 async def list_(call: Call, p: m.ListParams) -> m.ListResult:
-    after = p.after()
+    after = cursors.after(call.services.config, "bookings.list", p)
     rows = await call.services.db.read(
         call.user_id, bookings_db.list_for, call.user_id, p.role, p.status, after, p.limit + 1
     )
     bookings = [_booking(r) for r in rows[: p.limit]]
     last = bookings[-1] if bookings else None
-    next_cursor = encode_cursor(last.start_at.isoformat(), last.id) if last and len(rows) > p.limit else None
+    next_cursor = (cursors.make(call.services.config, "bookings.list", p, last.start_at, last.id)
+                   if last and len(rows) > p.limit else None)
     return m.ListResult(bookings=bookings, next_cursor=next_cursor)

@@ -22,7 +22,7 @@ import asyncpg
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import chat as m
 from server import events, messages
-from protocol.cursors import encode_cursor
+from server import cursors
 from server.db import chat as chat_db
 from server.rpc import Call, rpc
 from server.services import Services
@@ -56,7 +56,7 @@ async def _party_conversation(services: Services, user_id: uuid.UUID, conversati
 
 @rpc("chat.conversations")
 async def conversations(call: Call, p: m.ConversationsParams) -> m.ConversationsResult:
-    after = p.after()
+    after = cursors.after(call.services.config, "chat.conversations", p)
     rows = await call.services.db.read(call.user_id, chat_db.inbox, call.user_id, after, p.limit + 1)
     items = []
     for r in rows[: p.limit]:
@@ -70,7 +70,7 @@ async def conversations(call: Call, p: m.ConversationsParams) -> m.Conversations
     next_cursor = None
     if len(rows) > p.limit:
         tail = rows[p.limit - 1]
-        next_cursor = encode_cursor(tail["last_activity_at"].isoformat(), tail["id"])
+        next_cursor = cursors.make(call.services.config, "chat.conversations", p, tail["last_activity_at"], tail["id"])
     return m.ConversationsResult(conversations=items, next_cursor=next_cursor)
 
 

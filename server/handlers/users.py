@@ -5,7 +5,7 @@ from __future__ import annotations
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import users as m
 from server import events
-from protocol.cursors import encode_cursor
+from server import cursors
 from server.db import users as users_db
 from server.rpc import Call, rpc
 from server.services import Services
@@ -49,13 +49,14 @@ async def get(call: Call, p: m.GetParams) -> m.PublicUser:
 
 @rpc("hosts.search")
 async def search(call: Call, p: m.SearchParams) -> m.SearchResult:
-    after = p.after()
+    after = cursors.after(call.services.config, "hosts.search", p)
     rows = await call.services.db.read(
         call.user_id, users_db.search_hosts, call.user_id, p.start_at, p.end_at,
         p.min_price, p.max_price, p.gender, after, p.limit + 1,
     )
     hosts = [m.PublicUser.model_validate(dict(r)) for r in rows[: p.limit]]
-    next_cursor = encode_cursor(hosts[-1].price_per_hour, hosts[-1].id) if len(rows) > p.limit else None
+    next_cursor = (cursors.make(call.services.config, "hosts.search", p, hosts[-1].price_per_hour, hosts[-1].id)
+                   if len(rows) > p.limit else None)
     return m.SearchResult(hosts=hosts, next_cursor=next_cursor)
 
 

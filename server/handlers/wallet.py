@@ -7,7 +7,7 @@ import hashlib
 from protocol.errors import ErrorCode, RpcError
 from protocol.models import wallet as m
 from server import events
-from protocol.cursors import encode_cursor
+from server import cursors
 from server.db import wallet as wallet_db
 from server.rpc import Call, rpc
 
@@ -42,9 +42,10 @@ async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
 
 @rpc("wallet.transactions")
 async def transactions(call: Call, p: m.TransactionsParams) -> m.TransactionsResult:
-    after = p.after()
+    after = cursors.after(call.services.config, "wallet.transactions", p)
     rows = await call.services.db.read(call.user_id, wallet_db.transactions, call.user_id, after, p.limit + 1)
     items = [m.Transaction.model_validate(dict(r)) for r in rows[: p.limit]]
     last = items[-1] if items else None
-    next_cursor = encode_cursor(last.created_at.isoformat(), last.id) if last and len(rows) > p.limit else None
+    next_cursor = (cursors.make(call.services.config, "wallet.transactions", p, last.created_at, last.id)
+                   if last and len(rows) > p.limit else None)
     return m.TransactionsResult(transactions=items, next_cursor=next_cursor)

@@ -35,7 +35,7 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 
-from server.db.migrate import migrate
+from server.db.migrate import SQL_DIR, migrate
 from server.db.users import search_hosts_query
 
 USERS_INDEX = "idx_users_bookable_price_id"
@@ -59,14 +59,32 @@ def with_database(url: str, database: str) -> str:
     return urlunparse(urlparse(url)._replace(path="/" + database))
 
 
+async def _behind(scratch: str) -> bool:
+    """The scratch database lacks a migration. Its tables are unlogged, and a
+    later migration may not apply to them (a logged table cannot reference an
+    unlogged one), so such a database is made again from nothing."""
+    conn = await asyncpg.connect(scratch)
+    try:
+        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    except asyncpg.UndefinedTableError:
+        return False
+    finally:
+        await conn.close()
+    return any(path.stem not in applied for path in SQL_DIR.glob("*.sql"))
+
+
 async def ensure_database(url: str, database: str) -> str:
+    scratch = with_database(url, database)
     conn = await asyncpg.connect(with_database(url, "postgres"))
     try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if exists and await _behind(scratch):
+            await conn.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+            exists = False
+        if not exists:
             await conn.execute(f'CREATE DATABASE "{database}"')
     finally:
         await conn.close()
-    scratch = with_database(url, database)
     await migrate(scratch)
     return scratch
 

@@ -14,7 +14,7 @@ from protocol.client import ConnectionClosed
 from protocol.errors import RpcError
 from tests.booking_support import book, key, slot
 from tests.chat_helpers import messages_until, open_room
-from tests.conftest import ServerProcess, wait_subscriber_connected
+from tests.conftest import ServerProcess, register, wait_subscriber_connected
 
 DEADLINE_S = 5.0  # the contract's bound
 
@@ -194,3 +194,31 @@ async def test_kill_9_of_one_process_under_load_loses_nothing(stack, server2, db
         await victim.stop()
         for r in rooms:
             await r.close()
+
+
+async def test_an_event_published_again_by_the_relay_is_not_delivered_twice(server, db):
+    client = await server.connect()
+    try:
+        user = uuid.UUID((await register(client))["user"]["id"])
+        await client.call("wallet.topup", {"amount": "3.00", "idempotency_key": key()})
+        await client.wait_numbered([1])
+
+        async def until_published() -> None:
+            for _ in range(200):  # the relay's passes: nothing to await from outside
+                if await db.fetchval("SELECT published FROM user_events WHERE user_id = $1 AND seq = 1", user):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the event was never marked published")
+
+        await until_published()  # the fast path's mark
+        # As if its publish had never been known: the relay publishes it again.
+        await db.execute("UPDATE user_events SET published = false, created_at = created_at - interval '10 s' "
+                         "WHERE user_id = $1", user)
+        await until_published()  # the relay's
+        # Published after the repeat on the same channel: once it is here, so is the repeat.
+        await client.call("wallet.topup", {"amount": "4.00", "idempotency_key": key()})
+        await client.wait_numbered([2])
+        assert sorted(client.numbered) == [1, 2]
+        assert not client.numbered_again
+    finally:
+        await client.close()

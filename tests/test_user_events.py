@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from protocol.errors import RpcError
-from tests.booking_support import book, booker, host, key, slot
+from tests.booking_support import book, booker, host, key, move_to_past, slot
 from tests.conftest import ServerProcess, register
 
 
@@ -163,3 +163,23 @@ async def test_a_host_booked_by_many_at_once_gets_every_seq_once(server, server2
         await host_client.close()
         for c, _ in bookers:
             await c.close()
+
+
+async def test_settlement_numbers_booking_completed_for_both_parties_and_the_hosts_wallet(server, db):
+    host_client, host_id = await host(server)
+    client, _ = await booker(server)
+    try:
+        booking = await book(client, host_id, slot(days=2))
+        await client.wait_numbered(range(1, 5))
+        await host_client.wait_numbered(range(1, 4))
+        await move_to_past(db, booking["id"])
+        await client.wait_numbered([5], timeout=15)
+        await host_client.wait_numbered([4, 5], timeout=15)
+        assert client.numbered[5][0] == "booking.completed"
+        assert client.numbered[5][1]["booking"]["status"] == "completed"
+        assert [host_client.numbered[s][0] for s in (4, 5)] == ["booking.completed", "wallet.updated"]
+        assert host_client.numbered[5][1] == {"balance": "50.00"}
+        assert [s for s, _, _ in await resume_all(host_client)] == [1, 2, 3, 4, 5]
+    finally:
+        await client.close()
+        await host_client.close()

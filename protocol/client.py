@@ -35,6 +35,11 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # Numbered user events as they arrived, by seq (they also go to
+        # ``events``), and the seqs that arrived more than once.
+        self.numbered: dict[int, tuple[str, Any]] = {}
+        self.numbered_again: list[int] = []
+        self._numbered_arrived = asyncio.Event()
         self.unmatched: list[dict] = []  # replies with id null (bad_frame)
         self.close_code: int | None = None
         self.closed = asyncio.Event()
@@ -140,6 +145,16 @@ class Client:
                     return data if name is not None else (event, data)
         return await asyncio.wait_for(wait(), timeout)
 
+    async def wait_numbered(self, seqs: Any, *, timeout: float = 10.0) -> None:
+        """Returns once every seq in ``seqs`` has arrived as a user event."""
+        wanted = set(seqs)
+
+        async def wait() -> None:
+            while not wanted <= self.numbered.keys():
+                self._numbered_arrived.clear()
+                await self._numbered_arrived.wait()
+        await asyncio.wait_for(wait(), timeout)
+
     def drain_events(self) -> list[tuple[str, Any]]:
         out = []
         while not self.events.empty():
@@ -170,6 +185,12 @@ class Client:
 
     def _on_frame(self, frame: Any) -> None:
         if "event" in frame:
+            seq = frame.get("seq")
+            if seq is not None:
+                if seq in self.numbered:
+                    self.numbered_again.append(seq)
+                self.numbered[seq] = (frame["event"], frame.get("data"))
+                self._numbered_arrived.set()
             self.events.put_nowait((frame["event"], frame.get("data")))
             return
         fut = self._pending.get(frame.get("id")) if frame.get("id") is not None else None

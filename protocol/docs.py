@@ -142,7 +142,9 @@ def render() -> str:
         lines += [f"**result** ({res_name})", ""]
         lines += _model_table(result)
         objects += _nested_models(result, seen)
-    lines += ["## Events", "", "Frame: `{\"event\": name, \"data\": map}`.", ""]
+    lines += ["## Events", "", "Frame: `{\"event\": name, \"data\": map}`; user events (`user.updated`,",
+              "`wallet.updated`, `booking.*`) also carry `\"seq\"`, their number in the user's sequence",
+              "(see `events.resume`).", ""]
     for name in sorted(EVENTS):
         lines += [f"### `{name}`", ""] + _model_table(EVENTS[name])
         objects += _nested_models(EVENTS[name], seen)

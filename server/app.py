@@ -13,6 +13,7 @@ from server.config import Config
 from server.cleanup import Cleanup
 from server.health import RedisHealth
 from server.http import HEALTH, SERVICES
+from server.relay import Relay
 from server.services import Services
 from server.settlement import Settlement
 
@@ -35,6 +36,7 @@ async def _startup(app: web.Application) -> None:
     await services.start()
     services.add_worker(app[HEALTH])
     services.add_worker(Settlement(services))
+    services.add_worker(Relay(services))
     services.add_worker(Cleanup(services))
     await services.start_workers()
 

@@ -15,7 +15,17 @@ import uuid
 from typing import Callable
 
 from protocol.errors import ErrorCode, RpcError
+from server import events
+from server.db import events as events_db
 from server.frames import event_frame
+from server.rooms.delivered import Delivered
+
+# What a socket fetches after its user's channel is subscribed again: the
+# events stored since it was bound (with a margin for clocks), at most the
+# newest ``CATCH_UP_MAX`` of the last ``CATCH_UP_WINDOW``.
+CATCH_UP_MARGIN = dt.timedelta(seconds=2)
+CATCH_UP_WINDOW = dt.timedelta(minutes=10)
+CATCH_UP_MAX = 500
 from server.services import Services
 
 
@@ -27,6 +37,9 @@ class _Placeholder:
     events_suspended = False
 
     def send_event(self, frame: bytes) -> None:
+        pass
+
+    def send_numbered(self, seq: int, frame: bytes) -> None:
         pass
 
 
@@ -42,6 +55,10 @@ class AuthBinding:
         self.token_family: uuid.UUID | None = None
         self.token_expires_at: dt.datetime | None = None
         self.events_suspended = False  # the token expired (``_suspend_events``)
+        self._delivered = Delivered()  # the bound user's numbered events given
+        self._bound_at = dt.datetime.now(dt.timezone.utc)
+        self._spawn = services.spawn
+        self._db = services.db
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._deadline_s = services.config.auth_deadline_s
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -51,6 +68,27 @@ class AuthBinding:
         """An event for the socket; dropped while the token has expired."""
         if not self.events_suspended:
             self._queue_event(frame)
+
+    def send_numbered(self, seq: int, frame: bytes) -> None:
+        """A durable user event: given once per seq, however often published."""
+        if not self.events_suspended and self._delivered.take(seq):
+            self._queue_event(frame)
+
+    def resubscribed(self) -> None:
+        """The user's channel is subscribed again after the link to Redis
+        was lost: what was published meanwhile is read from PostgreSQL."""
+        if self.user_id is not None:
+            self._spawn(self._catch_up(self.user_id))
+
+    async def _catch_up(self, user_id: uuid.UUID) -> None:
+        now = dt.datetime.now(dt.timezone.utc)
+        since = max(self._bound_at, now - CATCH_UP_WINDOW) - CATCH_UP_MARGIN
+        rows = await self._db.read_primary(events_db.created_since, user_id, since, CATCH_UP_MAX)
+        for r in rows:
+            if self.user_id != user_id:
+                return  # re-bound meanwhile
+            seq = r["seq"]
+            self.send_numbered(seq, event_frame(r["event"], events.stored_payload(r["event"], r["data"], seq), seq))
 
     def require_auth(self) -> uuid.UUID:
         if self.user_id is None:
@@ -87,6 +125,8 @@ class AuthBinding:
                     raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
                 # Another user's events and rooms must never reach this socket.
                 hub.unfollow_all(self)
+                self._delivered = Delivered()
+                self._bound_at = dt.datetime.now(dt.timezone.utc)
                 hub.follow(self, channel)  # subscribed already (or made when Redis is back)
             finally:
                 hub.unfollow(placeholder, channel)

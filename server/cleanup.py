@@ -1,6 +1,6 @@
 """Deletes what has outlived its use: ended sessions (refresh-token families
-and their tokens), unused refresh tokens past their expiry, and KYC event
-ids past their retention.
+and their tokens), unused refresh tokens past their expiry, KYC event
+ids past their retention, and user events older than ``EVENT_RETENTION_S``.
 
 Every server process runs one ``Cleanup`` worker every
 ``SESSION_CLEANUP_INTERVAL_S``. Each statement deletes a bounded batch and
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from server import kyc
 from server.db import auth as auth_db
+from server.db import events as events_db
 from server.db import kyc as kyc_db
 from server.periodic import Periodic
 
@@ -49,6 +50,7 @@ class Cleanup:
         self.batch_size = batch_size
         self.max_batches = max_batches
         self.grace = dt.timedelta(seconds=cfg.access_token_ttl_s)
+        self.event_retention = dt.timedelta(seconds=cfg.event_retention_s)
 
     async def start(self) -> None:
         await self._loop.start()
@@ -69,6 +71,7 @@ class Cleanup:
             "ended sessions": await self._batches(auth_db.delete_ended_families, self.grace),
             "expired refresh tokens": await self._batches(auth_db.delete_expired_tokens),
             "kyc event ids": await self._batches(kyc_db.delete_old_events, kyc.EVENT_RETENTION),
+            "user events": await self._batches(events_db.delete_old, self.event_retention),
         }
 
     async def _batches(self, delete: Callable[..., Awaitable[int]], *args: object) -> int:

@@ -115,6 +115,8 @@ class Config:
     hash_max_wait_s: float = 2.0
     session_max_age_s: int = 90 * 24 * 3600
     session_cleanup_interval_s: float = 600.0
+    # How long user events are kept for events.resume (the contract: at least 7 days).
+    event_retention_s: int = 7 * 24 * 3600
     # Bearer token that shows /readyz's details; empty = details never shown.
     ops_token: str = ""
 
@@ -168,6 +170,7 @@ class Config:
             hash_max_wait_s=_float("HASH_MAX_WAIT_S", cls.hash_max_wait_s),
             session_max_age_s=_int("SESSION_MAX_AGE_S", cls.session_max_age_s),
             session_cleanup_interval_s=_float("SESSION_CLEANUP_INTERVAL_S", cls.session_cleanup_interval_s),
+            event_retention_s=_int("EVENT_RETENTION_S", cls.event_retention_s),
             ops_token=os.environ.get("OPS_TOKEN", ""),
         )
 

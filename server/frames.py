@@ -26,5 +26,8 @@ def error_frame(req_id: int | None, err: RpcError) -> bytes:
     return encode({"id": req_id, "error": err.to_wire()})
 
 
-def event_frame(name: str, payload: BaseModel | dict) -> bytes:
-    return encode({"event": name, "data": _data(payload)})
+def event_frame(name: str, payload: BaseModel | dict, seq: int | None = None) -> bytes:
+    """``seq``: the number of a durable user event in its user's sequence."""
+    if seq is None:
+        return encode({"event": name, "data": _data(payload)})
+    return encode({"event": name, "data": _data(payload), "seq": seq})

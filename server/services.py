@@ -51,6 +51,9 @@ class Services:
     hashing: PasswordHashing
     # auth.register and auth.login per client address (server/limits.py)
     address_checks: WindowLimit
+    # User events published right after their commit, (user, seq), that the
+    # relay (server/relay.py) is to mark published.
+    published_events: list[tuple[uuid.UUID, int]] = field(default_factory=list)
     connections: set[ServedSocket] = field(default_factory=set)
     # Sockets from their admission (server/http.py) to their teardown.
     sockets: SocketCounts = field(default_factory=SocketCounts)

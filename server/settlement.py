@@ -18,8 +18,6 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
-from protocol.models.bookings import Booking, BookingEvent
-from protocol.models.wallet import WalletUpdatedEvent
 from server import events
 from server.db import bookings as bookings_db
 from server.periodic import Periodic
@@ -34,7 +32,7 @@ log = logging.getLogger("hangout.settlement")
 _UNPAYABLE_LOGGED = 20
 
 
-def _parties(result: tuple[list, dict, int]) -> list[uuid.UUID]:
+def _parties(result: tuple[list, list, int]) -> list[uuid.UUID]:
     completed, _, _ = result
     return list({u for r in completed for u in (r["user_id"], r["host_id"])})
 
@@ -92,17 +90,11 @@ class Settlement:
 
     async def settle_batch(self) -> tuple[int, int]:
         """One batch: (bookings settled, due bookings locked)."""
-        completed, balances, taken = await self.services.db.write(_parties, bookings_db.settle_due, self.batch_size)
+        completed, stored, taken = await self.services.db.write(_parties, bookings_db.settle_due, self.batch_size)
         if not completed:
             return 0, taken
         self.settled += len(completed)
         log.info("settled %d bookings", len(completed))
         # Published only now that the payouts are committed, in one round trip.
-        batch: list = []
-        for row in completed:
-            booking = Booking.model_validate(dict(row))
-            batch.append(([booking.user_id, booking.host_id], "booking.completed", BookingEvent(booking=booking)))
-        for host, balance in balances.items():
-            batch.append(([host], "wallet.updated", WalletUpdatedEvent(balance=balance)))
-        await events.to_users_many(self.services, batch)
+        await events.to_stored(self.services, stored)
         return len(completed), taken

@@ -184,3 +184,49 @@ async def outbox_reopened(call: Call, p: NoParams) -> dict:
     await asyncio.wait_for(call.services.outbox.wait_available(), 10.0)
     await asyncio.wait_for(call.services.hub.resend_done(), 10.0)
     return {"resent": call.services.hub.resent}
+
+
+# ---- a process that dies between commit and publish ------------------------
+# The seams of tests/test_event_relay.py: each commits a real change through
+# the server's own database layer (its events stored in the same
+# transaction), then ends the process at once, before anything is published.
+
+
+class TopupThenExitParams(Params):
+    user_id: str
+    amount: str
+
+
+@test_only("test.topup_then_exit", TopupThenExitParams)
+async def topup_then_exit(call: Call, p: TopupThenExitParams) -> dict:
+    """``wallet.topup`` for ``user_id``, committed, then ``os._exit(1)``."""
+    import hashlib
+    import os
+    import uuid
+    from decimal import Decimal
+
+    from server.db import wallet as wallet_db
+
+    key = uuid.uuid4().hex
+    await call.services.db.write(None, wallet_db.topup, uuid.UUID(p.user_id), Decimal(p.amount), key,
+                                 hashlib.sha256(key.encode()).digest())
+    os._exit(1)
+
+
+class SendThenExitParams(Params):
+    conversation_id: str
+    user_id: str
+    content: str
+
+
+@test_only("test.send_then_exit", SendThenExitParams)
+async def send_then_exit(call: Call, p: SendThenExitParams) -> dict:
+    """``chat.send`` as ``user_id``, committed, then ``os._exit(1)``."""
+    import os
+    import uuid
+
+    from server.db import chat as chat_db
+
+    await call.services.db.write(None, chat_db.send_message, uuid.UUID(p.conversation_id), uuid.UUID(p.user_id),
+                                 p.content, None)
+    os._exit(1)

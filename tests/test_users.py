@@ -20,7 +20,7 @@ from tests.conftest import (
 )
 
 PUBLIC_FIELDS = {"id", "name", "gender", "kyc_status", "price_per_hour", "created_at"}
-OWN_FIELDS = PUBLIC_FIELDS | {"email", "balance"}
+OWN_FIELDS = PUBLIC_FIELDS | {"email", "balance", "event_seq"}
 
 
 async def error_of(client: Client, method: str, params: dict | None = None) -> dict:

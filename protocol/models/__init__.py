@@ -9,12 +9,12 @@ from these tables (``python -m protocol.docs``).
 from __future__ import annotations
 
 from protocol.methods import MethodSpec
-from protocol.models import auth, bookings, chat, users, wallet
+from protocol.models import auth, bookings, chat, events, users, wallet
 
 METHODS: dict[str, MethodSpec] = {}
 EVENTS: dict[str, type] = {}
 
-for _service in (auth, users, wallet, bookings, chat):
+for _service in (auth, users, wallet, bookings, chat, events):
     for _spec in _service.METHODS:
         if _spec.name in METHODS:
             raise RuntimeError(f"method {_spec.name} declared twice")

@@ -33,6 +33,8 @@ class PublicUser(Result):
 class OwnUser(PublicUser):
     email: str
     balance: Money
+    # The user's latest event number (events.resume), 0 before any.
+    event_seq: int
 
 
 class MeParams(Params):

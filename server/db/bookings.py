@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from server.db import events as events_db
 from server.db.positions import Committed
 from server.db.wallet import BALANCE_MAX
 
@@ -43,8 +44,11 @@ async def create(
     key: str,
     request_hash: bytes,
 ) -> Committed | dict[str, Any]:
-    """Returns the booking columns plus ``outcome`` and the booker's
-    ``balance`` (see sql/006 for the outcomes), or ``{"outcome":
+    """Returns the booking columns plus ``outcome``, the booker's
+    ``balance`` (see sql/006 for the outcomes) and, for a booking made now,
+    the seqs of the ``booking.created`` stored for the booker
+    (``booker_seq``; its ``wallet.updated`` is the next) and the host
+    (``host_seq``, sql/012), or ``{"outcome":
     "slot_unavailable"}`` when the host or the booker is busy then. Commits
     by itself (sql/007), so ``conn`` must not be in a transaction; a result
     that wrote comes as ``Committed`` with the WAL position after it.
@@ -80,7 +84,7 @@ def create_locks(booker: uuid.UUID, host: uuid.UUID, start_at: dt.datetime, end_
 
 
 _BATCH_COLUMNS = ("outcome", "id", "user_id", "host_id", "start_at", "end_at", "status", "amount",
-                  "created_at", "updated_at", "conversation_id", "balance")
+                  "created_at", "updated_at", "conversation_id", "balance", "booker_seq", "host_seq")
 
 
 async def create_many(conn: asyncpg.Connection, calls: list[tuple]) -> Committed:
@@ -116,12 +120,31 @@ async def get_for(conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.U
     )
 
 
+def booking_data(row: Any) -> dict[str, Any]:
+    """A booking as its events store it (protocol/models/bookings.py Booking)."""
+    return {"booking": {
+        "id": str(row["id"]), "user_id": str(row["user_id"]), "host_id": str(row["host_id"]),
+        "start_at": row["start_at"].isoformat(), "end_at": row["end_at"].isoformat(), "status": row["status"],
+        "amount": f"{row['amount']:.2f}", "created_at": row["created_at"].isoformat(),
+        "updated_at": row["updated_at"].isoformat(),
+        "conversation_id": None if row["conversation_id"] is None else str(row["conversation_id"]),
+    }}
+
+
+async def _store_events(conn: asyncpg.Connection, events: list[tuple[uuid.UUID, str, dict[str, Any]]]) -> list[tuple]:
+    """Store ``(user, name, data)`` events; returns them as stored:
+    ``(user, seq, name, data)``."""
+    seqs = await events_db.add(conn, [(user, name, events_db.data_json(data)) for user, name, data in events])
+    return [(user, seq, name, data) for (user, name, data), seq in zip(events, seqs)]
+
+
 async def cancel(
     conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.UUID
-) -> tuple[str, asyncpg.Record | None, Decimal | None]:
+) -> tuple[str, asyncpg.Record | None, Decimal | None, list[tuple]]:
     """Cancel a confirmed booking before its start and refund the booker.
 
-    Returns (outcome, booking, booker balance); outcome is ``cancelled``,
+    Returns (outcome, booking, booker balance, the events stored as
+    ``(user, seq, name, data)``); outcome is ``cancelled``,
     ``unchanged`` (it already was), ``invalid_state``, ``not_found`` or
     ``balance_limit`` (the refund would take the booker's balance over
     ``BALANCE_MAX``; nothing changed), which is ``refund_blocked`` when
@@ -133,17 +156,17 @@ async def cancel(
             booking_id, party,
         )
         if row is None:
-            return "not_found", None, None
+            return "not_found", None, None, []
         if row["status"] == "cancelled":
-            return "unchanged", await get_for(conn, booking_id, party), None
+            return "unchanged", await get_for(conn, booking_id, party), None, []
         if row["status"] != "confirmed" or not row["before_start"]:
-            return "invalid_state", None, None
+            return "invalid_state", None, None, []
         booker = row["user_id"]
         refund_fits = await conn.fetchval(
             "SELECT balance + $2 <= $3 FROM users WHERE id = $1 FOR NO KEY UPDATE", booker, row["amount"], BALANCE_MAX
         )
         if not refund_fits:
-            return ("balance_limit" if party == booker else "refund_blocked"), None, None
+            return ("balance_limit" if party == booker else "refund_blocked"), None, None, []
         await conn.execute(
             "UPDATE bookings SET status = 'cancelled', updated_at = now() WHERE id = $1", booking_id
         )
@@ -163,7 +186,13 @@ async def cancel(
                WHERE b.id = $1 AND u.id = b.user_id RETURNING u.balance""",
             booking_id,
         )
-        return "cancelled", await get_for(conn, booking_id, party), balance
+        booking = await get_for(conn, booking_id, party)
+        data = booking_data(booking)
+        stored = await _store_events(conn, [
+            (booker, "booking.cancelled", data), (booking["host_id"], "booking.cancelled", data),
+            (booker, "wallet.updated", {"balance": f"{balance:.2f}"}),
+        ])
+        return "cancelled", booking, balance, stored
 
 
 async def list_for(
@@ -202,11 +231,12 @@ async def list_for(
 
 async def settle_due(
     conn: asyncpg.Connection, batch: int
-) -> tuple[list[asyncpg.Record], dict[uuid.UUID, Decimal], int]:
+) -> tuple[list[asyncpg.Record], list[tuple], int]:
     """Complete up to ``batch`` confirmed bookings whose end has passed and
-    pay their hosts. Returns (completed bookings, new balance per host,
-    how many due bookings this call locked: fewer than ``batch`` means none
-    were left for it).
+    pay their hosts. Returns (completed bookings, the events stored as
+    ``(user, seq, name, data)``: booking.completed to both parties, then
+    wallet.updated to each host paid, how many due bookings this call
+    locked: fewer than ``batch`` means none were left for it).
 
     SKIP LOCKED lets any number of processes settle side by side, each
     booking by exactly one; the payout key, unique per booking, makes a
@@ -225,7 +255,7 @@ async def settle_due(
             batch, BALANCE_MAX,
         )
         if not due:
-            return [], {}, 0
+            return [], [], 0
         wallets = await conn.fetch(
             "SELECT id, balance FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE",
             sorted({r["host_id"] for r in due}),
@@ -239,7 +269,7 @@ async def settle_due(
                 room[r["host_id"]] -= r["amount"]
                 ids.append(r["id"])
         if not ids:
-            return [], {}, len(due)
+            return [], [], len(due)
         await conn.execute(
             "UPDATE bookings SET status = 'completed', updated_at = now() WHERE id = ANY($1::uuid[])", ids
         )
@@ -262,7 +292,12 @@ async def settle_due(
             ids,
         )
         completed = await conn.fetch(f"{BOOKING_SELECT} WHERE b.id = ANY($1::uuid[]) ORDER BY b.end_at", ids)
-        return completed, {r["id"]: r["balance"] for r in balances}, len(due)
+        events: list[tuple[uuid.UUID, str, dict[str, Any]]] = []
+        for r in completed:
+            data = booking_data(r)
+            events += [(r["user_id"], "booking.completed", data), (r["host_id"], "booking.completed", data)]
+        events += [(r["id"], "wallet.updated", {"balance": f"{r['balance']:.2f}"}) for r in balances]
+        return completed, await _store_events(conn, events), len(due)
 
 
 async def unpayable_due(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:

@@ -8,19 +8,21 @@ import uuid
 
 import asyncpg
 
-from server.db.users import USER_COLUMNS
+from server.db.users import USER_COLUMNS, add_user_updated
 
 # What apply_event did.
 UNKNOWN_USER, ALREADY_APPLIED, UNCHANGED, CHANGED = "unknown_user", "already_applied", "unchanged", "changed"
 
 
-async def _set(conn: asyncpg.Connection, user_id: uuid.UUID, status: str) -> asyncpg.Record | None:
-    """The user after the change, or None when they already had ``status``."""
-    return await conn.fetchrow(
+async def _set(conn: asyncpg.Connection, user_id: uuid.UUID, status: str) -> dict | None:
+    """The user after the change, with its ``user.updated`` stored, or None
+    when they already had ``status``. In the caller's transaction."""
+    row = await conn.fetchrow(
         f"""UPDATE users SET kyc_status = $2, updated_at = now()
             WHERE id = $1 AND kyc_status <> $2 RETURNING {USER_COLUMNS}""",
         user_id, status,
     )
+    return await add_user_updated(conn, row) if row is not None else None
 
 
 async def apply_event(conn: asyncpg.Connection, event_id: str, user_id: uuid.UUID, status: str) -> tuple[str, asyncpg.Record | None]:

@@ -9,7 +9,12 @@ from typing import Any
 
 import asyncpg
 
-USER_COLUMNS = "id, email, name, gender, balance, kyc_status, price_per_hour, created_at"
+from server.db import events as events_db
+
+# ``event_seq``: the user's latest event number (sql/012); ``id`` is the
+# users row's own in every statement these columns appear in.
+USER_COLUMNS = ("id, email, name, gender, balance, kyc_status, price_per_hour, created_at, "
+                "COALESCE((SELECT s.last_seq FROM user_event_seqs s WHERE s.user_id = id), 0) AS event_seq")
 PUBLIC_COLUMNS = "id, name, gender, kyc_status, price_per_hour, created_at"
 
 
@@ -51,15 +56,37 @@ async def update_profile(conn: asyncpg.Connection, user_id: uuid.UUID, changes: 
         return await get_own(conn, user_id)
     sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(cols))
     needs_kyc = changes.get("price_per_hour") is not None
-    row = await conn.fetchrow(
-        f"""UPDATE users SET {sets}, updated_at = now()
-            WHERE id = $1 {"AND kyc_status = 'verified'" if needs_kyc else ""}
-            RETURNING {USER_COLUMNS}""",
-        user_id, *(changes[c] for c in cols),
-    )
-    if row is None and needs_kyc and await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
-        raise PermissionError("kyc_required")
-    return row
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""UPDATE users SET {sets}, updated_at = now()
+                WHERE id = $1 {"AND kyc_status = 'verified'" if needs_kyc else ""}
+                RETURNING {USER_COLUMNS}""",
+            user_id, *(changes[c] for c in cols),
+        )
+        if row is None:
+            if needs_kyc and await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
+                raise PermissionError("kyc_required")
+            return None
+        return await add_user_updated(conn, row)
+
+
+def _own_user_data(row: asyncpg.Record) -> dict[str, Any]:
+    """The user as ``user.updated`` stores it (protocol/models/users.py
+    OwnUser); its ``event_seq`` is the event's own seq, set when read."""
+    price = row["price_per_hour"]
+    return {"user": {
+        "id": str(row["id"]), "email": row["email"], "name": row["name"], "gender": row["gender"],
+        "balance": f"{row['balance']:.2f}", "kyc_status": row["kyc_status"],
+        "price_per_hour": None if price is None else f"{price:.2f}", "created_at": row["created_at"].isoformat(),
+    }}
+
+
+async def add_user_updated(conn: asyncpg.Connection, row: asyncpg.Record) -> dict[str, Any]:
+    """Store ``user.updated`` for a user row just changed (in the caller's
+    transaction, last before its commit); returns the row with
+    ``event_seq`` the event's seq."""
+    [seq] = await events_db.add(conn, [(row["id"], "user.updated", events_db.data_json(_own_user_data(row)))])
+    return {**dict(row), "event_seq": seq}
 
 
 def search_hosts_query(

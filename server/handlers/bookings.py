@@ -69,9 +69,11 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
         )
     booking = _booking(row)
     if outcome == "created":
-        await events.to_users_many(services, [
-            ([booking.user_id, booking.host_id], "booking.created", m.BookingEvent(booking=booking)),
-            ([booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=row["balance"])),
+        created = m.BookingEvent(booking=booking)
+        await events.to_users_numbered(services, [
+            (booking.user_id, row["booker_seq"], "booking.created", created),
+            (booking.host_id, row["host_seq"], "booking.created", created),
+            (booking.user_id, row["booker_seq"] + 1, "wallet.updated", WalletUpdatedEvent(balance=row["balance"])),
         ])
     return m.CreateResult(booking=booking, replayed=outcome == "replayed")
 
@@ -79,7 +81,7 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
 @rpc("bookings.cancel")
 async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
     services = call.services
-    outcome, row, balance = await services.db.write(
+    outcome, row, balance, stored = await services.db.write(
         # "unchanged" (cancelled before) records too, as a replay does.
         lambda r: [r[1]["user_id"], r[1]["host_id"]] if r[0] in ("cancelled", "unchanged") else None,
         bookings_db.cancel, p.booking_id, call.user_id,
@@ -94,10 +96,7 @@ async def cancel(call: Call, p: m.BookingIdParams) -> m.CancelResult:
         raise RpcError(ErrorCode.INVALID_STATE, "the booking cannot be cancelled at the moment")
     booking = _booking(row)
     if outcome == "cancelled":
-        await events.to_users_many(services, [
-            ([booking.user_id, booking.host_id], "booking.cancelled", m.BookingEvent(booking=booking)),
-            ([booking.user_id], "wallet.updated", WalletUpdatedEvent(balance=balance)),
-        ])
+        await events.to_stored(services, stored)
     return m.CancelResult(booking=booking)
 
 

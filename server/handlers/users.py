@@ -73,4 +73,5 @@ async def availability(call: Call, p: m.AvailabilityParams) -> m.AvailabilityRes
 
 
 async def publish_user_updated(services: Services, user: m.OwnUser) -> None:
-    await events.to_users(services, [user.id], "user.updated", m.UserUpdatedEvent(user=user))
+    """``user`` as the change stored it: its ``event_seq`` is the event's seq."""
+    await events.to_users_numbered(services, [(user.id, user.event_seq, "user.updated", m.UserUpdatedEvent(user=user))])

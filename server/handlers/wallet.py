@@ -20,7 +20,7 @@ def request_hash(p: m.TopupParams) -> bytes:
 
 @rpc("wallet.topup")
 async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
-    outcome, transaction, balance = await call.services.db.write(
+    outcome, transaction, balance, seq = await call.services.db.write(
         # A replay records too: the original call may not have (its
         # process may have died after the commit), yet this reply says
         # the top-up happened, so the caller's reads must see it.
@@ -34,7 +34,8 @@ async def topup(call: Call, p: m.TopupParams) -> m.TopupResult:
     if outcome == "conflict":
         raise RpcError(ErrorCode.IDEMPOTENCY_CONFLICT)
     if outcome == "created":
-        await events.to_users(call.services, [call.user_id], "wallet.updated", m.WalletUpdatedEvent(balance=balance))
+        await events.to_users_numbered(call.services, [(call.user_id, seq, "wallet.updated",
+                                                        m.WalletUpdatedEvent(balance=balance))])
     return m.TopupResult(
         balance=balance, transaction=m.Transaction.model_validate(dict(transaction)), replayed=outcome == "replayed"
     )

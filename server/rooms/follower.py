@@ -15,6 +15,9 @@ class Follower(Protocol):
 
     def send_event(self, frame: bytes) -> None: ...
 
+    # Followers of user channels also have ``send_numbered(seq, frame)``: a
+    # durable user event, numbered in its user's sequence (server/events.py).
+
     # Optionally, ``resubscribed()``: called when the follower's channel is
     # subscribed again after the link to Redis was lost, so that a follower
     # that is not a room (``server/sessions.py``) can fetch what it missed.

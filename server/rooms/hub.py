@@ -4,7 +4,8 @@ Channels: ``u:<user id>`` for events about a user, ``c:<conversation id>``
 for a chat room. Local sockets follow channels; the process subscribes on a
 channel's first local follower (``server/rooms/subscriber.py``) and
 unsubscribes after its last. A published payload is a 24-byte envelope (the
-user to skip or zeros, then the message ``seq`` or zero, big-endian)
+user to skip or zeros, then the chat message's or user event's ``seq``, or
+zero, big-endian)
 followed by the already-encoded event frame, so receiving processes forward
 bytes as they are.
 
@@ -191,7 +192,10 @@ class Hub:
                 continue
             try:
                 if member is None:
-                    f.send_event(frame)
+                    if seq:  # a durable user event (server/events.py)
+                        f.send_numbered(seq, frame)
+                    else:
+                        f.send_event(frame)
                 elif not member.current:
                     # The socket was bound to another user since it joined.
                     self.unfollow(f, channel)
@@ -248,10 +252,11 @@ class Hub:
         if kept is None or seq > kept[0]:
             self._unsent[key] = (seq, channel, envelope)
 
-    async def publish_many(self, items: "list[tuple[str, bytes]]") -> bool:
-        """Publish several ``(channel, frame)`` (no skip, no seq), in order,
-        in one pipeline. Never raises, like ``publish``."""
-        return await self._publish([(channel, PLAIN_ENVELOPE + frame) for channel, frame in items])
+    async def publish_numbered(self, items: "list[tuple[str, int, bytes]]") -> bool:
+        """Publish several ``(channel, seq, frame)`` of durable user events,
+        in order, in one pipeline. Never raises; what fails is published by
+        the relay (server/relay.py)."""
+        return await self._publish([(channel, NO_ONE + seq.to_bytes(8, "big") + frame) for channel, seq, frame in items])
 
     async def _publish(self, envelopes: "list[tuple[str, bytes]]") -> bool:
         # Through the process's outbox: publishes of concurrent calls, and a

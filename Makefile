@@ -68,7 +68,7 @@ run: install
 test: test-direct test-pgbouncer
 
 test-direct: devstack
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	DEVSTACK_PGBOUNCER=0 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The same suite with the servers behind PgBouncer in transaction mode (the
 # same stack, PgBouncer on DEVSTACK_PORT+3). The search-plan test never goes

@@ -1,6 +1,7 @@
 # hangout developer entry points.  `make test` works on a fresh Debian 12 box
 # that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
-# builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest.
+# builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest:
+# once straight against PostgreSQL, once more through PgBouncer.
 
 SHELL := /bin/bash
 
@@ -14,21 +15,22 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test loadtest stop status lock
+.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer loadtest stop status lock
 
 all: test
 
 install: system-deps venv
 
-# PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup) and redis-server.
-# Only the binaries are used: the dev stack runs its own clusters on
-# DEVSTACK_PORT (default 25432..25434), never the system ones.
+# PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup), redis-server
+# and pgbouncer. Only the binaries are used: the dev stack runs its own
+# servers on DEVSTACK_PORT (default 25432..25435), never the system ones.
 system-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	    || ! ls /usr/lib/postgresql/*/bin/pg_basebackup >/dev/null 2>&1 \
-	    || ! command -v redis-server >/dev/null 2>&1; then \
-		echo ">> installing postgresql + redis-server"; \
-		$(APT) update && $(APT) install -y postgresql redis-server; \
+	    || ! command -v redis-server >/dev/null 2>&1 \
+	    || ! { command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1; then \
+		echo ">> installing postgresql + redis-server + pgbouncer"; \
+		$(APT) update && $(APT) install -y postgresql redis-server pgbouncer; \
 	fi
 
 venv: $(STAMP)
@@ -63,8 +65,17 @@ devstack: install
 run: install
 	$(PY) -m server
 
-test: devstack
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: test-direct test-pgbouncer
+
+test-direct: devstack
+	DEVSTACK_PGBOUNCER=0 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The same suite with the servers behind PgBouncer in transaction mode (the
+# same stack, PgBouncer on DEVSTACK_PORT+3). The search-plan test never goes
+# through PgBouncer (it plans queries in a scratch database on the primary),
+# so it runs in the first pass only.
+test-pgbouncer: devstack
+	DEVSTACK_PGBOUNCER=1 SKIP_EXPLAIN=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);

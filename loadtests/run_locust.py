@@ -66,9 +66,7 @@ def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
     env = dict(
         os.environ,
         **dev_secrets(),
-        DATABASE_URL=stack.database_url,
-        DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
-        REDIS_URL=stack.redis_url,
+        **stack.server_env(),
         HOST="127.0.0.1",
         PORT=str(port),
         WORKERS=str(workers),

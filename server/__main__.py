@@ -28,9 +28,7 @@ def _use_devstack_if_unconfigured() -> bool:
 
     stack = devstack.from_env()
     stack.start()
-    os.environ["DATABASE_URL"] = stack.database_url
-    os.environ["DATABASE_REPLICA_URLS"] = ",".join(stack.replica_urls)
-    os.environ["REDIS_URL"] = stack.redis_url
+    os.environ.update(stack.server_env())
     os.environ.update(dev_secrets())
     # Tells the worker processes (which find DATABASE_URL set) where they are.
     os.environ[ON_DEVSTACK] = "1"
@@ -39,9 +37,12 @@ def _use_devstack_if_unconfigured() -> bool:
 
 
 def _migrate() -> list[str]:
+    """Migrations hold a session advisory lock, which a pooler in transaction
+    mode would leave on whichever server connection ran it: behind PgBouncer,
+    MIGRATE_DATABASE_URL names the primary itself."""
     from server.db.migrate import migrate
 
-    return asyncio.run(migrate(os.environ["DATABASE_URL"]))
+    return asyncio.run(migrate(os.environ.get("MIGRATE_DATABASE_URL") or os.environ["DATABASE_URL"]))
 
 
 async def _serve_one(config: Config) -> None:

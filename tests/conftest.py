@@ -1,5 +1,13 @@
 """Fixtures: the real dev stack (PostgreSQL primary + replica, Redis) and
-real server processes started with ``python -m server``."""
+real server processes started with ``python -m server``.
+
+With ``DEVSTACK_PGBOUNCER=1`` the stack has PgBouncer (transaction mode) in
+front of both PostgreSQL servers. What the server uses goes through it:
+``ServerProcess``, ``server_config`` and ``stack.database_url``/``replica_urls``.
+What the tests use to look at or steer PostgreSQL itself (pausing replay,
+``pg_stat_*``, locks held on purpose, new databases, migrations) goes
+straight to the servers: ``db``, ``replica_db`` and ``stack.direct_database_url``/
+``direct_replica_urls``. Without PgBouncer both are the same."""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -25,12 +34,19 @@ import redis.asyncio as aioredis
 
 from protocol.client import Client
 from server import devstack
-from server.config import DEV_KYC_SECRET, dev_secrets
+from server.config import DEV_KYC_SECRET, Config, dev_secrets
 from server.db.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
 OPS_TOKEN = "test-ops-token-0123456789abcdef0123456789"
+
+
+def port_of(url: str) -> int:
+    """The port of a database URL (PgBouncer's, when the stack has one)."""
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port
 
 
 def free_port() -> int:
@@ -50,9 +66,7 @@ class ServerProcess:
         self.env = dict(
             os.environ,
             **dev_secrets(),
-            DATABASE_URL=stack.database_url,
-            DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
-            REDIS_URL=stack.redis_url,
+            **stack.server_env(),
             HOST="127.0.0.1",
             PORT=str(self.port),
             WORKERS="1",
@@ -110,11 +124,21 @@ class ServerProcess:
         return await Client.connect(self.url, **kw)
 
 
+def server_config(stack: devstack.DevStack, **settings: Any) -> Config:
+    """The settings of a server on ``stack`` (through PgBouncer when the
+    stack has one), for ``Services`` built inside a test; no replicas
+    unless given."""
+    env = stack.server_env()
+    cache = int(env.get("DB_STATEMENT_CACHE_SIZE", Config.db_statement_cache_size))
+    return Config(database_url=env["DATABASE_URL"], redis_url=env["REDIS_URL"],
+                  db_statement_cache_size=cache, **settings)
+
+
 @pytest.fixture(scope="session")
 def stack() -> devstack.DevStack:
     s = devstack.from_env()
     s.start()
-    asyncio.run(migrate(s.database_url))
+    asyncio.run(migrate(s.direct_database_url))
     return s
 
 
@@ -135,14 +159,17 @@ async def server2(stack) -> AsyncIterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 async def db(stack) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=10)
+    """The primary itself, never through PgBouncer: tests hold locks and
+    read ``pg_stat_activity`` with it."""
+    pool = await asyncpg.create_pool(stack.direct_database_url, min_size=1, max_size=10)
     yield pool
     await pool.close()
 
 
 @pytest.fixture(scope="session")
 async def replica_db(stack) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(stack.replica_urls[0], min_size=1, max_size=4)
+    """The replica itself (pausing its replay is a session of its own)."""
+    pool = await asyncpg.create_pool(stack.direct_replica_urls[0], min_size=1, max_size=4)
     yield pool
     await pool.close()
 

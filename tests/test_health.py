@@ -2,8 +2,9 @@
 unreachable.
 
 The primary is made unreachable for one server process only, by putting a
-TCP relay (``PrimaryLink``) between that process and the real primary: the
-rest of the stack, and every other process, keeps running.
+TCP relay (``PrimaryLink``) between that process and the real primary (or
+PgBouncer, when the stack has one): the rest of the stack, and every other
+process, keeps running.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 
 from protocol.errors import RpcError
-from tests.conftest import (ServerProcess, post_kyc, readyz, register, until_not_ready,
+from tests.conftest import (ServerProcess, port_of, post_kyc, readyz, register, until_not_ready,
                             wait_subscriber_connected)
 
 
@@ -107,7 +108,7 @@ class PrimaryLink:
 
 @pytest.fixture(scope="module")
 async def link(stack):
-    link = await PrimaryLink(stack.primary_port).start()
+    link = await PrimaryLink(port_of(stack.database_url)).start()
     yield link
     await link.close()
 
@@ -144,7 +145,7 @@ async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server
         assert replica["ok"] is True
         assert isinstance(replica["lag_bytes"], int) and replica["lag_bytes"] >= 0
         assert replica["error"] is None
-        assert str(stack.replica_port) in replica["url"]
+        assert f":{port_of(stack.replica_urls[0])}/" in replica["url"]
         assert "@" not in replica["url"]  # no credentials in a health page
     assert isinstance(body["pid"], int)
 

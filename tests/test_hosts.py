@@ -200,7 +200,7 @@ async def test_search_uses_the_bookable_index_and_the_busy_gist_index_at_scale(s
     planned for its actual parameters and as a generic prepared plan, walks
     idx_users_bookable_price_id and probes booking_busy's GiST index,
     and never scans either table."""
-    report = await explain_search.run(stack.database_url, users=100_000, bookings=200_000)
+    report = await explain_search.run(stack.direct_database_url, users=100_000, bookings=200_000)
     for case in report:
         assert not case.problems, f"{case.name}:\n{case.plan}"
 

@@ -324,9 +324,7 @@ async def test_user_updated_reaches_the_users_sockets_on_every_process(server, s
 def kyc_command(stack, *args: str) -> asyncio.subprocess.Process:
     env = dict(
         os.environ,
-        DATABASE_URL=stack.database_url,
-        DATABASE_REPLICA_URLS=",".join(stack.replica_urls),
-        REDIS_URL=stack.redis_url,
+        **stack.server_env(),
         LOG_LEVEL="WARNING",
     )
     return asyncio.create_subprocess_exec(

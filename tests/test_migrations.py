@@ -29,10 +29,10 @@ REPLACED_SEED_INDEXES = {"uq_host_start"}  # 004: overlap rule over active booki
 @pytest.fixture
 async def fresh_database(stack):
     name = f"migrations_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(stack.database_url)
+    admin = await asyncpg.connect(stack.direct_database_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield stack.database_url.rsplit("/", 1)[0] + "/" + name
+        yield stack.direct_database_url.rsplit("/", 1)[0] + "/" + name
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -84,11 +84,11 @@ async def test_concurrent_migrations_do_not_race_and_give_the_same_schema(fresh_
     assert sorted(runs, key=len) == [[], [], VERSIONS]
     assert await recorded_versions(fresh_database) == VERSIONS  # each file once
     # The same schema as the stack's database, migrated on its own.
-    assert await schema(fresh_database) == await schema(stack.database_url)
+    assert await schema(fresh_database) == await schema(stack.direct_database_url)
 
 
 async def test_schema_migrations_records_each_file_once_in_order(stack):
-    recorded = await recorded_versions(stack.database_url)
+    recorded = await recorded_versions(stack.direct_database_url)
     assert recorded == VERSIONS
     assert len(set(recorded)) == len(recorded)
     assert all(re.fullmatch(r"\d{3}_[a-z0-9_]+", v) for v in VERSIONS)

@@ -15,7 +15,7 @@ from server.db.pool import Acquire, FairPool
 async def _grant_order(stack, use_gate: bool) -> list[int]:
     """20 callers, 50 uses each, of a pool of 2 connections; returns the
     arrival tickets in the order their connections were granted."""
-    raw = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=2)
+    raw = await asyncpg.create_pool(stack.direct_database_url, min_size=2, max_size=2)
     pool = FairPool(raw)
     tickets = itertools.count()
     granted: list[int] = []

@@ -9,7 +9,8 @@ import time
 
 import aiohttp
 
-from tests.conftest import OPS_TOKEN, ServerProcess, readyz, register, row_locked, until_writes_wait_on_the_lock
+from tests.conftest import (OPS_TOKEN, ServerProcess, port_of, readyz, register, row_locked,
+                            until_writes_wait_on_the_lock)
 
 PUBLIC_KEYS = {"ready", "checks"}
 
@@ -38,7 +39,7 @@ async def test_the_ops_token_sees_hosts_lag_counters_and_pid(server, stack):
     status, body = await get(server, {"Authorization": f"Bearer {OPS_TOKEN}"})
     assert status == 200 and body["ready"] is True
     assert {"primary", "replicas", "redis", "sockets", "pid"} <= set(body)
-    assert str(stack.replica_port) in body["replicas"][0]["url"]
+    assert f":{port_of(stack.replica_urls[0])}/" in body["replicas"][0]["url"]
 
 
 async def test_without_an_ops_token_nobody_sees_details(stack):

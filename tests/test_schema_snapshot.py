@@ -12,7 +12,7 @@ from server.db.snapshot import REGENERATE, SNAPSHOT, fresh_definitions
 
 
 async def test_the_snapshot_is_what_a_freshly_migrated_database_has(stack):
-    expected = await fresh_definitions(stack.database_url)
+    expected = await fresh_definitions(stack.direct_database_url)
     current = SNAPSHOT.read_text() if SNAPSHOT.exists() else ""
     if current != expected:
         diff = "".join(difflib.unified_diff(

@@ -17,10 +17,9 @@ import jwt
 import pytest
 
 from server.cleanup import Cleanup
-from server.config import Config
 from server.db.migrate import SQL_DIR, migrate
 from server.services import Services
-from tests.conftest import PASSWORD, ServerProcess, register
+from tests.conftest import PASSWORD, ServerProcess, register, server_config
 from tests.test_auth import error_of
 from tests.test_migrations import fresh_database  # noqa: F401  (a fixture)
 
@@ -117,7 +116,7 @@ async def test_families_from_before_the_migration_end_90_days_after_they_began(f
 @pytest.fixture
 async def services(stack):
     """A process's services, in the test, to run Cleanup passes on."""
-    s = Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url))
+    s = Services.build(server_config(stack))
     await s.db.start()
     yield s
     await s.db.close()
@@ -228,7 +227,7 @@ async def test_processes_cleaning_at_once_share_the_work(stack, db):
     live_tokens = [await new_token(db, live, user, used=True) for _ in range(3)]
     ended = [await new_family(db, user, revoked_ago_s=86400) for _ in range(60)]
     ended_tokens = [await new_token(db, f, user, used=i % 2 == 0) for f in ended for i in range(3)]
-    two = [Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url)) for _ in range(2)]
+    two = [Services.build(server_config(stack)) for _ in range(2)]
     for s in two:
         await s.db.start()
     try:

@@ -14,11 +14,10 @@ import pytest
 
 from protocol.errors import RpcError
 from tests.booking_support import balance, book, booker, events_until, host, move_start_to_past, move_to_past, slot
-from server.config import Config
 from server.db.wallet import BALANCE_MAX
 from server.services import Services
 from server.settlement import Settlement
-from tests.conftest import verified_user
+from tests.conftest import server_config, verified_user
 
 H = dt.timedelta(hours=1)
 
@@ -72,7 +71,7 @@ async def test_many_settlers_at_once_pay_each_booking_exactly_once(stack, server
     ))
     # Besides the settlement workers of both server processes, six more
     # settlers in this process race for the same bookings in small batches.
-    services = Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url))
+    services = Services.build(server_config(stack))
     await services.db.start()
     settlers = [Settlement(services, batch_size=4) for _ in range(6)]
     try:
@@ -126,7 +125,7 @@ async def settlement_pass(stack, passes: int = 1) -> int:
     """Whole settlement passes of one worker, run here and awaited (besides
     the workers of the server processes); returns how many bookings they
     settled."""
-    services = Services.build(Config(database_url=stack.database_url, redis_url=stack.redis_url))
+    services = Services.build(server_config(stack))
     await services.db.start()
     try:
         worker = Settlement(services)

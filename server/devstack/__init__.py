@@ -3,7 +3,9 @@
 Everything lives under one base directory (default ``<repo>/.devstack``,
 override with ``DEVSTACK_DIR``) and listens on 127.0.0.1 only, on
 ``DEVSTACK_PORT`` (default 25432) for the primary, +1 for the replica and
-+2 for Redis.
++2 for Redis; with ``DEVSTACK_PGBOUNCER=1``, +3 for PgBouncer in transaction
+mode in front of both (the stack's ``database_url``/``replica_urls`` then
+lead through it, ``direct_database_url``/``direct_replica_urls`` do not).
 
 Layout of the base directory::
 
@@ -12,7 +14,8 @@ Layout of the base directory::
     replica/              PGDATA of the streaming replica (pg_basebackup -R)
     run/                  unix socket directory of both PostgreSQL servers
     redis/                Redis working dir + redis.pid
-    logs/                 primary.log, replica.log, redis.log
+    pgbouncer/            pgbouncer.ini, userlist.txt, pgbouncer.pid (when enabled)
+    logs/                 primary.log, replica.log, redis.log, pgbouncer.log
 
 Stdlib only: the servers are driven through their command line tools.
 
@@ -20,8 +23,9 @@ Stdlib only: the servers are driven through their command line tools.
 
 Modules: ``stack`` (the ``DevStack`` facade, ``from_env``), ``primary``,
 ``replica`` and ``postgres`` (one PostgreSQL server), ``redis_server``,
-``binaries`` (where the servers' binaries are), ``osuser`` (running as the
-``postgres`` OS user), ``process`` and ``lock`` (helpers), ``cli``.
+``pgbouncer``, ``binaries`` (where the servers' binaries are), ``osuser``
+(running as the ``postgres`` OS user), ``process`` and ``lock`` (helpers),
+``cli``.
 """
 
 from server.devstack.binaries import pg_bindir, redis_server_bin

@@ -29,12 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     st = stack.status()
     print(f"base dir     {stack.base_dir}")
-    for name, port in (("primary", stack.primary_port), ("replica", stack.replica_port),
-                       ("redis", stack.redis_port)):
-        print(f"{name:<12} {'running' if st[name] else 'stopped':<8} 127.0.0.1:{port}")
-    print(f"DATABASE_URL={stack.database_url}")
-    print(f"DATABASE_REPLICA_URLS={','.join(stack.replica_urls)}")
-    print(f"REDIS_URL={stack.redis_url}")
+    ports = {"primary": stack.primary_port, "replica": stack.replica_port, "redis": stack.redis_port,
+             "pgbouncer": stack.pgbouncer_port}
+    for name, running in st.items():
+        print(f"{name:<12} {'running' if running else 'stopped':<8} 127.0.0.1:{ports[name]}")
+    for name, value in stack.server_env().items():
+        print(f"{name}={value}")
     if cmd == "status":
         return 0 if all(st.values()) else 1
     return 0

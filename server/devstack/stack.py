@@ -12,6 +12,7 @@ from pathlib import Path
 
 from server.devstack.lock import dir_lock
 from server.devstack.osuser import PG_OS_USER, chown_pg, pg_ids, run_pg
+from server.devstack.pgbouncer import REPLICA_DATABASE, PgBouncer
 from server.devstack.postgres import SUPERUSER
 from server.devstack.primary import DATABASE, Primary
 from server.devstack.redis_server import RedisServer
@@ -28,22 +29,56 @@ class DevStack:
     primary_port: int = DEFAULT_PORT
     replica_port: int = DEFAULT_PORT + 1
     redis_port: int = DEFAULT_PORT + 2
+    # With ``pgbouncer``, the servers reach PostgreSQL through PgBouncer in
+    # transaction mode on ``pgbouncer_port`` (server/devstack/pgbouncer.py).
+    pgbouncer: bool = False
+    pgbouncer_port: int = DEFAULT_PORT + 3
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir).expanduser().absolute()
         self.primary_port = int(self.primary_port)
         self.replica_port = int(self.replica_port)
         self.redis_port = int(self.redis_port)
+        self.pgbouncer_port = int(self.pgbouncer_port)
 
     # ---- URLs ------------------------------------------------------------ #
 
     @property
     def database_url(self) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.primary_port}/{DATABASE}"
+        """Where a server writes: PgBouncer when the stack has one."""
+        if self.pgbouncer:
+            return self.bouncer.url(DATABASE)
+        return self.direct_database_url
 
     @property
     def replica_urls(self) -> list[str]:
+        if self.pgbouncer:
+            return [self.bouncer.url(REPLICA_DATABASE)]
+        return self.direct_replica_urls
+
+    @property
+    def direct_database_url(self) -> str:
+        """The primary itself: migrations (a session advisory lock), new
+        databases, and tests that look at the server's own state."""
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.primary_port}/{DATABASE}"
+
+    @property
+    def direct_replica_urls(self) -> list[str]:
         return [f"postgresql://{SUPERUSER}@127.0.0.1:{self.replica_port}/{DATABASE}"]
+
+    def server_env(self) -> dict[str, str]:
+        """The environment a server process needs to run on this stack."""
+        env = {
+            "DATABASE_URL": self.database_url,
+            "DATABASE_REPLICA_URLS": ",".join(self.replica_urls),
+            "MIGRATE_DATABASE_URL": self.direct_database_url,
+            "REDIS_URL": self.redis_url,
+        }
+        if self.pgbouncer:
+            # Named prepared statements live in one server session, which
+            # transaction pooling does not keep for a client.
+            env["DB_STATEMENT_CACHE_SIZE"] = "0"
+        return env
 
     @property
     def redis_url(self) -> str:
@@ -97,6 +132,11 @@ class DevStack:
     def redis_server(self) -> RedisServer:
         return RedisServer(self.redis_port, self.redis_dir, self.log_dir / "redis.log")
 
+    @property
+    def bouncer(self) -> PgBouncer:
+        return PgBouncer(self.pgbouncer_port, self.base_dir / "pgbouncer", self.log_dir / "pgbouncer.log",
+                         self.primary_port, self.replica_port)
+
     # ---- public API ------------------------------------------------------ #
 
     def start(self) -> None:
@@ -106,10 +146,13 @@ class DevStack:
             self.primary.ensure()
             self.replica.ensure()
             self.redis_server.ensure()
+            if self.pgbouncer:
+                self.bouncer.ensure()
 
     def stop(self) -> None:
-        """Stop replica, primary and Redis. Idempotent."""
+        """Stop PgBouncer (if one runs), replica, primary and Redis. Idempotent."""
         with self._lock():
+            self.bouncer.stop()
             self.replica.stop()
             self.primary.stop()
             self.redis_server.stop()
@@ -148,11 +191,14 @@ class DevStack:
         return self.replica.streaming()
 
     def status(self) -> dict[str, bool]:
-        return {
+        st = {
             "primary": self.primary_running(),
             "replica": self.replica_running(),
             "redis": self.redis_running(),
         }
+        if self.pgbouncer:
+            st["pgbouncer"] = self.bouncer.running()
+        return st
 
     # ---- internals ------------------------------------------------------- #
 
@@ -180,7 +226,9 @@ class DevStack:
 
 def from_env() -> DevStack:
     """The stack at ``DEVSTACK_DIR`` (default ``<repo>/.devstack``) on
-    ``DEVSTACK_PORT`` (default 25432), +1 and +2."""
+    ``DEVSTACK_PORT`` (default 25432), +1 and +2; with ``DEVSTACK_PGBOUNCER=1``,
+    PgBouncer on +3 in front of the primary and the replica."""
     base = Path(os.environ.get("DEVSTACK_DIR") or DEFAULT_DIR)
     port = int(os.environ.get("DEVSTACK_PORT") or DEFAULT_PORT)
-    return DevStack(base_dir=base, primary_port=port, replica_port=port + 1, redis_port=port + 2)
+    return DevStack(base_dir=base, primary_port=port, replica_port=port + 1, redis_port=port + 2,
+                    pgbouncer=os.environ.get("DEVSTACK_PGBOUNCER") == "1", pgbouncer_port=port + 3)

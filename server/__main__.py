@@ -1,4 +1,4 @@
-"""Command line: ``python -m server [serve|migrate|kyc EMAIL STATUS|devstack start|stop|status]``."""
+"""Command line: ``python -m server [serve|migrate|kyc EMAIL STATUS|devstack start|stop|status|failover|rejoin]``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def _use_devstack_if_unconfigured() -> bool:
 
     stack = devstack.from_env()
     stack.start()
-    os.environ["DATABASE_URL"] = stack.database_url
+    # Both servers, the writable one chosen: ``devstack failover`` needs no restart.
+    os.environ["DATABASE_URL"] = stack.failover_url
     os.environ["DATABASE_REPLICA_URLS"] = ",".join(stack.replica_urls)
     os.environ["REDIS_URL"] = stack.redis_url
     os.environ.update(dev_secrets())
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     kyc.add_argument("status", choices=["pending", "verified", "rejected"])
     kyc.set_defaults(func=cmd_kyc)
     ds = sub.add_parser("devstack", help="manage the embedded dev stack")
-    ds.add_argument("action", choices=["start", "stop", "status"])
+    ds.add_argument("action", choices=["start", "stop", "restart", "status", "failover", "rejoin"])
     ds.set_defaults(func=cmd_devstack)
     args = parser.parse_args(argv)
     func = getattr(args, "func", cmd_serve)

@@ -43,6 +43,9 @@ LOST_SERVER = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # the pool handed out a connection that the server was closing (a
+    # shutdown's error still being read): the client's protocol refuses it
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -159,9 +162,12 @@ class Acquire:
         if self._watchdog is not None:
             self._watchdog.cancel()
         lost = isinstance(exc, LOST_SERVER)
-        if lost and not self.conn.is_closed():  # type: ignore[union-attr]
+        if lost:
             log.warning("dropping a connection to a server that failed it: %r", exc)
-            self.conn.terminate()  # type: ignore[union-attr]
+            try:
+                self.conn.terminate()  # type: ignore[union-attr]
+            except asyncpg.exceptions.InterfaceError:
+                pass  # lost already: asyncpg has taken it back from us
         await self.pool.release(self.conn)
         if self.expired and isinstance(exc, Exception) and not isinstance(exc, DatabaseUnavailable):
             raise DatabaseUnavailable("database did not answer in time, retry") from exc

@@ -32,11 +32,12 @@ CONNECT_FAILURES = (
     asyncpg.exceptions.TargetServerAttributeNotMatched,
 )
 # A connection that fails with one of these is not worth keeping: its server
-# went away, is shutting down, or is no longer writable (an old primary back
-# as a replica after a failover). It is dropped, so the pool connects again,
-# to whichever host of the URL is now what the pool asks for.
+# went away, did not answer in time, is shutting
+# down, or is no longer writable (an old primary back as a replica after a
+# failover). It is dropped, so the pool connects again, to whichever host of
+# the URL is now what the pool asks for.
 LOST_SERVER = (
-    OSError,
+    ConnectionError, TimeoutError,  # not every OSError: PermissionError is one
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.AdminShutdownError,

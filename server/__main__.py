@@ -1,4 +1,4 @@
-"""Command line: ``python -m server [serve|migrate|kyc EMAIL STATUS|devstack start|stop|status]``."""
+"""Command line: ``python -m server [serve|migrate|kyc EMAIL STATUS|devstack start|stop|status|failover|rejoin]``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ def _use_devstack_if_unconfigured() -> bool:
 
     stack = devstack.from_env()
     stack.start()
-    os.environ.update(stack.server_env())
+    env = stack.server_env()
+    if not stack.pgbouncer:
+        # Both servers, the writable one chosen: ``devstack failover`` needs no restart.
+        env["DATABASE_URL"] = stack.failover_url
+    os.environ.update(env)
     os.environ.update(dev_secrets())
     # Tells the worker processes (which find DATABASE_URL set) where they are.
     os.environ[ON_DEVSTACK] = "1"
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     kyc.add_argument("status", choices=["pending", "verified", "rejected"])
     kyc.set_defaults(func=cmd_kyc)
     ds = sub.add_parser("devstack", help="manage the embedded dev stack")
-    ds.add_argument("action", choices=["start", "stop", "status"])
+    ds.add_argument("action", choices=["start", "stop", "restart", "status", "failover", "rejoin"])
     ds.set_defaults(func=cmd_devstack)
     args = parser.parse_args(argv)
     func = getattr(args, "func", cmd_serve)

@@ -24,7 +24,7 @@ from server.config import Config
 from server.db.batching import Batcher, BatchFailed, WriteBatcher
 from server.db.pool import PRIMARY_DEADLINE_S, REPLICA_DEADLINE_S, Acquire, FairPool, create_pool, pool_args
 from server.db.positions import Committed, WritePositions, Writers, parse_lsn
-from server.db.replicas import REPLICA_FAILURES, Replicas
+from server.db.replicas import REPLAYED_SQL, REPLICA_FAILURES, Replicas
 from server.outbox import Outbox
 
 T = TypeVar("T")
@@ -236,7 +236,7 @@ class Database:
             return False
         target = max(newest, self.newest_commit())
         for _ in range(MISS_CATCH_UP_POLLS):
-            if parse_lsn(await conn.fetchval("SELECT pg_last_wal_replay_lsn()::text")) >= target:
+            if parse_lsn(await conn.fetchval(REPLAYED_SQL)) >= target:
                 return True
             await asyncio.sleep(MISS_CATCH_UP_S / MISS_CATCH_UP_POLLS)
         return False

@@ -22,6 +22,33 @@ PRIMARY_DEADLINE_S = 4.0
 # primary.
 REPLICA_DEADLINE_S = 2.0
 
+# No connection could be made: the server is down or starting, or none of
+# the hosts of a multi-host URL is the kind asked for (no writable primary
+# while a replica is being promoted).
+CONNECT_FAILURES = (
+    asyncio.TimeoutError, OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+)
+# A connection that fails with one of these is not worth keeping: its server
+# went away, did not answer in time, is shutting
+# down, or is no longer writable (an old primary back as a replica after a
+# failover). It is dropped, so the pool connects again, to whichever host of
+# the URL is now what the pool asks for.
+LOST_SERVER = (
+    ConnectionError, TimeoutError,  # not every OSError: PermissionError is one
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # the pool handed out a connection that the server was closing (a
+    # shutdown's error still being read): the client's protocol refuses it
+    asyncpg.exceptions.InternalClientError,
+)
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset on release. asyncpg has already rolled back any open
@@ -120,8 +147,7 @@ class Acquire:
             # a task per acquire.
             async with asyncio.timeout(self.timeout):
                 self.conn = await self.pool.acquire()
-        except (asyncio.TimeoutError, OSError, asyncpg.exceptions.PostgresConnectionError,
-                asyncpg.exceptions.CannotConnectNowError) as exc:
+        except CONNECT_FAILURES as exc:
             raise DatabaseUnavailable("database unavailable, retry") from exc
         if self.deadline is not None:
             left = max(0.0, self.deadline - (loop.time() - started))
@@ -136,6 +162,15 @@ class Acquire:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
+        lost = isinstance(exc, LOST_SERVER)
+        if lost:
+            log.warning("dropping a connection to a server that failed it: %r", exc)
+            try:
+                self.conn.terminate()  # type: ignore[union-attr]
+            except asyncpg.exceptions.InterfaceError:
+                pass  # lost already: asyncpg has taken it back from us
         await self.pool.release(self.conn)
         if self.expired and isinstance(exc, Exception) and not isinstance(exc, DatabaseUnavailable):
             raise DatabaseUnavailable("database did not answer in time, retry") from exc
+        if lost:
+            raise DatabaseUnavailable("database unavailable, retry") from exc

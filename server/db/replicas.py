@@ -44,10 +44,22 @@ REPLICA_FAILURES = (
 )
 
 
+# How far a member has replayed the primary's WAL. A member that is not in
+# recovery was promoted (a failover): it is a primary now, has everything it
+# ever replayed and more, and still serves reads; its own WAL position
+# stands in for the replayed one.
+REPLAYED_SQL = (
+    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " ELSE pg_current_wal_lsn() END)::text, NOT pg_is_in_recovery()"
+)
+
+
 def redact(url: str) -> str:
-    """A database URL without its credentials, for logs and /readyz."""
+    """A database URL without its credentials, for logs and /readyz. A
+    multi-host URL (``h1:p1,h2:p2``) keeps all its hosts."""
     u = urlparse(url)
-    return f"{u.hostname}:{u.port or 5432}{u.path}"
+    hosts = u.netloc.rpartition("@")[2]
+    return f"{hosts if ':' in hosts or ',' in hosts else hosts + ':5432'}{u.path}"
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Replica:
     lag_bytes: int | None = None
     error: str | None = None
     served: int = 0  # reads served, for /readyz and tests
+    promoted: bool = False  # it is a primary now, not in recovery (a failover)
 
 
 class Replicas:
@@ -106,7 +119,7 @@ class Replicas:
             if replica.pool is None:
                 replica.pool = await create_pool(replica.url, **self.pool_args)
             async with Acquire(replica.pool, REPLICA_DEADLINE_S, REPLICA_DEADLINE_S) as conn:
-                lsn = await conn.fetchval("SELECT pg_last_wal_replay_lsn()::text")
+                lsn, promoted = await conn.fetchrow(REPLAYED_SQL)
         except Exception as exc:
             if replica.healthy:
                 log.warning("replica %s down: %r", redact(replica.url), exc)
@@ -114,6 +127,10 @@ class Replicas:
             replica.error = repr(exc.__cause__ or exc)
             replica.lag_bytes = None
             return
+        if promoted != replica.promoted:
+            log.warning("replica %s %s", redact(replica.url),
+                        "is a primary now (promoted), still serving reads" if promoted else "is a replica again")
+        replica.promoted = promoted
         replica.replay_lsn = parse_lsn(lsn)
         replica.lag_bytes = max(0, head - replica.replay_lsn) if head is not None else None
         replica.error = None

@@ -1,5 +1,8 @@
-"""``python -m server.devstack start|stop|restart|status``: prints where
-each server listens and the URLs to export; ``status`` exits 1 unless all run."""
+"""``python -m server.devstack start|stop|restart|status|failover|rejoin``:
+prints where each server listens and the URLs to export; ``status`` exits 1
+unless all run. ``failover`` stops the primary at once and promotes the
+replica; ``rejoin`` brings the old primary back as the primary with every
+write the promoted replica took, and rebuilds the replica."""
 
 from __future__ import annotations
 
@@ -24,8 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif cmd == "restart":
         stack.stop()
         stack.start()
+    elif cmd == "failover":
+        stack.failover()
+        log(f"the replica on port {stack.replica_port} is the primary now; "
+            f"`python -m server devstack rejoin` gives the stack its roles back")
+    elif cmd == "rejoin":
+        stack.rejoin()
     elif cmd != "status":
-        print("usage: python -m server.devstack start|stop|restart|status", file=sys.stderr)
+        print("usage: python -m server.devstack start|stop|restart|status|failover|rejoin", file=sys.stderr)
         return 2
     st = stack.status()
     print(f"base dir     {stack.base_dir}")
@@ -35,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:<12} {'running' if running else 'stopped':<8} 127.0.0.1:{ports[name]}")
     for name, value in stack.server_env().items():
         print(f"{name}={value}")
+    if not stack.pgbouncer:
+        print(f"  (following a failover: DATABASE_URL={stack.failover_url})")
     if cmd == "status":
         return 0 if all(st.values()) else 1
     return 0

@@ -45,6 +45,23 @@ _HBA = (
 
 @dataclass
 class Primary(PgNode):
+    # The standby whose confirmation every commit waits for ("" for none):
+    # synchronous replication, so that no acknowledged write is lost when
+    # the standby is promoted.
+    sync_standby: str = ""
+
+    def node_conf_extra(self) -> str:
+        if not self.sync_standby:
+            return ""
+        # The base settings turn synchronous_commit off (a disposable
+        # database), which would skip the wait for the standby too.
+        return f"synchronous_standby_names = '{self.sync_standby}'\nsynchronous_commit = on\n"
+
+    def psql(self, sql: str, db: str = "postgres", timeout: float = 30) -> str:
+        # The stack's own statements never wait for the standby: with
+        # synchronous replication it is built and started after the primary.
+        return super().psql(sql, db=f"dbname={db} options='-c synchronous_commit=local'", timeout=timeout)
+
     def system_id(self) -> str:
         """The identifier a replica's marker must match to follow this primary."""
         return self.marker()
@@ -76,7 +93,7 @@ class Primary(PgNode):
                 log("primary data dir is missing or incomplete: rebuilding it")
             self.build()
             return
-        self.write_node_conf()
+        changed = self.write_node_conf()
         try:
             self.start()
         except RuntimeError as e:
@@ -85,6 +102,10 @@ class Primary(PgNode):
             log(f"primary failed to start with a PANIC, rebuilding it:\n{e}")
             self.build()
             return
+        if changed:
+            # Already running with other settings (synchronous replication
+            # turned on or off): they take effect on a reload.
+            self.psql("SELECT pg_reload_conf()")
         # cheap invariants (the db / slot might have been dropped by hand)
         self.psql(
             f"SELECT pg_create_physical_replication_slot('{SLOT_NAME}') WHERE NOT EXISTS "

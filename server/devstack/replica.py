@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from server.devstack.binaries import pg_tool
 from server.devstack.postgres import SUPERUSER, PgNode
 from server.devstack.primary import SLOT_NAME, Primary
-from server.devstack.process import log, read_lines, tail, wait_until
+from server.devstack.process import log, tail, wait_until
+
+# How the primary knows the replica (``synchronous_standby_names``).
+REPLICA_APPLICATION_NAME = "devstack_replica"
 
 
 @dataclass
@@ -19,7 +22,7 @@ class Replica(PgNode):
     def node_conf_extra(self) -> str:
         conninfo = (
             f"host=127.0.0.1 port={self.primary.port} user={SUPERUSER} "
-            f"application_name=devstack_replica"
+            f"application_name={REPLICA_APPLICATION_NAME}"
         )
         return (
             f"primary_conninfo = '{conninfo}'\n"
@@ -54,13 +57,7 @@ class Replica(PgNode):
              "-S", SLOT_NAME, "--no-sync"],
             timeout=600,
         )
-        # The connection settings live in the node conf: drop -R's copies.
-        auto = d / "postgresql.auto.conf"
-        lines = [
-            ln for ln in read_lines(auto)
-            if not ln.split("=")[0].strip() in ("primary_conninfo", "primary_slot_name")
-        ]
-        auto.write_text("\n".join(lines) + "\n")
+        self.drop_standby_conninfo()  # they live in the node conf
         self.write_node_conf()
         self.write_marker(self.primary.system_id())
 

@@ -10,13 +10,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.devstack.failover import failover, rejoin, was_promoted
 from server.devstack.lock import dir_lock
 from server.devstack.osuser import PG_OS_USER, chown_pg, pg_ids, run_pg
 from server.devstack.pgbouncer import REPLICA_DATABASE, PgBouncer
 from server.devstack.postgres import SUPERUSER
 from server.devstack.primary import DATABASE, Primary
 from server.devstack.redis_server import RedisServer
-from server.devstack.replica import Replica
+from server.devstack.replica import REPLICA_APPLICATION_NAME, Replica
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO_ROOT / ".devstack"
@@ -33,6 +34,9 @@ class DevStack:
     # transaction mode on ``pgbouncer_port`` (server/devstack/pgbouncer.py).
     pgbouncer: bool = False
     pgbouncer_port: int = DEFAULT_PORT + 3
+    # Every commit on the primary waits until the replica has it
+    # (``synchronous_standby_names``), so a failover loses no acknowledged write.
+    sync_replication: bool = False
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir).expanduser().absolute()
@@ -81,6 +85,13 @@ class DevStack:
         return env
 
     @property
+    def failover_url(self) -> str:
+        """``database_url`` naming both servers: connections go to whichever
+        is writable, so a server using it follows a ``failover``."""
+        return (f"postgresql://{SUPERUSER}@127.0.0.1:{self.primary_port},127.0.0.1:{self.replica_port}"
+                f"/{DATABASE}?target_session_attrs=read-write")
+
+    @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
@@ -121,7 +132,8 @@ class DevStack:
     @property
     def primary(self) -> Primary:
         return Primary("primary", self.primary_dir, self.primary_port, self.socket_dir,
-                       self.log_dir, self.base_dir)
+                       self.log_dir, self.base_dir,
+                       sync_standby=REPLICA_APPLICATION_NAME if self.sync_replication else "")
 
     @property
     def replica(self) -> Replica:
@@ -143,11 +155,24 @@ class DevStack:
         """Create/start whatever is missing or stopped. Idempotent."""
         with self._lock():
             self._prepare_dirs()
+            if was_promoted(self.replica):
+                rejoin(self.primary, self.replica)
             self.primary.ensure()
             self.replica.ensure()
             self.redis_server.ensure()
             if self.pgbouncer:
                 self.bouncer.ensure()
+
+    def failover(self) -> None:
+        """Stop the primary at once and promote the replica (see ``failover``)."""
+        with self._lock():
+            failover(self.primary, self.replica)
+
+    def rejoin(self) -> None:
+        """After a ``failover``: the old primary is the primary again, with
+        every write the promoted replica took, and the replica is rebuilt."""
+        with self._lock():
+            self.start()
 
     def stop(self) -> None:
         """Stop PgBouncer (if one runs), replica, primary and Redis. Idempotent."""
@@ -227,8 +252,10 @@ class DevStack:
 def from_env() -> DevStack:
     """The stack at ``DEVSTACK_DIR`` (default ``<repo>/.devstack``) on
     ``DEVSTACK_PORT`` (default 25432), +1 and +2; with ``DEVSTACK_PGBOUNCER=1``,
-    PgBouncer on +3 in front of the primary and the replica."""
+    PgBouncer on +3 in front of the primary and the replica; synchronous
+    replication with ``DEVSTACK_SYNC_REPLICATION=1``."""
     base = Path(os.environ.get("DEVSTACK_DIR") or DEFAULT_DIR)
     port = int(os.environ.get("DEVSTACK_PORT") or DEFAULT_PORT)
     return DevStack(base_dir=base, primary_port=port, replica_port=port + 1, redis_port=port + 2,
-                    pgbouncer=os.environ.get("DEVSTACK_PGBOUNCER") == "1", pgbouncer_port=port + 3)
+                    pgbouncer=os.environ.get("DEVSTACK_PGBOUNCER") == "1", pgbouncer_port=port + 3,
+                    sync_replication=os.environ.get("DEVSTACK_SYNC_REPLICATION", "") not in ("", "0"))

@@ -83,14 +83,16 @@ class Database:
         return Acquire(self.primary, self.config.db_command_timeout_s, deadline)
 
     async def primary_lsn(self) -> int:
-        """The primary's current WAL position (how far replicas lag), read
-        on the probe connection; records whether the primary answered."""
+        """The primary's flushed WAL position (how far replicas lag), read
+        on the probe connection; records whether the primary answered. The
+        flushed one: a replica cannot have more, and with asynchronous
+        commit what is merely written may wait for the WAL writer."""
         assert self.config.database_url
         try:
             if self._probe is None or self._probe.is_closed():
                 self._probe = await asyncpg.connect(self.config.database_url, timeout=REPLICA_DEADLINE_S,
                                                     statement_cache_size=0)
-            lsn = parse_lsn(await self._probe.fetchval("SELECT pg_current_wal_lsn()::text",
+            lsn = parse_lsn(await self._probe.fetchval("SELECT pg_current_wal_flush_lsn()::text",
                                                        timeout=REPLICA_DEADLINE_S))
         except Exception as exc:
             self.primary_answers, self.primary_error = False, repr(exc)

@@ -30,7 +30,7 @@ from server import kyc
 from server.db import auth as auth_db
 from server.db import events as events_db
 from server.db import kyc as kyc_db
-from server.periodic import Periodic
+from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hangout.cleanup")
 
 
-class Cleanup:
+class Cleanup(PeriodicWorker):
     """Background worker owned by ``Services`` (``start``/``stop``)."""
 
     def __init__(self, services: "Services", interval_s: float | None = None,
@@ -51,12 +51,6 @@ class Cleanup:
         self.max_batches = max_batches
         self.grace = dt.timedelta(seconds=cfg.access_token_ttl_s)
         self.event_retention = dt.timedelta(seconds=cfg.event_retention_s)
-
-    async def start(self) -> None:
-        await self._loop.start()
-
-    async def stop(self) -> None:
-        await self._loop.stop()
 
     async def run_pass(self) -> None:
         deleted = await self.clean()

@@ -47,3 +47,16 @@ class Periodic:
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
             await asyncio.sleep(self.interval_s)
+
+
+class PeriodicWorker:
+    """A worker owned by ``Services`` whose work is one ``Periodic``
+    (``self._loop``, set by the subclass)."""
+
+    _loop: Periodic
+
+    async def start(self) -> None:
+        await self._loop.start()
+
+    async def stop(self) -> None:
+        await self._loop.stop()

@@ -33,7 +33,7 @@ from protocol.models.chat import Message
 from server import events, messages
 from server.db import events as events_db
 from server.frames import event_frame
-from server.periodic import Periodic
+from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -46,19 +46,13 @@ BATCH = 500
 MAX_BATCHES = 20  # per pass; the next pass goes on
 
 
-class Relay:
+class Relay(PeriodicWorker):
     """Background worker owned by ``Services`` (``start``/``stop``)."""
 
     def __init__(self, services: "Services", interval_s: float = RELAY_INTERVAL_S) -> None:
         self.services = services
         self._loop = Periodic("relay", self.run_pass, interval_s, log)
         self.relayed = 0  # events this process published late, for tests and logs
-
-    async def start(self) -> None:
-        await self._loop.start()
-
-    async def stop(self) -> None:
-        await self._loop.stop()
 
     async def run_pass(self) -> None:
         await self.flush_marks()

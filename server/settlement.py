@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from server import events
 from server.db import bookings as bookings_db
-from server.periodic import Periodic
+from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -37,7 +37,7 @@ def _parties(result: tuple[list, list, int]) -> list[uuid.UUID]:
     return list({u for r in completed for u in (r["user_id"], r["host_id"])})
 
 
-class Settlement:
+class Settlement(PeriodicWorker):
     """Background worker owned by ``Services`` (``start``/``stop``)."""
 
     def __init__(self, services: "Services", interval_s: float | None = None, batch_size: int = 200) -> None:
@@ -48,12 +48,6 @@ class Settlement:
         self.settled = 0  # bookings this process completed, for tests and logs
         self._reported: set[uuid.UUID] = set()  # unpayable bookings warned of (report_unpayable)
         self._reported_more = False
-
-    async def start(self) -> None:
-        await self._loop.start()
-
-    async def stop(self) -> None:
-        await self._loop.stop()
 
     async def run_pass(self) -> None:
         await self.settle_due()

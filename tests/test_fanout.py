@@ -202,7 +202,7 @@ async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_tim
 
 @pytest.fixture
 async def small_queue_server(stack):
-    proc = await ServerProcess(stack, OUTGOING_QUEUE_MAX_BYTES=524288, SOCKET_SEND_BUFFER_BYTES=65536,
+    proc = await ServerProcess(stack, OUTGOING_QUEUE_MAX_BYTES=1048576, SOCKET_SEND_BUFFER_BYTES=65536,
                                PING_INTERVAL_S=120).start()
     yield proc
     await proc.stop()
@@ -220,13 +220,13 @@ async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everythin
         # process and on the other one keep receiving every message.
         for c in (booker, host):
             await c.call("chat.join", {"conversation_id": conv})
-        # 4000 four-byte characters a message: ~1.5 MB of events. Past the
-        # bound (512 KiB) and the kernel's send buffer as configured (128 KiB),
+        # 4000 four-byte characters a message: ~2.6 MB of events. Past the
+        # bound (1 MiB) and the kernel's send buffer as configured (128 KiB),
         # but not past the 4 MB the kernel would grow that buffer to by
         # itself: the socket must be closed because SOCKET_SEND_BUFFER_BYTES
         # capped it. (The bound is not smaller: the readers' buffers are
         # capped too, and a reader of this process may lag a burst briefly.)
-        count = 96
+        count = 160
         receiving = [asyncio.create_task(collect_messages(c, count)) for c in (booker, host)]
         await asyncio.gather(
             send_many(booker, conv, count // 2, prefix="b", size=4000, fill="🙂"),

@@ -78,6 +78,10 @@ class ServerProcess:
             # limits set them back explicitly.
             MAX_SOCKETS_PER_ADDRESS="100000",
             AUTH_MAX_PER_ADDRESS="100000",
+            # Tests register dozens of users at once from one address, on a
+            # machine that may be slow: the hashing admission's wait is
+            # raised too, and its own tests set it back explicitly.
+            HASH_MAX_WAIT_S="60",
             # /readyz shows its details to this token only (see ``readyz``).
             OPS_TOKEN=OPS_TOKEN,
         )

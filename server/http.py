@@ -140,6 +140,7 @@ def _readiness_details(services: Services, health: RedisHealth) -> dict:
         # merged_writes: bookings.create calls made together (sql/009).
         "primary": {"ok": db.primary_answers, "error": db.primary_error,
                     "waiting": db.primary.waiting if db.primary is not None else 0,
+                    "reads": db.primary_reads,  # reads it answered (no replica could, or must see all)
                     "merged_writes": db.merged_write_stats()},
         "replicas": [
             {

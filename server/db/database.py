@@ -56,6 +56,7 @@ class Database:
         # Every RPC call enters this (server/dispatch.py): bound once, not
         # delegated per call. See WritePositions.recording.
         self.recording_writes = self.positions.recording
+        self.primary_reads = 0  # reads the primary answered, for /readyz and tests
         self._merged_reads: dict[Any, Batcher] = {}
         self._merged_writes: dict[Any, WriteBatcher] = {}
 
@@ -179,6 +180,7 @@ class Database:
 
     async def read_primary(self, query: Query[T], *args: Any) -> T:
         """A read that must see everything committed: on the primary."""
+        self.primary_reads += 1
         async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
             return await query(conn, *args)
 
@@ -224,8 +226,7 @@ class Database:
                 pass
             except REPLICA_FAILURES as exc:
                 self.replicas.failed(replica, exc)
-        async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
-            return await query(conn, *args)
+        return await self.read_primary(query, *args)
 
     async def _catch_up(self, conn: asyncpg.Connection) -> bool:
         """Wait, at most ``MISS_CATCH_UP_S``, until the replica on ``conn`` has

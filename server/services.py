@@ -20,6 +20,7 @@ from server.db.database import Database
 from server.edge import SocketCounts
 from server.limits import WindowLimit
 from server.outbox import Outbox
+from server.presence import Presence
 from server.rooms import Hub
 from server.sessions import Sessions
 
@@ -51,6 +52,7 @@ class Services:
     hashing: PasswordHashing
     # auth.register and auth.login per client address (server/limits.py)
     address_checks: WindowLimit
+    presence: Presence
     # User events published right after their commit, (user, seq), that the
     # relay (server/relay.py) is to mark published.
     published_events: list[tuple[uuid.UUID, int]] = field(default_factory=list)
@@ -79,7 +81,8 @@ class Services:
                        hashing=PasswordHashing(config.hash_concurrency, config.hash_max_wait_s),
                        address_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
                                                   config.auth_address_window_s, lambda: outbox.available,
-                                                  remember_refusals=True))
+                                                  remember_refusals=True),
+                       presence=Presence(client))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections

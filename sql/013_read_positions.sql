@@ -51,14 +51,24 @@ DECLARE
   v_last bigint;
   v_counted bigint;
 BEGIN
-  SELECT c.user_id = p_reader, CASE WHEN c.user_id = p_reader THEN c.booker_read_seq ELSE c.host_read_seq END, c.last_seq
-    INTO v_booker, v_old, v_last
+  -- A position only rises, so one already at p_seq needs no lock: devices
+  -- that mark the same message read do not queue behind the senders.
+  SELECT CASE WHEN c.user_id = p_reader THEN c.booker_read_seq ELSE c.host_read_seq END, c.last_seq
+    INTO v_old, v_last
     FROM conversations c
-   WHERE c.id = p_conversation AND (c.user_id = p_reader OR c.host_id = p_reader)
-     FOR UPDATE;
+   WHERE c.id = p_conversation AND (c.user_id = p_reader OR c.host_id = p_reader);
   IF NOT FOUND THEN
     RETURN;
   END IF;
+  IF p_seq <= v_old THEN
+    RETURN QUERY SELECT v_old, false, v_last;
+    RETURN;
+  END IF;
+  SELECT c.user_id = p_reader, CASE WHEN c.user_id = p_reader THEN c.booker_read_seq ELSE c.host_read_seq END, c.last_seq
+    INTO v_booker, v_old, v_last
+    FROM conversations c
+   WHERE c.id = p_conversation
+     FOR UPDATE;
   IF p_seq > v_last OR p_seq <= v_old THEN
     RETURN QUERY SELECT v_old, false, v_last;
     RETURN;

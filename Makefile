@@ -62,8 +62,9 @@ lock:
 devstack: install
 	$(PY) -m server.devstack start
 
+# Log lines as plain text for a terminal (production's default is JSON).
 run: install
-	$(PY) -m server
+	LOG_FORMAT=$${LOG_FORMAT:-text} $(PY) -m server
 
 test: test-direct test-pgbouncer
 

@@ -6,9 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+import time
+import weakref
+from typing import Awaitable, Callable, Iterator
 
 from server.db.errors import DatabaseUnavailable
+
+# The loops started and not stopped, for the metrics (how long since each
+# last finished a pass is how far settlement or the relay lags).
+_RUNNING: "weakref.WeakSet[Periodic]" = weakref.WeakSet()
+
+
+def running() -> Iterator["Periodic"]:
+    return iter(list(_RUNNING))
 
 
 class Periodic:
@@ -19,16 +29,20 @@ class Periodic:
         self.interval_s = interval_s
         self.log = log or logging.getLogger("hangout")
         self._task: asyncio.Task | None = None
+        self.passes = 0  # finished without error
+        self.last_pass: float | None = None  # time.monotonic() when the last of them ended
 
     async def start(self, *, first_pass_now: bool = False) -> None:
         """Start the loop. With ``first_pass_now`` one pass is made before
         this returns (a failure of it is the caller's); else the first pass
         is the loop's own, at once."""
+        _RUNNING.add(self)
         if first_pass_now:
-            await self.work()
+            await self._pass()
         self._task = asyncio.create_task(self._run(wait_first=first_pass_now), name=self.name)
 
     async def stop(self) -> None:
+        _RUNNING.discard(self)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -39,7 +53,7 @@ class Periodic:
             await asyncio.sleep(self.interval_s)
         while True:
             try:
-                await self.work()
+                await self._pass()
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as err:  # the database is away: the next pass retries
@@ -47,6 +61,11 @@ class Periodic:
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
             await asyncio.sleep(self.interval_s)
+
+    async def _pass(self) -> None:
+        await self.work()
+        self.passes += 1
+        self.last_pass = time.monotonic()
 
 
 class PeriodicWorker:

@@ -33,6 +33,7 @@ from protocol.models.chat import Message
 from server import events, messages
 from server.db import events as events_db
 from server.frames import event_frame
+from server.metrics import RELAY_DELAY_SECONDS, TALLY
 from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
@@ -79,10 +80,13 @@ class Relay(PeriodicWorker):
             if n < BATCH:
                 break
         self.relayed += total
+        TALLY.relayed_late += total
         return total
 
     async def _publish(self, rows: list[asyncpg.Record]) -> bool:
         hub = self.services.hub
+        for r in rows:
+            RELAY_DELAY_SECONDS.observe(r["age_s"])
         items = [(hub.user_channel(r["user_id"]), r["seq"],
                   event_frame(r["event"], events.stored_payload(r["event"], r["data"], r["seq"]), r["seq"]))
                  for r in rows]

@@ -20,7 +20,8 @@ LONG = "k" * MIN_SECRET_BYTES
 
 def serve_env(stack, **env: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ("HOST", "JWT_SECRET", "KYC_WEBHOOK_SECRET")}
-    return dict(base, **stack.server_env(), PORT=str(free_port()), WORKERS="1", HANGOUT_SKIP_MIGRATE="1",
+    return dict(base, **stack.server_env(), PORT=str(free_port()), METRICS_PORT=str(free_port()), WORKERS="1",
+                HANGOUT_SKIP_MIGRATE="1",
                 LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", **env)
 
 

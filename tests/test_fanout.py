@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from tests.chat_helpers import RawSocket, _next_slot, collect_messages, messages_until, open_room, send_many
-from tests.conftest import (ServerProcess, ops_status, readyz, redis_writes_hung, replay_paused, replica_caught_up,
-                            until_not_ready, until_replica_has_replayed, wait_subscriber_connected)
+from tests.conftest import (ServerProcess, metric_sum, ops_status, readyz, redis_writes_hung, replay_paused,
+                            replica_caught_up, scrape, until_not_ready, until_replica_has_replayed,
+                            wait_subscriber_connected)
 
 STORM = 200
 
@@ -181,6 +182,7 @@ async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_tim
             await wait_subscriber_connected(proc)  # ready again: Redis answered a probe
             body = await ops_status(proc)
             assert body["redis"]["sending"] is True and body["redis"]["outages"] == 1
+            assert metric_sum(await scrape(proc), "hangout_redis_outages_total") == 1
             # No write position was recorded for the rename, and the replica
             # (as the other process knows it) has replayed all but the calls
             # made during the hang. The booker's read there still sees the
@@ -238,6 +240,7 @@ async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everythin
         # what had been written to it before the bound was passed.
         assert await slow.close_code() == 1013
         slow.close()
+        assert metric_sum(await scrape(small_queue_server), "hangout_slow_socket_closes_total") == 1
     finally:
         await room.close()
 

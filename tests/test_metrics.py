@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from protocol.client import Client
+from protocol.client import Client, ConnectionClosed
 from server.config import Config, ConfigError
 from tests.conftest import ServerProcess, metric_sum, register, scrape
 
@@ -120,6 +120,28 @@ async def test_with_workers_2_one_scrape_counts_the_calls_of_both(stack):
         assert_one_type_line_per_family(await page.text())
     finally:
         await proc.stop()
+
+
+async def test_an_event_the_relay_had_to_publish_is_counted_with_its_delay(stack, server, server2):
+    """A process commits a top-up and dies before publishing it: whichever
+    process relays it counts it, with its age (at least the relay's wait)."""
+    doomed = await ServerProcess(stack, test_methods=True).start()
+    living = (server, server2)
+    name = "hangout_relay_delay_seconds_count"
+    before = [metric_sum(await scrape(p), name) for p in living]
+    async with await server.connect() as c:
+        user_id = (await register(c))["user"]["id"]
+        seq = (await c.call("users.me"))["event_seq"]
+        seam = await doomed.connect()
+        with pytest.raises((ConnectionClosed, asyncio.TimeoutError)):
+            await seam.call("test.topup_then_exit", {"user_id": user_id, "amount": "7.00"}, timeout=10)
+        await seam.close()
+        await doomed.stop()
+        await c.wait_numbered([seq + 1], timeout=10)
+    after = [await scrape(p) for p in living]
+    assert sum(metric_sum(a, name) for a in after) - sum(before) >= 1
+    assert sum(metric_sum(a, "hangout_relay_delay_seconds_sum") for a in after) >= 1.0  # RELAY_AFTER_S on
+    assert sum(metric_sum(a, "hangout_events_relayed_late_total") for a in after) >= 1
 
 
 async def test_a_scrape_is_valid_prometheus_text(server):

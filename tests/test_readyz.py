@@ -10,8 +10,8 @@ import time
 
 import aiohttp
 
-from tests.conftest import (OPS_TOKEN, ServerProcess, ops_status, port_of, readyz, register, row_locked,
-                            until_writes_wait_on_the_lock)
+from tests.conftest import (OPS_TOKEN, ServerProcess, metric_sum, ops_status, port_of, readyz, register,
+                            row_locked, scrape, until_writes_wait_on_the_lock)
 
 PUBLIC_KEYS = {"ready", "checks"}
 
@@ -81,6 +81,9 @@ async def test_it_answers_at_once_while_the_primary_pool_is_exhausted(stack, db)
                 while (await ops_status(proc))["primary"]["waiting"] < 1:  # bounded poll: a counter
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.01)
+                samples = await scrape(proc)
+                assert metric_sum(samples, "hangout_db_pool_waiting") >= 1
+                assert metric_sum(samples, "hangout_db_pool_waits_total") >= 1
                 for _ in range(5):
                     started = time.monotonic()
                     status, body = await readyz(proc)

@@ -58,11 +58,17 @@ async def _serve_one(config: Config) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 2, access_log=None)
     await runner.setup()
+    # Before the public port: a process that cannot be watched takes no
+    # clients. It stays up while the sockets drain, so the drain can be watched.
+    try:
+        metrics_runner = await metrics_http.start(app)
+    except OSError as err:
+        log.error("cannot serve metrics on %s:%s: %s", config.metrics_host, config.metrics_port, err)
+        await runner.cleanup()
+        raise SystemExit(2) from None
     settle_heap()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=True, backlog=4096)
     await site.start()
-    # Up while the sockets drain, so the drain can be watched.
-    metrics_runner = await metrics_http.start(app)
     log.info("serving on %s:%s (pid %s)", config.host, config.port, os.getpid())
     print(f"hangout listening on {config.host}:{config.port} pid={os.getpid()}", flush=True)
     stop = asyncio.Event()

@@ -71,9 +71,15 @@ class Tally:
 TALLY = Tally()
 
 
+_CALL_SERIES: dict[tuple[str, str], Histogram] = {}
+
+
 def observe_call(method: str, outcome: str, started: float) -> None:
     """``started``: ``time.perf_counter()`` when the call's frame was read."""
-    CALL_SECONDS.labels(method, outcome).observe(time.perf_counter() - started)
+    series = _CALL_SERIES.get((method, outcome))
+    if series is None:  # labels() checks and locks: once per pair, not per call
+        series = _CALL_SERIES[(method, outcome)] = CALL_SECONDS.labels(method, outcome)
+    series.observe(time.perf_counter() - started)
 
 
 def _gauge(name: str, doc: str, value: float | None, labels: dict[str, str] | None = None) -> GaugeMetricFamily:

@@ -80,17 +80,19 @@ class Relay(PeriodicWorker):
             if n < BATCH:
                 break
         self.relayed += total
-        TALLY.relayed_late += total
         return total
 
     async def _publish(self, rows: list[asyncpg.Record]) -> bool:
         hub = self.services.hub
-        for r in rows:
-            RELAY_DELAY_SECONDS.observe(r["age_s"])
         items = [(hub.user_channel(r["user_id"]), r["seq"],
                   event_frame(r["event"], events.stored_payload(r["event"], r["data"], r["seq"]), r["seq"]))
                  for r in rows]
-        return await hub.publish_numbered(items)
+        sent = await hub.publish_numbered(items)
+        if sent:
+            TALLY.relayed_late += len(rows)
+            for r in rows:
+                RELAY_DELAY_SECONDS.observe(r["age_s"])  # its age when claimed
+        return sent
 
     async def _publish_messages(self, rows: list[asyncpg.Record]) -> bool:
         hub = self.services.hub

@@ -61,7 +61,8 @@ class Worker:
 
     async def get(self, path: str) -> bytes | None:
         """The worker's answer to ``GET path``, or None when it gives none."""
-        assert self.session is not None
+        if self.session is None:
+            return None  # not started yet
         try:
             async with self.session.get("http://worker" + path) as response:
                 return await response.read() if response.status == 200 else None
@@ -128,26 +129,44 @@ async def _serve_host_metrics(config: Config, workers: list[Worker]) -> web.AppR
     return runner
 
 
+async def _watch(worker: Worker, stopping: list[int]) -> int:
+    assert worker.process is not None
+    code = await worker.process.wait()
+    if not stopping:
+        log.warning("worker %d (pid %d) exited with %s", worker.index, worker.process.pid, code)
+    return code
+
+
 async def _supervise(config: Config) -> int:
     folder = tempfile.mkdtemp(prefix="hangout-workers-")  # 0700: only this user reaches the sockets
     workers = [Worker(i, os.path.join(folder, f"worker-{i}.sock")) for i in range(config.workers)]
     runner = None
+    stopping: list[int] = []  # the signal received, once one is
+
+    def forward(signum: int) -> None:
+        stopping.append(signum)
+        for w in workers:
+            if w.process is not None and w.process.returncode is None:
+                w.process.send_signal(signum)
+
+    # Before any worker starts: a signal during the start-up reaches the
+    # workers started by then, and each one started later at its start.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, forward, sig)
     try:
+        if config.metrics_port:
+            # Before the workers: a host that cannot be watched serves nobody.
+            try:
+                runner = await _serve_host_metrics(config, workers)
+            except OSError as err:
+                log.error("cannot serve metrics on %s:%s: %s", config.metrics_host, config.metrics_port, err)
+                return 2
         for worker in workers:
             await worker.start()
-
-        def forward(signum: int) -> None:
-            for w in workers:
-                if w.process is not None and w.process.returncode is None:
-                    w.process.send_signal(signum)
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, forward, sig)
-        if config.metrics_port:
-            runner = await _serve_host_metrics(config, workers)
-            log.info("metrics of %d workers on %s:%s", len(workers), config.metrics_host, config.metrics_port)
-        codes = await asyncio.gather(*(w.process.wait() for w in workers if w.process is not None))
+            if stopping and worker.process is not None:
+                worker.process.send_signal(stopping[0])
+        codes = await asyncio.gather(*(_watch(w, stopping) for w in workers))
         return max(codes, default=0)
     finally:
         if runner is not None:

@@ -54,6 +54,7 @@ from locust.runners import WorkerRunner
 from loadtests import accounts
 from loadtests.accounts import PASSWORD, http_url_for, kyc_signature, ws_url_for
 from loadtests.wsclient import CallError, WsClient
+from protocol.resume import Backoff, SeqWindow
 
 log = logging.getLogger("loadtest")
 
@@ -186,6 +187,13 @@ class Session:
         self.access_token: str | None = None
         self.refresh_token: str | None = None
         self.last_seq: dict[str, int] = {}  # joined conversation -> highest seq seen
+        # Joined conversation -> the seqs taken, as the Python client keeps
+        # them (protocol/resume.py): a resume starts below any hole, and a
+        # message delivered twice is shown once.
+        self.seen: dict[str, SeqWindow] = {}
+        # Reconnecting after a failed attempt waits, as the app's client does.
+        self.backoff = Backoff()
+        self.retry_at = 0.0
         self.sent_at: dict[str, float] = {}  # client_msg_id -> perf_counter at send
 
     # reporting ---------------------------------------------------------------
@@ -204,6 +212,9 @@ class Session:
         if name == "chat.message":
             msg = data["message"]
             conv = msg["conversation_id"]
+            window = self.seen.get(conv)
+            if window is not None and not window.take(msg["seq"]):
+                return
             if conv in self.last_seq and msg["seq"] > self.last_seq[conv]:
                 self.last_seq[conv] = msg["seq"]
             sent = self.sent_at.pop(msg.get("client_msg_id") or "", None)
@@ -306,7 +317,14 @@ class Session:
         """A socket the server closed (or the network lost) is reopened with
         the access token, as the app would on its next action."""
         if self.ws is None or self.ws.closed:
-            self.reopen()
+            if time.monotonic() < self.retry_at:
+                raise RuntimeError("reconnecting: waiting out the backoff")
+            try:
+                self.reopen()
+            except Exception:
+                self.retry_at = time.monotonic() + self.backoff.next()
+                raise
+            self.backoff.reset()
 
     def reopen(self) -> None:
         """A new socket, authenticated at the upgrade with the access token
@@ -343,12 +361,15 @@ class Session:
             oldest = next(iter(self.last_seq))
             self.call("chat.leave", {"conversation_id": oldest})
             self.last_seq.pop(oldest, None)
+            self.seen.pop(oldest, None)
         params: dict[str, Any] = {"conversation_id": conversation_id}
         if since_seq is not None:
             params["since_seq"] = since_seq
         self.last_seq.setdefault(conversation_id, since_seq or 0)
         joined = self.call("chat.join", params)
         seqs = [m["seq"] for m in joined["messages"]]
+        start = since_seq if since_seq is not None else (seqs[0] - 1 if seqs else joined["last_seq"])
+        self.seen.setdefault(conversation_id, SeqWindow(start)).take_all(seqs)
         if since_seq is not None and not joined["truncated"]:
             # Resuming must give every message after since_seq, without a gap.
             want = list(range(since_seq + 1, joined["last_seq"] + 1))
@@ -361,7 +382,8 @@ class Session:
 
     def resume_rooms(self) -> None:
         for conv, seq in list(self.last_seq.items()):
-            self.join(conv, since_seq=seq)
+            window = self.seen.get(conv)
+            self.join(conv, since_seq=window.through if window is not None else seq)
 
     def send_message(self, conversation_id: str) -> None:
         cmid = str(uuid.uuid4())

@@ -28,10 +28,13 @@ once, by ``seq``.
 - Local events (never sent by the server) are named ``client.*``:
   ``client.resync {"scope": "events"}`` or ``{"scope": "chat",
   "conversation_id"}`` when the server no longer keeps everything missed
-  (``truncated``): re-read that state. ``client.reconnected {"attempts"}``
-  once a new socket is ready.
-- An authentication that fails for good (the refresh token refused) ends
-  the connection: every call then raises that ``RpcError``.
+  (``truncated``), or a room answers ``not_found`` and is no longer
+  followed: re-read that state. ``client.reconnected {"attempts"}`` once a
+  new socket is ready (``attempts``: the failed attempts so far).
+- An authentication that fails for good (the access token refused and the
+  refresh token too) ends the connection: every call then raises that
+  ``RpcError``. Other errors while restoring (``unavailable`` during a
+  failover, ``rate_limited``) are retried on a new socket.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ from protocol.resume import Backoff, SeqWindow
 # registration would find its own email taken.
 NOT_RESENT = frozenset({"auth.register", "auth.login", "auth.refresh", "auth.authenticate", "auth.logout"})
 _SIGNED_OUT = (ErrorCode.UNAUTHENTICATED, ErrorCode.TOKEN_EXPIRED)
+# Errors that end the connection while it is restored: the app must sign in
+# again. Any other (unavailable during a failover, rate_limited...) is
+# retried on a new socket.
+_FOR_GOOD = (*_SIGNED_OUT, ErrorCode.INVALID_CREDENTIALS)
 _LOST = (ConnectionError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 Tokens = tuple[str, str]  # (access_token, refresh_token)
@@ -75,7 +82,9 @@ class ResumingClient:
         self.refresh_token = refresh_token
         self.backoff = backoff or Backoff()
         self.refresh_tokens = refresh_tokens
-        self.connect_options = connect_options
+        # aiohttp's pings find a connection that died without a word (a
+        # phone leaving its network), which TCP alone may take minutes to see.
+        self.connect_options = {"heartbeat": 20.0, **connect_options}
         self.user_events: SeqWindow | None = SeqWindow(since_seq) if since_seq is not None else None
         self.rooms: dict[str, SeqWindow] = {}
         # Seqs that arrived before the reply that starts their stream was
@@ -98,7 +107,12 @@ class ResumingClient:
     async def start(self, timeout: float = 30.0) -> "ResumingClient":
         """Connect (retrying as after a loss) and wait for the first socket."""
         self._runner = asyncio.create_task(self._run())
-        await self._wait_ready(timeout)
+        self._runner.add_done_callback(lambda _: self._changed.set())
+        try:
+            await self._wait_ready(timeout)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aenter__(self) -> "ResumingClient":
@@ -167,7 +181,7 @@ class ResumingClient:
         while True:
             if self.error is not None:
                 raise self.error
-            if self._closing:
+            if self._closing or self._runner is None or self._runner.done():
                 raise ConnectionClosed(None)
             if self._ready.is_set() and self._client is not None:
                 return self._client
@@ -235,9 +249,12 @@ class ResumingClient:
             try:
                 await self._restore(client)
             except RpcError as exc:
+                await client.close()
+                if exc.code not in _FOR_GOOD:
+                    await self._failed()
+                    continue
                 self.error = exc
                 self._changed.set()
-                await client.close()
                 return
             except _LOST:
                 await client.close()
@@ -281,7 +298,16 @@ class ResumingClient:
             await self._resume(client, self.user_events)
         for room, window in list(self.rooms.items()):
             params = {"conversation_id": room, "since_seq": window.through}
-            self._joined(params, await client.call("chat.join", params), deliver=True)
+            try:
+                joined = await client.call("chat.join", params)
+            except RpcError as exc:
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    raise
+                # The room is no longer this user's to follow: say so, go on.
+                del self.rooms[room]
+                self._local("client.resync", {"scope": "chat", "conversation_id": room})
+                continue
+            self._joined(params, joined, deliver=True)
 
     async def _resume(self, client: Client, window: SeqWindow) -> None:
         while True:

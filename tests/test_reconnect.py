@@ -17,7 +17,7 @@ from protocol.errors import ErrorCode, RpcError
 from protocol.reconnect import ResumingClient
 from protocol.resume import Backoff, SeqWindow
 from tests.chat_helpers import open_room, send_many
-from tests.conftest import ServerProcess, register
+from tests.conftest import PASSWORD, ServerProcess, new_email, register
 
 
 @pytest.fixture
@@ -113,6 +113,29 @@ async def test_a_send_in_flight_when_the_process_dies_is_sent_again_and_stored_o
     stored = await db.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1 AND content = 'in flight'",
                                uuid.UUID(conv))
     assert stored == 1
+
+
+async def test_the_tokens_of_a_registration_made_through_it_serve_its_reconnects(server, server2):
+    """Signed in through the client itself: it follows the user's events from
+    that registration, and a socket dropped under it resumes them, once each."""
+    rc = await ResumingClient(server.url, backoff=Backoff(0.05, 0.4)).start()
+    try:
+        session = await rc.call("auth.register", {"email": new_email(), "password": PASSWORD, "name": "R", "gender": "x"})
+        other = await server2.connect(access_token=session["access_token"])
+        balances = [(await other.call("wallet.topup", {"amount": "5.00", "idempotency_key": uuid.uuid4().hex}))["balance"]]
+        assert (await rc.next_event("wallet.updated"))["balance"] == balances[0]
+        await rc.socket.ws.close()  # the app's side drops: nothing the server did
+        for _ in range(2):
+            balances.append((await other.call("wallet.topup", {"amount": "5.00", "idempotency_key": uuid.uuid4().hex}))["balance"])
+        assert (await rc.call("users.me"))["balance"] == balances[-1]  # waits for the next socket
+        got = [(await rc.next_event("wallet.updated"))["balance"] for _ in range(2)]
+        assert got == balances[1:]
+        await other.close()
+        assert rc.sockets == 2 and rc.user_events.through == 3
+        rest = [rc.events.get_nowait()[0] for _ in range(rc.events.qsize())]
+        assert rest == ["client.reconnected"]  # nothing twice
+    finally:
+        await rc.close()
 
 
 async def test_an_expired_access_token_is_refreshed_on_reconnect(stack):

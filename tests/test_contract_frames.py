@@ -1,9 +1,10 @@
 """The machine-readable contract (protocol/schema/) describes what real
 servers send: a flow over two processes that calls every method and
 receives every event records each frame, and each is checked against its
-schema, closed (a key the schema does not declare fails). Times must
-arrive as Timestamps a datetime holds exactly (microseconds), money as
-decimal strings, ids in canonical form; user events carry ``seq``."""
+schema, closed (a key the schema does not declare fails), and as a whole
+frame against its message in asyncapi.json. Times must arrive as
+Timestamps a datetime holds exactly (microseconds), money as decimal
+strings, ids in canonical form; user events carry ``seq``."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from typing import Any
 import jsonschema
 import pytest
 from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from protocol.client import Client
 from protocol.models import EVENTS, METHODS
 from protocol.models.events import USER_EVENTS
-from protocol.schema import ERROR_PATH, HERE, event_path, params_path, result_path
+from protocol.schema import ERROR_PATH, HERE, event_path, params_path, result_path, written
 from tests.booking_support import key, move_to_past, slot
 from tests.conftest import PASSWORD, ServerProcess, new_email, post_kyc
 
@@ -61,13 +64,32 @@ def check(path: str, instance: Any, closed: bool = True) -> None:
     assert not errors, f"{path}: {[(list(e.absolute_path), e.message) for e in errors]} in {instance!r}"
 
 
+_BASE = HERE.as_uri() + "/"
+# The schema files by their address, for the relative $refs of asyncapi.json.
+_REGISTRY = Registry().with_resources(
+    (_BASE + path, Resource.from_contents(json.loads(text), default_specification=DRAFT202012))
+    for path, text in written().items() if path.startswith(("methods/", "events/")) or path == ERROR_PATH
+)
+_ASYNCAPI = json.loads((HERE / "asyncapi.json").read_text())
+
+
+def check_frame(message: str, frame: Any) -> None:
+    """A whole frame against the payload of ``message`` in asyncapi.json."""
+    name = f"asyncapi:{message}"
+    if name not in _validators:
+        payload = _ASYNCAPI["components"]["messages"][message]["payload"]["schema"]
+        _validators[name] = Validator({"$id": _BASE + "asyncapi.json", **payload}, registry=_REGISTRY)
+    errors = list(_validators[name].iter_errors(frame))
+    assert not errors, f"{message}: {[(list(e.absolute_path), e.message) for e in errors]} in {frame!r}"
+
+
 class RecordingClient(Client):
     """Records every request it sends and every frame it receives."""
 
-    log: list[tuple[str, Any, Any]]  # ("request", method, params) | ("reply", method, frame) | ("event", name, frame)
+    log: list[tuple[str, Any, Any]]  # ("request" | "reply", method, frame) | ("event", name, frame)
 
     async def request(self, frame: dict, *, timeout: float = 30.0) -> dict:
-        self.log.append(("request", frame["method"], frame.get("params", {})))
+        self.log.append(("request", frame["method"], frame))
         reply = await super().request(frame, timeout=timeout)
         self.log.append(("reply", frame["method"], reply))
         return reply
@@ -201,8 +223,10 @@ async def test_real_frames_match_the_schema_files(server, server2, expiring_serv
         if kind == "request":
             # What a real client sends is what the params schema allows.
             if name not in ("bookings.create",) or "nope" not in str(frame):
-                check(params_path(name), frame, closed=False)
+                check(params_path(name), frame.get("params", {}), closed=False)
+                check_frame(f"{name}.request", frame)
         elif kind == "reply":
+            check_frame(f"{name}.reply", frame)
             if "result" in frame:
                 check(result_path(name), frame["result"])
                 results.add(name)
@@ -213,6 +237,7 @@ async def test_real_frames_match_the_schema_files(server, server2, expiring_serv
             else:
                 check(ERROR_PATH, frame["error"])
         else:
+            check_frame(f"{name}.event", frame)
             check(event_path(name), frame["data"])
             events.add(name)
             numbered = name in USER_EVENTS
@@ -241,3 +266,15 @@ def test_the_validator_refuses_what_the_contract_does_not_allow():
     check(event_path("chat.typing"), typing)
     with pytest.raises(AssertionError):
         check(event_path("chat.typing"), {**typing, "user_id": typing["user_id"].upper()})
+
+
+def test_the_asyncapi_payloads_refuse_frames_of_the_wrong_shape():
+    check_frame("wallet.updated.event", {"event": "wallet.updated", "data": {"balance": "1.00"}, "seq": 4})
+    for bad in ({"event": "wallet.updated", "data": {"balance": "1.00"}},  # a user event without its seq
+                {"event": "chat.typing", "data": {"balance": "1.00"}, "seq": 4}):
+        with pytest.raises(AssertionError):
+            check_frame("wallet.updated.event", bad)
+    check_frame("users.me.reply", {"id": 1, "error": {"code": "unauthenticated", "message": "authentication required"}})
+    for bad in ({"id": 1}, {"id": 1, "error": {"code": "no such code", "message": ""}}, {"id": 1, "result": {}}):
+        with pytest.raises(AssertionError):
+            check_frame("users.me.reply", bad)

@@ -181,8 +181,10 @@ class ResumingClient:
         while True:
             if self.error is not None:
                 raise self.error
-            if self._closing or self._runner is None or self._runner.done():
+            if self._closing or self._runner is None:
                 raise ConnectionClosed(None)
+            if self._runner.done():  # a bug ended it: say which
+                raise ConnectionClosed(None) from (None if self._runner.cancelled() else self._runner.exception())
             if self._ready.is_set() and self._client is not None:
                 return self._client
             self._changed.clear()

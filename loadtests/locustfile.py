@@ -21,11 +21,12 @@ share (LOADTEST_SIGNUP_SHARE, 0.1) sign up instead: ``auth.register`` and
 the signed KYC webhook (``KYC_WEBHOOK_SECRET``, the dev secret by default).
 Two kinds of user:
 
-- ``Host`` (1 in 4): sets a price, answers chat in the rooms of its bookings,
-  checks its calendar and bookings.
+- ``Host`` (1 in 4): sets a price, answers chat in the rooms of its bookings
+  (marking what it received as read), checks its calendar and bookings.
 - ``Booker`` (3 in 4): searches hosts (and looks a few up, pipelined), tops up
-  the wallet, books and sometimes cancels, chats in booked rooms, drops the
-  socket and resumes with ``since_seq``, refreshes tokens, logs out and in.
+  the wallet, books and sometimes cancels, chats in booked rooms (marking
+  what it received as read), drops the socket and resumes with
+  ``since_seq``, refreshes tokens, logs out and in.
 
 Services that a server does not offer (answered ``unknown_method``) are
 probed once per process and their tasks skipped, so the file also runs
@@ -72,7 +73,7 @@ MAX_JOINED_ROOMS = 4  # a phone shows a handful of live chats, not every past bo
 
 _services: dict[str, bool] | None = None
 _probe_lock = gevent.lock.Semaphore()
-PROBES = {"wallet": "wallet.topup", "bookings": "bookings.create", "chat": "chat.send"}
+PROBES = {"wallet": "wallet.topup", "bookings": "bookings.create", "chat": "chat.send", "read_positions": "chat.read"}
 
 
 def services(ws_url: str) -> dict[str, bool]:
@@ -194,6 +195,7 @@ class Session:
         # Reconnecting after a failed attempt waits, as the app's client does.
         self.backoff = Backoff()
         self.retry_at = 0.0
+        self.read_seq: dict[str, int] = {}  # joined conversation -> this user's read position
         self.sent_at: dict[str, float] = {}  # client_msg_id -> perf_counter at send
 
     # reporting ---------------------------------------------------------------
@@ -362,6 +364,7 @@ class Session:
             self.call("chat.leave", {"conversation_id": oldest})
             self.last_seq.pop(oldest, None)
             self.seen.pop(oldest, None)
+            self.read_seq.pop(oldest, None)
         params: dict[str, Any] = {"conversation_id": conversation_id}
         if since_seq is not None:
             params["since_seq"] = since_seq
@@ -378,7 +381,14 @@ class Session:
                 self.report("chat.join (resume without gap)", 0, 0,
                             AssertionError(f"since_seq={since_seq} last_seq={joined['last_seq']} got {seqs[:10]}..."))
         self.last_seq[conversation_id] = max([self.last_seq.get(conversation_id, 0), joined["last_seq"], *seqs])
+        self.read_seq[conversation_id] = joined["conversation"].get("read_seq", 0)
         return joined
+
+    def mark_read(self, conversation_id: str) -> None:
+        """The room is on screen: everything received in it has been read."""
+        seen = self.last_seq.get(conversation_id, 0)
+        if self.user.has("read_positions") and seen > self.read_seq.get(conversation_id, 0):
+            self.read_seq[conversation_id] = self.call("chat.read", {"conversation_id": conversation_id, "seq": seen})["read_seq"]
 
     def resume_rooms(self) -> None:
         for conv, seq in list(self.last_seq.items()):
@@ -494,7 +504,9 @@ class Host(HangoutUser):
     def answer_chats(self) -> None:
         if not self.has("chat") or not self.s.last_seq:
             return
-        self.s.send_message(random.choice(list(self.s.last_seq)))
+        conv = random.choice(list(self.s.last_seq))
+        self.s.mark_read(conv)
+        self.s.send_message(conv)
 
     @task(2)
     @flow
@@ -637,6 +649,7 @@ class Booker(HangoutUser):
         if not self.has("chat") or not self.s.last_seq:
             return
         conv = random.choice(list(self.s.last_seq))
+        self.s.mark_read(conv)
         self.s.send_message(conv)
         if random.random() < 0.3:
             self.s.call("chat.history", {"conversation_id": conv, "limit": 20})

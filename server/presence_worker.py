@@ -32,6 +32,7 @@ from protocol.models.chat import Presence as PresenceModel
 from protocol.models.chat import PresenceEvent
 from server.db import presence as presence_db
 from server.frames import event_frame
+from server.outbox import UNREACHABLE
 from server.periodic import Periodic, PeriodicWorker
 from server.presence import REDIS_ERRORS, Change
 
@@ -102,7 +103,7 @@ class PresenceWorker(PeriodicWorker):
             self._redis_failed("sweep", exc)
             return
         self._redis_failing = False
-        await self.announce(changes)
+        self._announce_soon(changes)
 
     async def _flush_forever(self) -> None:
         while True:
@@ -116,25 +117,29 @@ class PresenceWorker(PeriodicWorker):
             self._redis_failing = False
             if lost:
                 await self._resync()
-            await self.announce(changes)
+            self._announce_soon(changes)
+
+    def _announce_soon(self, changes: list[Change]) -> None:
+        """Announce on a task of the process's own: a users row locked for
+        a while, or a slow database, delays no other change."""
+        if changes:
+            self.services.spawn(self.announce(changes))
 
     async def announce(self, changes: list[Change]) -> None:
-        """Store and publish changes; then, in case a later change of the
+        """Publish and store changes; then, in case a later change of the
         same users was published before these, that one again."""
         for _ in range(ANNOUNCE_ROUNDS):
             if not changes:
                 return
+            published, stored = await asyncio.gather(self._publish(changes), self._store(changes),
+                                                     return_exceptions=True)
+            for what, outcome in (("publishing", published), ("storing", stored)):
+                if isinstance(outcome, BaseException):  # the database away: the state in Redis stands
+                    log.warning("presence: %s %d changes failed: %r", what, len(changes), outcome)
             try:
-                await self._store(changes)
-                await self._publish(changes)
                 latest = await self.presence.latest([c.user_id for c in changes])
-            except asyncio.CancelledError:
-                raise
             except REDIS_ERRORS as exc:
                 self._redis_failed("reading the latest changes", exc)
-                return
-            except Exception:  # the database away: the state in Redis stands
-                log.warning("presence: announcing %d changes failed", len(changes), exc_info=True)
                 return
             changes = [latest[c.user_id] for c in changes
                        if c.user_id in latest and latest[c.user_id].version > c.version]
@@ -170,7 +175,9 @@ async def party_presence(services: "Services", viewer: uuid.UUID, user_id: uuid.
     if services.outbox.available:  # else Redis is known to be away: no wait
         try:
             online, latest = await services.presence.state(user_id)
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
+            if isinstance(exc, UNREACHABLE):
+                services.outbox.unreachable(exc)  # the next calls do not wait for it
             online = None
     if online:
         return PresenceModel(user_id=user_id, online=True, last_seen_at=None)

@@ -112,7 +112,10 @@ class PresenceWorker(PeriodicWorker):
                 lost, changes = await self.presence.flush()
             except REDIS_ERRORS as exc:
                 self._redis_failed("writing socket counts", exc)
+                if isinstance(exc, UNREACHABLE):
+                    self.services.outbox.unreachable(exc)
                 await asyncio.sleep(RETRY_S)
+                await self.services.outbox.wait_available()  # probed by the outbox meanwhile
                 continue
             self._redis_failing = False
             if lost:

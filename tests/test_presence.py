@@ -199,21 +199,31 @@ async def test_presence_reaches_only_the_other_party_of_shared_conversations(ser
         await second.close()
 
 
-async def test_chat_join_answers_with_the_stored_presence_while_redis_is_down(stack, server, server2):
+async def test_presence_rides_out_a_redis_restart(stack, server, redis):
     """Presence never fails a call: with Redis away, chat.join answers with
-    the state PostgreSQL has."""
-    room = await open_room(server, server2)
+    the state PostgreSQL has. Redis back without its data, the processes
+    write their sockets' counts again at their next heartbeat."""
+    beating = await ServerProcess(stack, PRESENCE_HEARTBEAT_S="1").start()
     try:
-        await asyncio.to_thread(stack.stop_redis)
+        room = await open_room(server, beating)
         try:
-            joined = await join(room.booker.client, room.conversation_id)
+            await asyncio.to_thread(stack.stop_redis)
+            try:
+                joined = await join(room.booker.client, room.conversation_id)
+            finally:
+                await asyncio.to_thread(stack.start_redis)
+            assert joined["presence"] == {"user_id": room.host.user_id, "online": True, "last_seen_at": None}
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while not await redis.exists(f"online:{room.host.user_id}"):  # a bounded poll of Redis
+                assert asyncio.get_running_loop().time() < deadline, "the host's socket was never counted again"
+                await asyncio.sleep(0.05)
+            assert (await join(room.booker.client, room.conversation_id))["presence"]["online"] is True
         finally:
-            await asyncio.to_thread(stack.start_redis)
-        assert joined["presence"] == {"user_id": room.host.user_id, "online": True, "last_seen_at": None}
+            await room.close()
     finally:
-        await room.close()
-        for s in (server, server2):
-            await wait_subscriber_connected(s)
+        await beating.stop()
+        await wait_subscriber_connected(server)
 
 
 @pytest.mark.parametrize("env, name", [

@@ -15,7 +15,7 @@ import pytest
 from protocol.client import Client
 from server.config import Config, ConfigError
 from tests.chat_helpers import Party, open_room
-from tests.conftest import ServerProcess, wait_subscriber_connected
+from tests.conftest import PASSWORD, ServerProcess, wait_subscriber_connected
 
 OFFLINE_AFTER_S = Config.presence_offline_after_s
 # The change is made once the delay has passed, by a sweep (every second),
@@ -124,19 +124,27 @@ async def test_a_reconnect_within_the_delay_does_not_flicker(server, server2, db
         await room.close()
 
 
-async def test_a_socket_whose_token_expired_does_not_keep_its_user_online(stack, server):
+async def test_a_socket_whose_token_expired_does_not_keep_its_user_online(stack, server, server2):
     """Its user gets no events on it, so the push hook must see them offline."""
-    ttl_s = 10  # long enough for the host to be set up before it expires
+    ttl_s = 3
     short = await ServerProcess(stack, ACCESS_TOKEN_TTL_S=str(ttl_s), AUTH_EXPIRING_LEAD_S="1").start()
     try:
-        room = await open_room(server, short)
+        room = await open_room(server, server2)
         try:
             await join(room.booker.client, room.conversation_id)
-            # The host's socket stays open; its token expires ttl_s after sign-in.
+            # The host's one socket left is signed in with a token that lives ttl_s.
+            email = (await room.host.client.call("users.me"))["email"]
+            phone = await short.connect()
+            room.host.extra.append(phone)
+            await phone.call("auth.login", {"email": email, "password": PASSWORD})
+            signed_in = asyncio.get_running_loop().time()
+            await room.host.client.close()
             event = await room.booker.client.next_event("chat.presence",
                                                         timeout=ttl_s + OFFLINE_AFTER_S + ANNOUNCED_WITHIN_S)
             assert event["user_id"] == room.host.user_id and event["online"] is False
-            assert not room.host.client.closed.is_set()
+            # Counted until its token expired, then the usual delay.
+            assert asyncio.get_running_loop().time() - signed_in >= ttl_s + OFFLINE_AFTER_S - 1
+            assert not phone.closed.is_set()
         finally:
             await room.close()
     finally:
@@ -163,9 +171,9 @@ async def test_a_killed_process_takes_its_users_offline(stack, server, server2, 
             for watcher in (room.booker.client, other):
                 event = await watcher.next_event("chat.presence", timeout=ttl_s + OFFLINE_AFTER_S + ANNOUNCED_WITHIN_S)
                 assert event["user_id"] == room.host.user_id and event["online"] is False
-                # Last seen at the dead process's last heartbeat.
+                # Last seen at its last sign of life, which its heartbeat's TTL bounds.
                 slack = dt.timedelta(seconds=0.5)  # Redis's clock against ours
-                assert killed_at - dt.timedelta(seconds=1) - slack <= event["last_seen_at"] <= killed_at + slack
+                assert killed_at - dt.timedelta(seconds=ttl_s) - slack <= event["last_seen_at"] <= killed_at + slack
             assert asyncio.get_running_loop().time() - started < 60  # the contract's bound
             assert await redis.exists(f"online:{room.host.user_id}") == 0
             assert await stored_last_seen(db, room.host.user_id, online=False) == event["last_seen_at"]

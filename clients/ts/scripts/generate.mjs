@@ -38,8 +38,10 @@ function isTime(s) {
   return s["x-msgpack"] === "timestamp" || s.format === "date-time";
 }
 function isMoney(s) {
-  return s["x-money"] === true || s["x-money"] === "decimal" || s.format === "decimal" || s["x-decimal"] !== undefined ||
-    s["x-type"] === "money";
+  return (s["x-money"] !== undefined && s["x-money"] !== false) || s.format === "decimal";
+}
+function isNullable(s) {
+  return (s.anyOf ?? s.oneOf ?? []).some((u) => u.type === "null");
 }
 
 function conv(s, ctx, indent) {
@@ -51,6 +53,9 @@ function conv(s, ctx, indent) {
     return defName(m[1], ctx);
   }
   if (isTime(s)) return ctx.dir === "in" ? "TimeInput" : "Timestamp";
+  // Money params may also be integers on the wire; the SDK sends strings only,
+  // so that no float can slip through.
+  if (isMoney(s) && !isNullable(s)) return "Money";
   if (s.const !== undefined) return JSON.stringify(s.const);
   if (s.enum) return s.enum.map((v) => JSON.stringify(v)).join(" | ");
   const union = s.anyOf ?? s.oneOf;

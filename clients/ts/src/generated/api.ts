@@ -19,7 +19,7 @@ export interface AuthAuthenticateResult {
 }
 
 export interface AuthExpiringEvent {
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   expires_at: Timestamp;
 }
 
@@ -64,15 +64,15 @@ export interface Booking {
   id: Uuid;
   user_id: Uuid;
   host_id: Uuid;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   start_at: Timestamp;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   end_at: Timestamp;
   status: "pending" | "confirmed" | "completed" | "failed" | "cancelled";
   amount: Money;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   updated_at: Timestamp;
   conversation_id: Uuid | null;
 }
@@ -90,6 +90,7 @@ export interface BookingCreatedEvent {
 }
 
 export interface BookingsCancelParams {
+  /** a UUID; send the canonical lowercase form */
   booking_id: Uuid;
 }
 
@@ -98,10 +99,11 @@ export interface BookingsCancelResult {
 }
 
 export interface BookingsCreateParams {
+  /** a UUID; send the canonical lowercase form */
   host_id: Uuid;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** a MessagePack Timestamp (UTC), or an RFC 3339 string with an offset; a whole UTC hour */
   start_at: TimeInput;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** a MessagePack Timestamp (UTC), or an RFC 3339 string with an offset; a whole UTC hour */
   end_at: TimeInput;
   idempotency_key: string;
 }
@@ -112,6 +114,7 @@ export interface BookingsCreateResult {
 }
 
 export interface BookingsGetParams {
+  /** a UUID; send the canonical lowercase form */
   booking_id: Uuid;
 }
 
@@ -130,9 +133,9 @@ export interface BookingsListResult {
 }
 
 export interface BusyInterval {
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   start_at: Timestamp;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   end_at: Timestamp;
 }
 
@@ -147,6 +150,7 @@ export interface ChatConversationsResult {
 }
 
 export interface ChatHistoryParams {
+  /** a UUID; send the canonical lowercase form */
   conversation_id: Uuid;
   before_seq?: number | null;
   limit?: number;
@@ -158,6 +162,7 @@ export interface ChatHistoryResult {
 }
 
 export interface ChatJoinParams {
+  /** a UUID; send the canonical lowercase form */
   conversation_id: Uuid;
   since_seq?: number | null;
 }
@@ -170,6 +175,7 @@ export interface ChatJoinResult {
 }
 
 export interface ChatLeaveParams {
+  /** a UUID; send the canonical lowercase form */
   conversation_id: Uuid;
 }
 
@@ -180,6 +186,7 @@ export interface ChatMessageEvent {
 }
 
 export interface ChatSendParams {
+  /** a UUID; send the canonical lowercase form */
   conversation_id: Uuid;
   content: string;
   client_msg_id?: Uuid | null;
@@ -195,6 +202,7 @@ export interface ChatTypingEvent {
 }
 
 export interface ChatTypingParams {
+  /** a UUID; send the canonical lowercase form */
   conversation_id: Uuid;
 }
 
@@ -205,7 +213,7 @@ export interface Conversation {
   booking_id: Uuid;
   user_id: Uuid;
   host_id: Uuid;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
   last_seq: number;
 }
@@ -222,10 +230,11 @@ export interface EventsResumeResult {
 }
 
 export interface HostsAvailabilityParams {
+  /** a UUID; send the canonical lowercase form */
   host_id: Uuid;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** a MessagePack Timestamp (UTC), or an RFC 3339 string with an offset */
   from: TimeInput;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** a MessagePack Timestamp (UTC), or an RFC 3339 string with an offset */
   to: TimeInput;
 }
 
@@ -253,7 +262,7 @@ export interface InboxConversation {
   booking_id: Uuid;
   user_id: Uuid;
   host_id: Uuid;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
   last_seq: number;
   last_message: Message | null;
@@ -265,7 +274,7 @@ export interface Message {
   seq: number;
   sender_id: Uuid;
   content: string;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
   client_msg_id: Uuid | null;
 }
@@ -276,7 +285,7 @@ export interface OwnUser {
   gender: string;
   kyc_status: "pending" | "verified" | "rejected";
   price_per_hour: Money | null;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
   email: string;
   balance: Money;
@@ -289,7 +298,7 @@ export interface PublicUser {
   gender: string;
   kyc_status: "pending" | "verified" | "rejected";
   price_per_hour: Money | null;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
 }
 
@@ -304,11 +313,12 @@ export interface Transaction {
   amount: Money;
   type: "topup" | "booking_payment" | "booking_refund" | "booking_payout";
   reference_id: Uuid;
-  /** MessagePack Timestamp (ext -1), UTC, microseconds */
+  /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
 }
 
 export interface UsersGetParams {
+  /** a UUID; send the canonical lowercase form */
   user_id: Uuid;
 }
 
@@ -331,6 +341,7 @@ export interface UserUpdatedEvent {
 }
 
 export interface WalletTopupParams {
+  /** a decimal string with at most two places, or an integer; never a float */
   amount: Money;
   idempotency_key: string;
 }

@@ -200,3 +200,22 @@ test("the core uses no Node-only API: no node: imports, no Buffer or process", a
   }
   assert.deepEqual(offenders, []);
 });
+
+test("src/generated/api.ts is what the generator makes of protocol/schema", async (t) => {
+  const { existsSync, mkdtempSync, readFileSync } = await import("node:fs");
+  const { join } = await import("node:path");
+  const { tmpdir } = await import("node:os");
+  const { spawnSync } = await import("node:child_process");
+  const here = import.meta.dirname ?? new URL(".", import.meta.url).pathname;
+  const pkg = join(here, "../..");
+  const schema = join(pkg, "../../protocol/schema");
+  if (!existsSync(join(schema, "index.json"))) {
+    t.skip("no protocol/schema in this checkout");
+    return;
+  }
+  const out = join(mkdtempSync(join(tmpdir(), "hangout-api-")), "api.ts");
+  const run = spawnSync(process.execPath, [join(pkg, "scripts/generate.mjs"), schema, out], { encoding: "utf8" });
+  assert.equal(run.status, 0, run.stderr);
+  assert.equal(readFileSync(join(pkg, "src/generated/api.ts"), "utf8"), readFileSync(out, "utf8"),
+    "stale: run `npm run generate` in clients/ts and commit src/generated/api.ts");
+});

@@ -71,7 +71,7 @@ export class HangoutClient {
   private readonly inflight = new Map<number, PendingCall>();
   // Calls given up on (timeout, abort) that the server still counts in flight.
   private readonly late = new Set<number>();
-  private readyWaiters: Array<() => void> = [];
+  private readyWaiters: Array<{ resolve: () => void; reject: (error: unknown) => void }> = [];
 
   constructor(options: ClientOptions) {
     this.options = options;
@@ -128,7 +128,7 @@ export class HangoutClient {
   whenReady(): Promise<void> {
     if (this.ready) return Promise.resolve();
     if (this.closed) return Promise.reject(new ClientClosedError());
-    return new Promise((resolve) => this.readyWaiters.push(resolve));
+    return new Promise((resolve, reject) => this.readyWaiters.push({ resolve, reject }));
   }
 
   connect(): void {
@@ -148,6 +148,7 @@ export class HangoutClient {
     this.open = this.ready = false;
     const error = new ClientClosedError();
     for (const call of [...this.queue, ...this.inflight.values()]) this.settle(call, error, false);
+    for (const waiter of this.readyWaiters.splice(0)) waiter.reject(error);
     this.queue = [];
     this.inflight.clear();
     this.setState("closed");
@@ -198,13 +199,19 @@ export class HangoutClient {
       await this.session.restore();
     } catch (error) {
       if (this.ws !== ws) return; // dropped meanwhile: the next socket restores again
+      // The server could not serve the restore (unavailable, rate_limited):
+      // going on would leave a gap, so try again on a new socket, after a backoff.
       this.emitter.emit("error", error as Error);
+      ws.onclose = null;
+      ws.close(4000, "restore failed");
+      this.onClosed(4000);
+      return;
     }
     if (this.ws !== ws || this.closed) return;
     this.ready = true;
     this.attempt = 0;
     this.setState("ready");
-    for (const resolve of this.readyWaiters.splice(0)) resolve();
+    for (const waiter of this.readyWaiters.splice(0)) waiter.resolve();
     this.pump();
   }
 
@@ -231,6 +238,9 @@ export class HangoutClient {
   private scheduleReconnect(code: number | undefined): void {
     const reconnect = this.options.reconnect;
     if (reconnect === false || this.closed) return;
+    // Signed out with nothing to send (a sign-in screen left open, which the
+    // server closes after its sign-in deadline): the next call reconnects.
+    if (this.session.accessToken === undefined && this.queue.length === 0) return;
     const delayMs = backoffDelay(this.attempt, reconnect as BackoffOptions | undefined);
     this.emitter.emit("reconnecting", { attempt: this.attempt, delayMs, code });
     this.attempt += 1;
@@ -280,7 +290,8 @@ export class HangoutClient {
         call.signal.addEventListener("abort", call.onAbort, { once: true });
       }
       this.queue.push(call);
-      this.pump();
+      if (this.ws === undefined && this.reconnectTimer === undefined && this.options.reconnect !== false) this.openSocket();
+      else this.pump();
     });
   }
 

@@ -49,7 +49,7 @@ export interface ClientOptions {
   maxInFlight?: number;
   /** Reconnect delays, or false to stay disconnected after a drop. */
   reconnect?: BackoffOptions | false;
-  /** Open the socket at construction (default true); else call `connect()`. */
+  /** Open the socket at construction (default true); else at `connect()` or the first call. */
   autoConnect?: boolean;
   /** Makes the `client_msg_id` of a `chat.send` that has none (default crypto.randomUUID). */
   newId?: () => string;

@@ -79,9 +79,24 @@ export class Session {
       return true;
     } catch (error) {
       if (!(error instanceof RpcError)) throw error;
-      if (error.code === "token_expired" && this.canRefresh && (await this.refresh())) return true;
+      if (error.code === "token_expired" && this.canRefresh && (await this.refreshedOrRefused())) return true;
       if (error.code === "token_expired" || error.code === "unauthenticated") {
         this.signedOut(error.code);
+        return false;
+      }
+      throw error;
+    }
+  }
+
+  /** A refresh, where a refresh token the server refuses (revoked, reused,
+   * past the session's end) counts as no token: the session is over rather
+   * than retried on every reconnect. */
+  private async refreshedOrRefused(): Promise<boolean> {
+    try {
+      return await this.refresh();
+    } catch (error) {
+      if (error instanceof RpcError && (error.code === "invalid_credentials" || error.code === "unauthenticated")) {
+        this.emitter.emit("error", error);
         return false;
       }
       throw error;

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { METHOD_AUTH, RpcError, Timestamp, type HangoutClient, type TimeInput } from "../src/index.js";
-import { booker, client, host, key, nextEvent, PASSWORD, signUp, slot, verified } from "./support/people.js";
+import { booker, client, eventually, host, key, nextEvent, PASSWORD, signUp, slot } from "./support/people.js";
 import { ServerProcess } from "./support/server.js";
 
 const server1 = new ServerProcess();
@@ -60,18 +60,21 @@ test("every method answers through the typed functions, across two processes", a
   const me = await bc.users.me();
   assert.equal(me.balance, "1000.00");
   assert.equal((await bc.users.update({ name: "Renamed Booker" })).name, "Renamed Booker");
-  assert.equal((await bc.users.get({ user_id: h.id })).price_per_hour, "50.00");
+  // Another user's writes reach the replica a little later ("other users
+  // may see it a little later"): these reads are retried until they do.
+  await eventually(async () => (await bc.users.get({ user_id: h.id })).price_per_hour === "50.00", "the host's price");
   const start = slot(2);
   const end = start.plus(3600);
-  let found = false;
-  let cursor: string | null | undefined;
-  for (let page = 0; page < 1000 && !found; page++) {
-    const r = await bc.hosts.search({ start_at: start, end_at: end, min_price: "50.00", max_price: "50.00", cursor, limit: 100 });
-    found = r.hosts.some((u) => u.id === h.id);
-    cursor = r.next_cursor;
-    if (cursor === null) break;
-  }
-  assert.ok(found, "the new host is found free for the slot");
+  await eventually(async () => {
+    let cursor: string | null | undefined;
+    for (let page = 0; page < 1000; page++) {
+      const r = await bc.hosts.search({ start_at: start, end_at: end, min_price: "50.00", max_price: "50.00", cursor, limit: 100 });
+      if (r.hosts.some((u) => u.id === h.id)) return true;
+      cursor = r.next_cursor;
+      if (cursor === null) return false;
+    }
+    return false;
+  }, "the new host found free for the slot");
 
   // wallet.
   const topup = await bc.wallet.topup({ amount: "25.50", idempotency_key: key() });
@@ -87,14 +90,15 @@ test("every method answers through the typed functions, across two processes", a
   assert.ok(created.booking.start_at.equals(start));
   assert.equal((await heard).booking.id, created.booking.id);
   assert.equal((await bc.bookings.get({ booking_id: created.booking.id })).status, "confirmed");
-  assert.ok((await hc.bookings.list({ role: "host" })).bookings.some((x) => x.id === created.booking.id));
+  await eventually(async () => (await hc.bookings.list({ role: "host" })).bookings.some((x) => x.id === created.booking.id),
+    "the booking in the host's list");
   const busy = await bc.hosts.availability({ host_id: h.id, from: start.plus(-3600), to: end.plus(3600) });
   assert.equal(busy.busy.length, 1);
 
   // chat.
   const conversationId = created.booking.conversation_id!;
-  const inbox = await hc.chat.conversations({});
-  assert.ok(inbox.conversations.some((c) => c.id === conversationId));
+  await eventually(async () => (await hc.chat.conversations({})).conversations.some((c) => c.id === conversationId),
+    "the conversation in the host's inbox");
   const joined = await hc.chat.join({ conversation_id: conversationId });
   assert.equal(joined.last_seq, 0);
   await bc.chat.join({ conversation_id: conversationId });
@@ -106,6 +110,8 @@ test("every method answers through the typed functions, across two processes", a
   assert.equal(sent.message.seq, 1);
   assert.match(sent.message.client_msg_id!, /^[0-9a-f-]{36}$/, "the SDK gave the send a client_msg_id");
   assert.equal((await live).message.id, sent.message.id);
+  await eventually(async () => (await hc.chat.history({ conversation_id: conversationId })).messages.length === 1,
+    "the message in the host's history");
   const history = await hc.chat.history({ conversation_id: conversationId });
   assert.deepEqual(history.messages.map((m) => m.id), [sent.message.id]);
   if ("chat.read" in METHOD_AUTH) {

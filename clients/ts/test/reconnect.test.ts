@@ -134,7 +134,8 @@ test("a socket killed mid-conversation reconnects with backoff and resumes with 
   assert.equal(bc.lastEventSeq, (await bc.users.me()).event_seq);
 
   // The offline send was stored once.
-  const history = await hc.chat.history({ conversation_id: conversationId });
+  // Read by the sender, whose reads see their own writes: a second copy would show.
+  const history = await bc.chat.history({ conversation_id: conversationId });
   assert.equal(history.messages.filter((m) => m.content === "written offline").length, 1);
 });
 
@@ -157,7 +158,8 @@ test("a send whose reply was lost is sent again after the reconnect and stored o
   assert.equal(sent.id, onServer.id);
   assert.equal(sent.client_msg_id, onServer.client_msg_id);
   await until(() => seen.messages.has(onServer.seq), "the message as an event");
-  const history = await hc.chat.history({ conversation_id: conversationId });
+  // Read from the sender, whose reads see their own writes: a second copy would show.
+  const history = await bc.chat.history({ conversation_id: conversationId });
   assert.equal(history.messages.filter((m) => m.content === "reply lost").length, 1);
   assert.deepEqual(seen.messageRepeats, []);
 });
@@ -189,5 +191,47 @@ test("a server process killed: the client moves to the other one and resumes", a
     assert.equal((await bc.users.me()).id, b.id);
   } finally {
     await victim.stop();
+  }
+});
+
+test("a token that expired while offline is refreshed through the app's callback before the resume", async () => {
+  const short = new ServerProcess({ ACCESS_TOKEN_TTL_S: "2", AUTH_EXPIRING_LEAD_S: "0" });
+  await short.start();
+  const relay = await new Proxy(short.port).start();
+  try {
+    let refreshToken = "";
+    let refreshes = 0;
+    const bc: HangoutClient = client(relay.url, {
+      reconnect: BACKOFF,
+      refreshToken: async () => {
+        refreshes += 1;
+        const r = await bc.auth.refresh({ refresh_token: refreshToken });
+        refreshToken = r.refresh_token;
+        return r.access_token;
+      },
+    });
+    clients.push(bc);
+    const session = await bc.auth.register({ email: `ts${key().slice(0, 12)}@example.test`, password: "correct horse battery", name: "Ts", gender: "female" });
+    refreshToken = session.refresh_token;
+    const seen = new Seen(bc, "none");
+
+    relay.refusing = true;
+    relay.cut();
+    // Meanwhile, on another device, the user tops up (one user event) and the token runs out.
+    const other = client(short.url);
+    clients.push(other);
+    await other.auth.login({ email: session.user.email, password: "correct horse battery" });
+    await other.wallet.topup({ amount: "5.00", idempotency_key: key() });
+    const expiry = Date.now() + 2500; // the token's 2 s, and a margin: a time, nothing to await
+    await new Promise((r) => setTimeout(r, Math.max(0, expiry - Date.now())));
+
+    relay.refusing = false;
+    await bc.whenReady();
+    assert.ok(refreshes >= 1, "the callback gave a fresh token");
+    await until(() => [...seen.events.values()].includes("wallet.updated"), "the top-up's event, resumed");
+    assert.equal((await bc.users.me()).balance, "5.00");
+  } finally {
+    await relay.stop();
+    await short.stop();
   }
 });

@@ -78,3 +78,13 @@ export function slot(days = 1, hours = 0): Timestamp {
 export function key(): string {
   return randomUUID();
 }
+
+/** A bounded poll of a read a replica serves: another user's writes reach
+ * it a little later, and there is nothing to await. */
+export async function eventually(check: () => Promise<boolean>, what: string, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`never saw ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}

@@ -7,6 +7,8 @@
  * - While the socket is down, calls wait in a queue and go out once the
  *   session is restored, as Socket.IO buffers emits. Calls that need no
  *   sign-in (auth.login, auth.refresh, ...) go out as soon as the socket opens.
+ * - The sends of one conversation go one at a time, so that its messages
+ *   are stored in the order the app sent them.
  * - A call on the wire when the socket drops is sent again after the
  *   reconnect when repeating it is harmless: reads, the writes the protocol
  *   makes idempotent (bookings.create and wallet.topup by their key,
@@ -307,13 +309,24 @@ export class HangoutClient {
         continue;
       }
       const early = call.internal || METHOD_AUTH[call.method as MethodName] === false;
-      if (!this.ready && !early) {
+      if ((!this.ready && !early) || this.sendWaits(call)) {
         i++;
         continue;
       }
       this.queue.splice(i, 1);
       this.send(ws, call);
     }
+  }
+
+  /** The server may run pipelined calls in any order, so a conversation's
+   * sends go one at a time: messages keep the order they were written in. */
+  private sendWaits(call: PendingCall): boolean {
+    if (call.method !== "chat.send") return false;
+    const conversation = call.params.conversation_id;
+    for (const other of this.inflight.values()) {
+      if (other.method === "chat.send" && other.params.conversation_id === conversation) return true;
+    }
+    return false;
   }
 
   private send(ws: WebSocketLike, call: PendingCall): void {

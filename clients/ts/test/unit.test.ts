@@ -176,12 +176,31 @@ test("calls are pipelined up to the in-flight window, replies matched in any ord
   c.close();
 });
 
+test("a conversation's sends go one at a time, in the order they were made", async () => {
+  const { c, ws } = scripted();
+  await c.whenReady();
+  const first = c.chat.send({ conversation_id: "c1", content: "1" });
+  const second = c.chat.send({ conversation_id: "c1", content: "2" });
+  const elsewhere = c.chat.send({ conversation_id: "c2", content: "3" });
+  await ws.request("chat.send");
+  assert.deepEqual(ws.sent.map((f) => f.params.content), ["1", "3"]);
+  ws.push({ id: ws.sent[0].id, result: { message: { seq: 1 } } });
+  await first;
+  assert.deepEqual(ws.sent.map((f) => f.params.content), ["1", "3", "2"]);
+  ws.push({ id: ws.sent[1].id, result: { message: { seq: 1 } } });
+  ws.push({ id: ws.sent[2].id, result: { message: { seq: 2 } } });
+  await Promise.all([second, elsewhere]);
+  c.close();
+});
+
 test("chat.send always carries a client_msg_id, kept when the app gives one", async () => {
   const { c, ws } = scripted();
   await c.whenReady();
   void c.chat.send({ conversation_id: "c1", content: "x" }).catch(() => {});
   void c.chat.send({ conversation_id: "c1", content: "y", client_msg_id: "given" }).catch(() => {});
-  await ws.request("chat.send");
+  const firstSend = await ws.request("chat.send");
+  ws.push({ id: firstSend.id, result: { message: { seq: 1 } } });
+  await ws.request("chat.send", 1);
   const sends = ws.sent.filter((f) => f.method === "chat.send");
   assert.match(sends[0].params.client_msg_id, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
   assert.equal(sends[1].params.client_msg_id, "given");

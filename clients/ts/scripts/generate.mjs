@@ -147,6 +147,8 @@ const events = [...index.events].sort((a, b) => a.name.localeCompare(b.name));
 const methodRows = methods.map((m) => ({
   ...m,
   paramsType: top(m.params, "in", `${pascal(m.name)}Params`),
+  // Nothing required (users.me, bookings.list...): the params may be left out.
+  paramsOptional: (load(m.params).required ?? []).length === 0,
   resultType: top(m.result, "out", `${pascal(m.name)}Result`),
 }));
 const eventRows = events.map((e) => ({ ...e, dataType: top(e.data, "out", `${pascal(e.name)}Event`) }));
@@ -209,8 +211,7 @@ out.push("export interface Api {");
 for (const [group, ms] of groups) {
   out.push(`  readonly ${key(group)}: {`);
   for (const m of ms) {
-    const emptyParams = named.get(m.paramsType) === "Record<string, never>" || named.get(m.paramsType) === "Record<string, unknown>";
-    const p = emptyParams ? "params?" : "params";
+    const p = m.paramsOptional ? "params?" : "params";
     out.push(`    ${key(m.fn)}(${p}: ${m.paramsType}, options?: CallOptions): Promise<${m.resultType}>;`);
   }
   out.push("  };");

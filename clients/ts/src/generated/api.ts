@@ -497,10 +497,10 @@ export interface Api {
     cancel(params: BookingsCancelParams, options?: CallOptions): Promise<BookingsCancelResult>;
     create(params: BookingsCreateParams, options?: CallOptions): Promise<BookingsCreateResult>;
     get(params: BookingsGetParams, options?: CallOptions): Promise<BookingsGetResult>;
-    list(params: BookingsListParams, options?: CallOptions): Promise<BookingsListResult>;
+    list(params?: BookingsListParams, options?: CallOptions): Promise<BookingsListResult>;
   };
   readonly chat: {
-    conversations(params: ChatConversationsParams, options?: CallOptions): Promise<ChatConversationsResult>;
+    conversations(params?: ChatConversationsParams, options?: CallOptions): Promise<ChatConversationsResult>;
     history(params: ChatHistoryParams, options?: CallOptions): Promise<ChatHistoryResult>;
     join(params: ChatJoinParams, options?: CallOptions): Promise<ChatJoinResult>;
     leave(params: ChatLeaveParams, options?: CallOptions): Promise<ChatLeaveResult>;
@@ -513,16 +513,16 @@ export interface Api {
   };
   readonly hosts: {
     availability(params: HostsAvailabilityParams, options?: CallOptions): Promise<HostsAvailabilityResult>;
-    search(params: HostsSearchParams, options?: CallOptions): Promise<HostsSearchResult>;
+    search(params?: HostsSearchParams, options?: CallOptions): Promise<HostsSearchResult>;
   };
   readonly users: {
     get(params: UsersGetParams, options?: CallOptions): Promise<UsersGetResult>;
     me(params?: UsersMeParams, options?: CallOptions): Promise<UsersMeResult>;
-    update(params: UsersUpdateParams, options?: CallOptions): Promise<UsersUpdateResult>;
+    update(params?: UsersUpdateParams, options?: CallOptions): Promise<UsersUpdateResult>;
   };
   readonly wallet: {
     topup(params: WalletTopupParams, options?: CallOptions): Promise<WalletTopupResult>;
-    transactions(params: WalletTransactionsParams, options?: CallOptions): Promise<WalletTransactionsResult>;
+    transactions(params?: WalletTransactionsParams, options?: CallOptions): Promise<WalletTransactionsResult>;
   };
 }
 

@@ -1,7 +1,8 @@
 # hangout developer entry points.  `make test` works on a fresh Debian 12 box
 # that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
 # builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest:
-# once straight against PostgreSQL, once more through PgBouncer.
+# once straight against PostgreSQL, once more through PgBouncer; then the
+# TypeScript SDK's tests (clients/ts) under Node.
 
 SHELL := /bin/bash
 
@@ -15,7 +16,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer loadtest stop status lock
+.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-ts loadtest stop status lock
 
 all: test
 
@@ -66,7 +67,7 @@ devstack: install
 run: install
 	LOG_FORMAT=$${LOG_FORMAT:-text} $(PY) -m server
 
-test: test-direct test-pgbouncer
+test: test-direct test-pgbouncer test-ts
 
 test-direct: devstack
 	DEVSTACK_PGBOUNCER=0 $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -77,6 +78,12 @@ test-direct: devstack
 # so it runs in the first pass only.
 test-pgbouncer: devstack
 	DEVSTACK_PGBOUNCER=1 SKIP_EXPLAIN=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The TypeScript SDK (clients/ts): `npm ci` from its lockfile, then its
+# tests under Node 20, which start their own server processes on the dev stack.
+test-ts: devstack
+	@command -v npm >/dev/null || { echo ">> installing nodejs + npm"; $(APT) update && $(APT) install -y nodejs npm; }
+	cd clients/ts && npm ci --no-audit --no-fund && PYTHON=$(abspath $(PY)) npm test
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);

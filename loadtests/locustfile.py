@@ -28,6 +28,9 @@ Two kinds of user:
   what it received as read), drops the socket and resumes with
   ``since_seq``, refreshes tokens, logs out and in.
 
+Both watch the other party's presence in the rooms they joined: the
+``chat.presence`` events they receive are counted and logged at the end.
+
 Services that a server does not offer (answered ``unknown_method``) are
 probed once per process and their tasks skipped, so the file also runs
 against a server with fewer services.
@@ -55,6 +58,7 @@ from locust.runners import WorkerRunner
 from loadtests import accounts
 from loadtests.accounts import PASSWORD, http_url_for, kyc_signature, ws_url_for
 from loadtests.wsclient import CallError, WsClient
+from protocol.resume import Backoff, SeqWindow
 
 log = logging.getLogger("loadtest")
 
@@ -64,6 +68,9 @@ SIGNUP_SHARE = float(os.environ.get("LOADTEST_SIGNUP_SHARE", "0.1"))
 # Answers a real client expects and handles; never counted as failures.
 BUSINESS_ANSWERS = ("slot_unavailable", "insufficient_funds")
 resume_checks: collections.Counter[str] = collections.Counter()
+# chat.presence events received in joined rooms, by state: the other
+# party's app opening and closing (bookers reconnect and sign out and in).
+presence_seen: collections.Counter[str] = collections.Counter()
 
 MAX_JOINED_ROOMS = 4  # a phone shows a handful of live chats, not every past booking
 
@@ -153,6 +160,8 @@ def _save_pool(environment: Any, **_kw: Any) -> None:
         _pool.save()
     if resume_checks:
         log.info("resume with since_seq: %s", dict(resume_checks))
+    if presence_seen:
+        log.info("chat.presence received: %s", dict(presence_seen))
 
 
 # ---- helpers -----------------------------------------------------------------
@@ -187,6 +196,13 @@ class Session:
         self.access_token: str | None = None
         self.refresh_token: str | None = None
         self.last_seq: dict[str, int] = {}  # joined conversation -> highest seq seen
+        # Joined conversation -> the seqs taken, as the Python client keeps
+        # them (protocol/resume.py): a resume starts below any hole, and a
+        # message delivered twice is shown once.
+        self.seen: dict[str, SeqWindow] = {}
+        # Reconnecting after a failed attempt waits, as the app's client does.
+        self.backoff = Backoff()
+        self.retry_at = 0.0
         self.read_seq: dict[str, int] = {}  # joined conversation -> this user's read position
         self.sent_at: dict[str, float] = {}  # client_msg_id -> perf_counter at send
 
@@ -206,11 +222,16 @@ class Session:
         if name == "chat.message":
             msg = data["message"]
             conv = msg["conversation_id"]
+            window = self.seen.get(conv)
+            if window is not None and not window.take(msg["seq"]):
+                return
             if conv in self.last_seq and msg["seq"] > self.last_seq[conv]:
                 self.last_seq[conv] = msg["seq"]
             sent = self.sent_at.pop(msg.get("client_msg_id") or "", None)
             if sent is not None:
                 self.report("chat.message (own, delivered)", (time.perf_counter() - sent) * 1000.0, 0, None, "event")
+        elif name == "chat.presence":
+            presence_seen["online" if data["online"] else "offline"] += 1
 
     # the socket ----------------------------------------------------------------
 
@@ -308,7 +329,14 @@ class Session:
         """A socket the server closed (or the network lost) is reopened with
         the access token, as the app would on its next action."""
         if self.ws is None or self.ws.closed:
-            self.reopen()
+            if time.monotonic() < self.retry_at:
+                raise RuntimeError("reconnecting: waiting out the backoff")
+            try:
+                self.reopen()
+            except Exception:
+                self.retry_at = time.monotonic() + self.backoff.next()
+                raise
+            self.backoff.reset()
 
     def reopen(self) -> None:
         """A new socket, authenticated at the upgrade with the access token
@@ -345,6 +373,7 @@ class Session:
             oldest = next(iter(self.last_seq))
             self.call("chat.leave", {"conversation_id": oldest})
             self.last_seq.pop(oldest, None)
+            self.seen.pop(oldest, None)
             self.read_seq.pop(oldest, None)
         params: dict[str, Any] = {"conversation_id": conversation_id}
         if since_seq is not None:
@@ -352,6 +381,8 @@ class Session:
         self.last_seq.setdefault(conversation_id, since_seq or 0)
         joined = self.call("chat.join", params)
         seqs = [m["seq"] for m in joined["messages"]]
+        start = since_seq if since_seq is not None else (seqs[0] - 1 if seqs else joined["last_seq"])
+        self.seen.setdefault(conversation_id, SeqWindow(start)).take_all(seqs)
         if since_seq is not None and not joined["truncated"]:
             # Resuming must give every message after since_seq, without a gap.
             want = list(range(since_seq + 1, joined["last_seq"] + 1))
@@ -371,7 +402,8 @@ class Session:
 
     def resume_rooms(self) -> None:
         for conv, seq in list(self.last_seq.items()):
-            self.join(conv, since_seq=seq)
+            window = self.seen.get(conv)
+            self.join(conv, since_seq=window.through if window is not None else seq)
 
     def send_message(self, conversation_id: str) -> None:
         cmid = str(uuid.uuid4())

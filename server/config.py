@@ -143,6 +143,15 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     log_format: str = "json"
+    # Presence (server/presence.py): how long a user with no authenticated
+    # socket left stays online (the contract's 5 s), how long a process's
+    # heartbeat key lives (a killed process's sockets count until it is
+    # gone: at most 60 s by the contract), how often it is renewed, and how
+    # often each process looks for users to take offline.
+    presence_offline_after_s: float = 5.0
+    presence_ttl_s: float = 30.0
+    presence_heartbeat_s: float = 10.0
+    presence_sweep_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -199,7 +208,25 @@ class Config:
             metrics_host=os.environ.get("METRICS_HOST", cls.metrics_host),
             metrics_port=_port("METRICS_PORT", cls.metrics_port),
             log_format=log_format(),
-        )
+            presence_offline_after_s=_float("PRESENCE_OFFLINE_AFTER_S", cls.presence_offline_after_s),
+            presence_ttl_s=_float("PRESENCE_TTL_S", cls.presence_ttl_s),
+            presence_heartbeat_s=_float("PRESENCE_HEARTBEAT_S", cls.presence_heartbeat_s),
+            presence_sweep_interval_s=_float("PRESENCE_SWEEP_INTERVAL_S", cls.presence_sweep_interval_s),
+        )._checked()
+
+    def _checked(self) -> "Config":
+        """Settings that parse but cannot work together; the error names the variable."""
+        if not 0 <= self.presence_offline_after_s <= 60:
+            raise ConfigError(f"PRESENCE_OFFLINE_AFTER_S={self.presence_offline_after_s} must be between 0 and 60")
+        # Past 60 s a killed process's users would stay online longer than the contract allows.
+        if not 0 < self.presence_ttl_s <= 60:
+            raise ConfigError(f"PRESENCE_TTL_S={self.presence_ttl_s} must be above 0 and at most 60")
+        if not 0 < self.presence_heartbeat_s < self.presence_ttl_s:
+            raise ConfigError(f"PRESENCE_HEARTBEAT_S={self.presence_heartbeat_s} must be above 0 and below "
+                              f"PRESENCE_TTL_S ({self.presence_ttl_s})")
+        if not 0 < self.presence_sweep_interval_s <= 5:
+            raise ConfigError(f"PRESENCE_SWEEP_INTERVAL_S={self.presence_sweep_interval_s} must be above 0 and at most 5")
+        return self
 
     def missing_secrets(self) -> list[str]:
         """Names of the secrets that are not set (empty)."""

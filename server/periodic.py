@@ -60,6 +60,13 @@ class Periodic:
                 self.log.warning("%s pass skipped: %s", self.name, err)
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
+            # A cancel that the pass's work swallowed (timeout helpers in
+            # asyncio and client libraries can lose one that arrives as their
+            # call ends; seen with the presence sweep at shutdown) would
+            # leave ``stop`` waiting forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             await asyncio.sleep(self.interval_s)
 
     async def _pass(self) -> None:

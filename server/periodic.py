@@ -21,6 +21,15 @@ def running() -> Iterator["Periodic"]:
     return iter(list(_RUNNING))
 
 
+def raise_if_cancelled() -> None:
+    """Raise the cancel that the awaited work swallowed: redis-py's script
+    calls can return normally from a cancelled task, and a loop that went on
+    would leave whoever cancelled it waiting forever (at shutdown)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Periodic:
     def __init__(self, name: str, work: Callable[[], Awaitable[None]], interval_s: float,
                  log: logging.Logger | None = None) -> None:
@@ -60,13 +69,7 @@ class Periodic:
                 self.log.warning("%s pass skipped: %s", self.name, err)
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
-            # A cancel that the pass's work swallowed (timeout helpers in
-            # asyncio and client libraries can lose one that arrives as their
-            # call ends; seen with the presence sweep at shutdown) would
-            # leave ``stop`` waiting forever.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            raise_if_cancelled()
             await asyncio.sleep(self.interval_s)
 
     async def _pass(self) -> None:

@@ -15,7 +15,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer loadtest stop status lock
+.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-ts loadtest stop status lock
 
 all: test
 
@@ -76,6 +76,12 @@ test-direct: devstack
 # so it runs in the first pass only.
 test-pgbouncer: devstack
 	DEVSTACK_PGBOUNCER=1 SKIP_EXPLAIN=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The TypeScript SDK (clients/ts): `npm ci` from its lockfile, then its
+# tests under Node 20, which start their own server processes on the dev stack.
+test-ts: devstack
+	@command -v npm >/dev/null || { echo "test-ts needs Node.js 20 and npm" >&2; exit 1; }
+	cd clients/ts && npm ci --no-audit --no-fund && PYTHON=$(abspath $(PY)) npm test
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);

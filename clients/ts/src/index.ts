@@ -1,0 +1,11 @@
+export { HangoutClient, SUBPROTOCOL } from "./client.js";
+export type { ClientEvents, ConnectionState } from "./client-events.js";
+export type { CallOptions, ClientOptions, WebSocketConstructor, WebSocketLike } from "./options.js";
+export { Timestamp } from "./timestamp.js";
+export { encodeFrame, decodeFrame } from "./codec.js";
+export { RpcError, TimeoutError, ConnectionLostError, ClientClosedError, type FieldError } from "./errors.js";
+export { backoffDelay, backoffCeiling, DEFAULT_BACKOFF, type BackoffOptions } from "./backoff.js";
+export { SeqTracker } from "./seqs.js";
+export { randomUuid } from "./ids.js";
+export type { EventMeta, Listener } from "./emitter.js";
+export * from "./generated/api.js";

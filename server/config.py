@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 # Published with the code: anyone could sign tokens and KYC webhooks with
 # them. ``serve`` uses them only on the embedded dev stack (or when a
@@ -18,6 +19,8 @@ MIN_SECRET_BYTES = 32
 # Where a server that uses the public development secrets listens unless
 # HOST says otherwise: anyone who can reach it could sign tokens.
 DEV_HOST = "127.0.0.1"
+# Where `make demo` writes the browser demo, in this checkout.
+DEFAULT_DEMO_DIR = str(Path(__file__).resolve().parents[1] / "clients" / "ts" / "demo" / "dist")
 
 
 def dev_secrets() -> dict[str, str]:
@@ -60,6 +63,16 @@ def _networks(name: str) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
     return _parsed(name, (), networks)
+
+
+def _demo_dir(name: str) -> str:
+    """A directory, or empty for no demo. A directory that does not exist
+    yet is allowed (the demo is built later, ``GET /demo`` says so until
+    then); a file is a mistake."""
+    text = os.environ.get(name, DEFAULT_DEMO_DIR).strip()
+    if text and Path(text).exists() and not Path(text).is_dir():
+        raise ConfigError(f"{name}={text!r} is not a directory")
+    return text
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,8 @@ class Config:
     event_retention_s: int = 7 * 24 * 3600
     # Bearer token that shows /readyz's details; empty = details never shown.
     ops_token: str = ""
+    # The built browser demo served at GET /demo; empty = not served.
+    demo_dir: str = DEFAULT_DEMO_DIR
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -172,6 +187,7 @@ class Config:
             session_cleanup_interval_s=_float("SESSION_CLEANUP_INTERVAL_S", cls.session_cleanup_interval_s),
             event_retention_s=_int("EVENT_RETENTION_S", cls.event_retention_s),
             ops_token=os.environ.get("OPS_TOKEN", ""),
+            demo_dir=_demo_dir("DEMO_DIR"),
         )
 
     def missing_secrets(self) -> list[str]:

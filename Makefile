@@ -15,7 +15,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-ts loadtest stop status lock
+.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-ts node demo chromium test-browser loadtest stop status lock
 
 all: test
 
@@ -62,7 +62,7 @@ lock:
 devstack: install
 	$(PY) -m server.devstack start
 
-run: install
+run: install demo
 	$(PY) -m server
 
 test: test-direct test-pgbouncer
@@ -82,6 +82,30 @@ test-pgbouncer: devstack
 test-ts: devstack
 	@command -v npm >/dev/null || { echo "test-ts needs Node.js 20 and npm" >&2; exit 1; }
 	cd clients/ts && npm ci --no-audit --no-fund && PYTHON=$(abspath $(PY)) npm test
+
+node:
+	@command -v npm >/dev/null || { echo "this target needs Node.js 20 and npm" >&2; exit 1; }
+
+# The browser demo (clients/ts/demo, on the SDK's sources), built into
+# clients/ts/demo/dist (not committed), which the server serves at GET /demo.
+# `npm ci` runs when the lockfile is newer than the last install.
+demo: node
+	@[ clients/ts/node_modules/.package-lock.json -nt clients/ts/package-lock.json ] \
+		|| (cd clients/ts && npm ci --no-audit --no-fund)
+	cd clients/ts && npm run build:demo
+
+# Debian's Chromium, for the browser test (playwright-core drives it).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo ">> installing chromium"; \
+		$(APT) update && $(APT) install -y chromium; \
+	fi
+
+# The demo in Chromium: a host and a booker sign up, book and chat, on two
+# server processes the test starts on the dev stack. Screenshots of each
+# step: clients/ts/test-artifacts/demo/.
+test-browser: devstack demo chromium
+	cd clients/ts && PYTHON=$(abspath $(PY)) CHROMIUM=$$(command -v chromium) npm run test:browser
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);

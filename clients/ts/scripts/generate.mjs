@@ -32,6 +32,7 @@ const key = (k) => (IDENT.test(k) ? k : JSON.stringify(k));
 // results and events). One name used in both directions with different
 // shapes gets an "Input" suffix on the params side.
 const named = new Map(); // emitted name -> body
+const docs = new Map(); // emitted name -> the schema's description
 const defNames = new Map(); // `${dir}:${file}:${def}` -> emitted name
 
 function isTime(s) {
@@ -126,6 +127,7 @@ function defName(def, ctx) {
     defNames.set(id, name);
   }
   named.set(name, body);
+  if (schema.description) docs.set(name, schema.description);
   return name;
 }
 
@@ -136,6 +138,7 @@ function top(rel, dir, typeName) {
   // A result that is an object of its own (users.me's OwnUser) is named after it.
   const own = schema.title ? pascal(schema.title) : undefined;
   named.set(typeName, own && own !== typeName && named.get(own) === body ? own : body);
+  if (schema.description) docs.set(typeName, schema.description);
   return typeName;
 }
 
@@ -144,6 +147,8 @@ const events = [...index.events].sort((a, b) => a.name.localeCompare(b.name));
 const methodRows = methods.map((m) => ({
   ...m,
   paramsType: top(m.params, "in", `${pascal(m.name)}Params`),
+  // Nothing required (users.me, bookings.list...): the params may be left out.
+  paramsOptional: (load(m.params).required ?? []).length === 0,
   resultType: top(m.result, "out", `${pascal(m.name)}Result`),
 }));
 const eventRows = events.map((e) => ({ ...e, dataType: top(e.data, "out", `${pascal(e.name)}Event`) }));
@@ -171,7 +176,10 @@ out.push("export type Money = string;");
 out.push("/** A time sent to the server: a Timestamp (exact), a Date (milliseconds) or an RFC 3339 string with an offset. */");
 out.push("export type TimeInput = Timestamp | Date | string;");
 out.push("");
+const comment = (text, pad = "") =>
+  `${pad}/**\n${text.trim().replace(/\*\//g, "* /").split("\n").map((l) => `${pad} * ${l}`.trimEnd()).join("\n")}\n${pad} */`;
 for (const [name, body] of [...named.entries()].sort(([a], [b]) => a.localeCompare(b))) {
+  if (docs.has(name)) out.push(comment(docs.get(name)));
   out.push(body.startsWith("{") ? `export interface ${name} ${body}` : `export type ${name} = ${body};`);
   out.push("");
 }
@@ -203,8 +211,7 @@ out.push("export interface Api {");
 for (const [group, ms] of groups) {
   out.push(`  readonly ${key(group)}: {`);
   for (const m of ms) {
-    const emptyParams = named.get(m.paramsType) === "Record<string, never>" || named.get(m.paramsType) === "Record<string, unknown>";
-    const p = emptyParams ? "params?" : "params";
+    const p = m.paramsOptional ? "params?" : "params";
     out.push(`    ${key(m.fn)}(${p}: ${m.paramsType}, options?: CallOptions): Promise<${m.resultType}>;`);
   }
   out.push("  };");

@@ -17,6 +17,8 @@ export interface ClientEvents {
   truncated: { since_seq: number; last_seq: number };
   /** A re-join found more missed messages than it returns: page back with chat.history. */
   roomTruncated: { conversation_id: string };
+  /** A re-join was refused (`code`: not_found, forbidden): the room is no longer followed. */
+  roomLeft: { conversation_id: string; code: string };
   /** Something went wrong outside any call (a bad frame, a failed refresh). */
   error: Error;
 }

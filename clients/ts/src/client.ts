@@ -20,10 +20,11 @@
  *   what happens once the socket is back.
  */
 import { backoffDelay, type BackoffOptions } from "./backoff.js";
+import { Calls, type PendingCall } from "./calls.js";
 import type { ClientEvents, ConnectionState } from "./client-events.js";
-import { decodeFrame, encodeFrame } from "./codec.js";
+import { decodeFrame } from "./codec.js";
 import { Emitter, type EventMeta, type Listener } from "./emitter.js";
-import { ClientClosedError, ConnectionLostError, RpcError, TimeoutError } from "./errors.js";
+import { ClientClosedError, ConnectionLostError, RpcError } from "./errors.js";
 import { bindApi, METHOD_AUTH, type Api, type Events, type MethodName, type Methods } from "./generated/api.js";
 import { randomUuid } from "./ids.js";
 import type { CallOptions, ClientOptions, WebSocketConstructor, WebSocketLike } from "./options.js";
@@ -33,22 +34,6 @@ export const SUBPROTOCOL = "hangout.v1";
 
 // Their effect must not happen twice, or they are the client's own business.
 const NOT_REPEATABLE = new Set(["auth.register", "auth.login", "auth.refresh", "auth.logout", "auth.authenticate"]);
-
-interface PendingCall {
-  n: number; // the order calls were made in, kept when they are queued again
-  method: string;
-  params: Record<string, unknown>;
-  resolve: (value: any) => void;
-  reject: (error: unknown) => void;
-  timeoutMs: number;
-  signal: AbortSignal | undefined;
-  onAbort: (() => void) | undefined;
-  internal: boolean;
-  refreshed: boolean;
-  done: boolean;
-  id: number | undefined;
-  timer: ReturnType<typeof setTimeout> | undefined;
-}
 
 type AllEvents = Events & ClientEvents;
 
@@ -67,12 +52,7 @@ export class HangoutClient {
   private attempt = 0; // reconnects since the session was last ready
   private sockets = 0; // sockets opened, for choosing among several URLs
   private reconnectTimer: ReturnType<typeof setTimeout> | undefined;
-  private nextId = 1;
-  private made = 0;
-  private queue: PendingCall[] = [];
-  private readonly inflight = new Map<number, PendingCall>();
-  // Calls given up on (timeout, abort) that the server still counts in flight.
-  private readonly late = new Set<number>();
+  private readonly calls: Calls;
   private readyWaiters: Array<{ resolve: () => void; reject: (error: unknown) => void }> = [];
 
   constructor(options: ClientOptions) {
@@ -80,6 +60,7 @@ export class HangoutClient {
     const WS = options.WebSocket ?? (globalThis as any).WebSocket;
     if (!WS) throw new TypeError("no WebSocket: pass options.WebSocket (in Node 20, the `ws` package's)");
     this.WebSocketClass = WS;
+    this.calls = new Calls(options.maxInFlight ?? 32);
     const internal = (method: string, params: Record<string, unknown>) => this.enqueue(method, params, {}, true);
     this.session = new Session(internal, this.emitter, options.refreshToken, options);
     Object.assign(this, bindApi((method, params, callOptions) => this.call(method, params, callOptions)));
@@ -149,10 +130,8 @@ export class HangoutClient {
     this.ws = undefined;
     this.open = this.ready = false;
     const error = new ClientClosedError();
-    for (const call of [...this.queue, ...this.inflight.values()]) this.settle(call, error, false);
+    this.calls.failAll(error);
     for (const waiter of this.readyWaiters.splice(0)) waiter.reject(error);
-    this.queue = [];
-    this.inflight.clear();
     this.setState("closed");
     if (ws) ws.close(1000);
   }
@@ -220,18 +199,14 @@ export class HangoutClient {
   private onClosed(code: number | undefined): void {
     this.ws = undefined;
     this.open = this.ready = false;
-    this.late.clear();
-    const lost = [...this.inflight.values()];
-    this.inflight.clear();
-    for (const call of lost) {
-      clearTimeout(call.timer);
-      call.id = undefined;
-      if (call.internal || NOT_REPEATABLE.has(call.method)) this.settle(call, new ConnectionLostError(call.method), false);
-      else this.queue.push(call);
+    for (const call of this.calls.takeAllOnWire()) {
+      if (call.internal || NOT_REPEATABLE.has(call.method)) this.calls.settle(call, new ConnectionLostError(call.method), false);
+      else this.calls.requeue(call);
     }
     // The client's own calls belong to the socket that is gone.
-    for (const call of this.queue.filter((c) => c.internal)) this.settle(call, new ConnectionLostError(call.method), false);
-    this.queue = this.queue.filter((c) => !c.internal).sort((a, b) => a.n - b.n);
+    for (const call of this.calls.queued()) {
+      if (call.internal) this.calls.settle(call, new ConnectionLostError(call.method), false);
+    }
     if (this.closed) return;
     this.setState("disconnected");
     this.scheduleReconnect(code);
@@ -242,7 +217,7 @@ export class HangoutClient {
     if (reconnect === false || this.closed) return;
     // Signed out with nothing to send (a sign-in screen left open, which the
     // server closes after its sign-in deadline): the next call reconnects.
-    if (this.session.accessToken === undefined && this.queue.length === 0) return;
+    if (this.session.accessToken === undefined && this.calls.waiting === 0) return;
     const delayMs = backoffDelay(this.attempt, reconnect as BackoffOptions | undefined);
     this.emitter.emit("reconnecting", { attempt: this.attempt, delayMs, code });
     this.attempt += 1;
@@ -267,55 +242,22 @@ export class HangoutClient {
   private enqueue(method: string, params: Record<string, unknown>, options: CallOptions, internal: boolean): Promise<any> {
     if (this.closed) return Promise.reject(new ClientClosedError());
     if (internal && !this.open) return Promise.reject(new ConnectionLostError(method));
-    return new Promise((resolve, reject) => {
-      const call: PendingCall = {
-        n: this.made++,
-        method,
-        params,
-        resolve,
-        reject,
-        timeoutMs: options.timeoutMs ?? this.options.callTimeoutMs ?? 10_000,
-        signal: options.signal,
-        onAbort: undefined,
-        internal,
-        refreshed: false,
-        done: false,
-        id: undefined,
-        timer: undefined,
-      };
-      if (call.signal) {
-        if (call.signal.aborted) {
-          reject(call.signal.reason ?? new ClientClosedError("aborted"));
-          return;
-        }
-        call.onAbort = () => this.abort(call);
-        call.signal.addEventListener("abort", call.onAbort, { once: true });
-      }
-      this.queue.push(call);
-      if (this.ws === undefined && this.reconnectTimer === undefined && this.options.reconnect !== false) this.openSocket();
-      else this.pump();
-    });
+    const timeoutMs = options.timeoutMs ?? this.options.callTimeoutMs ?? 10_000;
+    const reply = this.calls.add(method, params, { ...options, timeoutMs }, internal);
+    if (this.ws === undefined && this.reconnectTimer === undefined && this.options.reconnect !== false) this.openSocket();
+    else this.pump();
+    return reply;
   }
 
-  /** Sends what may go now, in the order the calls were made. */
+  /** Sends what may go now: before the session is restored, only the
+   * client's own calls and those that need no sign-in. */
   private pump(): void {
     const ws = this.ws;
     if (!this.open || ws === undefined) return;
-    const limit = this.options.maxInFlight ?? 32;
-    for (let i = 0; i < this.queue.length && this.inflight.size + this.late.size < limit; ) {
-      const call = this.queue[i]!;
-      if (call.done) {
-        this.queue.splice(i, 1);
-        continue;
-      }
-      const early = call.internal || METHOD_AUTH[call.method as MethodName] === false;
-      if ((!this.ready && !early) || this.sendWaits(call)) {
-        i++;
-        continue;
-      }
-      this.queue.splice(i, 1);
-      this.send(ws, call);
-    }
+    this.calls.pump(
+      (bytes) => ws.send(bytes),
+      (call) => (this.ready || call.internal || METHOD_AUTH[call.method as MethodName] === false) && !this.sendWaits(call),
+    );
   }
 
   /** The server may run pipelined calls in any order, so a conversation's
@@ -323,48 +265,10 @@ export class HangoutClient {
   private sendWaits(call: PendingCall): boolean {
     if (call.method !== "chat.send") return false;
     const conversation = call.params.conversation_id;
-    for (const other of this.inflight.values()) {
+    for (const other of this.calls.onWire()) {
       if (other.method === "chat.send" && other.params.conversation_id === conversation) return true;
     }
     return false;
-  }
-
-  private send(ws: WebSocketLike, call: PendingCall): void {
-    const id = this.nextId++;
-    let bytes: Uint8Array;
-    try {
-      bytes = encodeFrame({ id, method: call.method, params: call.params });
-    } catch (error) {
-      this.settle(call, error, false);
-      return;
-    }
-    call.id = id;
-    this.inflight.set(id, call);
-    call.timer = setTimeout(() => this.giveUp(call, new TimeoutError(call.method, call.timeoutMs)), call.timeoutMs);
-    try {
-      ws.send(bytes);
-    } catch {
-      // The socket is closing; its close event queues the call again or fails it.
-    }
-  }
-
-  private giveUp(call: PendingCall, error: unknown): void {
-    if (call.id !== undefined && this.inflight.delete(call.id)) this.late.add(call.id);
-    else this.queue = this.queue.filter((c) => c !== call);
-    this.settle(call, error, false);
-  }
-
-  private abort(call: PendingCall): void {
-    this.giveUp(call, call.signal?.reason ?? new ClientClosedError("aborted"));
-  }
-
-  private settle(call: PendingCall, outcome: unknown, ok: boolean): void {
-    if (call.done) return;
-    call.done = true;
-    clearTimeout(call.timer);
-    if (call.signal && call.onAbort) call.signal.removeEventListener("abort", call.onAbort);
-    if (ok) call.resolve(outcome);
-    else call.reject(outcome);
   }
 
   // ---- frames from the server ---------------------------------------------------
@@ -388,15 +292,11 @@ export class HangoutClient {
       this.emitter.emit("error", new RpcError("(unknown)", e?.code ?? "bad_frame", e?.message ?? "reply without an id"));
       return;
     }
-    if (this.late.delete(id)) {
-      this.pump();
-      return;
+    const call = this.calls.take(id);
+    if (call !== undefined) {
+      if (frame.error !== undefined) this.failed(call, frame.error);
+      else this.succeeded(call, frame.result);
     }
-    const call = this.inflight.get(id);
-    if (call === undefined) return;
-    this.inflight.delete(id);
-    if (frame.error !== undefined) this.failed(call, frame.error);
-    else this.succeeded(call, frame.result);
     this.pump();
   }
 
@@ -408,7 +308,7 @@ export class HangoutClient {
         this.emitter.emit("error", error as Error);
       }
     }
-    this.settle(call, result, true);
+    this.calls.settle(call, result, true);
   }
 
   private failed(call: PendingCall, wire: any): void {
@@ -416,23 +316,19 @@ export class HangoutClient {
     // An expired token: get a fresh one from the app and try once more.
     if (error.code === "token_expired" && !call.internal && !call.refreshed && this.session.canRefresh) {
       call.refreshed = true;
-      clearTimeout(call.timer);
-      call.id = undefined;
       this.session.refresh().then(
         (ok) => {
-          if (call.done) return;
-          if (!ok) this.settle(call, error, false);
-          else if (this.closed) this.settle(call, new ClientClosedError(), false);
+          if (!ok) this.calls.settle(call, error, false);
+          else if (this.closed) this.calls.settle(call, new ClientClosedError(), false);
           else {
-            this.queue.push(call);
-            this.queue.sort((a, b) => a.n - b.n);
+            this.calls.requeue(call);
             this.pump();
           }
         },
-        () => this.settle(call, error, false),
+        () => this.calls.settle(call, error, false),
       );
       return;
     }
-    this.settle(call, error, false);
+    this.calls.settle(call, error, false);
   }
 }

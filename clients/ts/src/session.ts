@@ -129,7 +129,7 @@ export class Session {
           // No longer a party (or the room is gone): the app hears of it once.
           if (error instanceof RpcError && (error.code === "not_found" || error.code === "forbidden")) {
             this.rooms.delete(conversationId);
-            this.emitter.emit("error", error);
+            this.emitter.emit("roomLeft", { conversation_id: conversationId, code: error.code });
             return;
           }
           throw error;

@@ -235,3 +235,28 @@ test("a token that expired while offline is refreshed through the app's callback
     await short.stop();
   }
 });
+
+test("an app restarted with its saved token and last seq is given what happened meanwhile, once", async () => {
+  const first = client(server1.url);
+  clients.push(first);
+  const session = await first.auth.register({ email: `ts${key().slice(0, 12)}@example.test`, password: "correct horse battery", name: "Ts", gender: "female" });
+  await first.wallet.topup({ amount: "1.00", idempotency_key: key() });
+  await until(() => first.lastEventSeq === 1, "the first top-up's event");
+  const saved = { token: session.access_token, seq: first.lastEventSeq };
+  first.close();
+
+  // While the app is closed, another device of the user tops up twice.
+  const other = client(server2.url);
+  clients.push(other);
+  await other.auth.login({ email: session.user.email, password: "correct horse battery" });
+  await other.wallet.topup({ amount: "2.00", idempotency_key: key() });
+  await other.wallet.topup({ amount: "3.00", idempotency_key: key() });
+
+  const restarted = client(server2.url, { accessToken: saved.token, lastEventSeq: saved.seq });
+  clients.push(restarted);
+  const balances: Array<[number, string]> = [];
+  restarted.on("wallet.updated", ({ balance }, { seq }) => balances.push([seq!, balance]));
+  await restarted.whenReady();
+  assert.deepEqual(balances, [[2, "3.00"], [3, "6.00"]]);
+  assert.equal(restarted.lastEventSeq, 3);
+});

@@ -11,6 +11,7 @@ import { test } from "node:test";
 import {
   backoffCeiling,
   backoffDelay,
+  ConnectionLostError,
   decodeFrame,
   encodeFrame,
   HangoutClient,
@@ -237,4 +238,43 @@ test("src/generated/api.ts is what the generator makes of protocol/schema", asyn
   assert.equal(run.status, 0, run.stderr);
   assert.equal(readFileSync(join(pkg, "src/generated/api.ts"), "utf8"), readFileSync(out, "utf8"),
     "stale: run `npm run generate` in clients/ts and commit src/generated/api.ts");
+});
+
+test("a call that meets token_expired gets a fresh token from the app and is sent once more", async () => {
+  let asked = 0;
+  const { c, ws } = scripted({ refreshToken: async () => `fresh-${++asked}` });
+  await c.whenReady();
+  const me = c.users.me();
+  const first = await ws.request("users.me");
+  ws.push({ id: first.id, error: { code: "token_expired", message: "expired" } });
+  const auth = await ws.request("auth.authenticate");
+  assert.equal(auth.params.access_token, "fresh-1");
+  ws.push({ id: auth.id, result: { user } });
+  const again = await ws.request("users.me", ws.sent.indexOf(auth));
+  assert.notEqual(again.id, first.id);
+  ws.push({ id: again.id, result: { id: "u1" } });
+  assert.equal((await me).id, "u1");
+  assert.equal(asked, 1);
+  c.close();
+});
+
+test("on a dropped socket, a harmless call is sent again and a sign-in fails as unknown", async () => {
+  ScriptedSocket.all = [];
+  const c = new HangoutClient({ url: "ws://test/ws", WebSocket: ScriptedSocket, reconnect: { baseMs: 1, capMs: 1 } });
+  const ws = ScriptedSocket.all[0]!;
+  ws.open();
+  await c.whenReady();
+  const login = c.auth.login({ email: "a@b.c", password: "x" });
+  const send = c.chat.send({ conversation_id: "c1", content: "once" });
+  const sent = await ws.request("chat.send");
+  ws.onclose?.({ code: 1006 });
+  await assert.rejects(login, ConnectionLostError);
+  for (let i = 0; i < 100 && ScriptedSocket.all.length < 2; i++) await new Promise((r) => setTimeout(r, 5));
+  const next = ScriptedSocket.all[1]!;
+  next.open();
+  const resent = await next.request("chat.send");
+  assert.equal(resent.params.client_msg_id, sent.params.client_msg_id);
+  next.push({ id: resent.id, result: { message: { seq: 1 } } });
+  assert.equal((await send).message.seq, 1);
+  c.close();
 });

@@ -127,6 +127,9 @@ export interface BookingsListParams {
   status?: "pending" | "confirmed" | "completed" | "failed" | "cancelled" | null;
 }
 
+/**
+ * Newest ``start_at`` first.
+ */
 export interface BookingsListResult {
   bookings: Array<Booking>;
   next_cursor: string | null;
@@ -139,6 +142,9 @@ export interface BusyInterval {
   end_at: Timestamp;
 }
 
+/**
+ * The caller's inbox, a page at a time.
+ */
 export interface ChatConversationsParams {
   limit?: number;
   cursor?: string | null;
@@ -185,6 +191,22 @@ export interface ChatMessageEvent {
   message: Message;
 }
 
+export interface ChatReadEvent {
+  conversation_id: Uuid;
+  user_id: Uuid;
+  read_seq: number;
+}
+
+export interface ChatReadParams {
+  /** a UUID; send the canonical lowercase form */
+  conversation_id: Uuid;
+  seq: number;
+}
+
+export interface ChatReadResult {
+  read_seq: number;
+}
+
 export interface ChatSendParams {
   /** a UUID; send the canonical lowercase form */
   conversation_id: Uuid;
@@ -216,6 +238,9 @@ export interface Conversation {
   /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
   last_seq: number;
+  read_seq: number;
+  other_read_seq: number;
+  unread: number;
 }
 
 export interface EventsResumeParams {
@@ -265,6 +290,9 @@ export interface InboxConversation {
   /** MessagePack Timestamp extension (type -1), UTC, to the microsecond */
   created_at: Timestamp;
   last_seq: number;
+  read_seq: number;
+  other_read_seq: number;
+  unread: number;
   last_message: Message | null;
 }
 
@@ -292,6 +320,9 @@ export interface OwnUser {
   event_seq: number;
 }
 
+/**
+ * What any signed-in user may see of another (never email or balance).
+ */
 export interface PublicUser {
   id: Uuid;
   name: string;
@@ -308,6 +339,9 @@ export interface StoredEvent {
   seq: number;
 }
 
+/**
+ * One ledger line. ``amount`` is signed: negative is a debit.
+ */
 export interface Transaction {
   id: Uuid;
   amount: Money;
@@ -322,6 +356,9 @@ export interface UsersGetParams {
   user_id: Uuid;
 }
 
+/**
+ * What any signed-in user may see of another (never email or balance).
+ */
 export type UsersGetResult = PublicUser;
 
 export type UsersMeParams = Record<string, unknown>;
@@ -352,11 +389,17 @@ export interface WalletTopupResult {
   replayed: boolean;
 }
 
+/**
+ * The caller's ledger, a page at a time.
+ */
 export interface WalletTransactionsParams {
   limit?: number;
   cursor?: string | null;
 }
 
+/**
+ * Newest first.
+ */
 export interface WalletTransactionsResult {
   transactions: Array<Transaction>;
   next_cursor: string | null;
@@ -381,6 +424,7 @@ export interface Methods {
   "chat.history": { params: ChatHistoryParams; result: ChatHistoryResult; auth: true };
   "chat.join": { params: ChatJoinParams; result: ChatJoinResult; auth: true };
   "chat.leave": { params: ChatLeaveParams; result: ChatLeaveResult; auth: true };
+  "chat.read": { params: ChatReadParams; result: ChatReadResult; auth: true };
   "chat.send": { params: ChatSendParams; result: ChatSendResult; auth: true };
   "chat.typing": { params: ChatTypingParams; result: ChatTypingResult; auth: true };
   "events.resume": { params: EventsResumeParams; result: EventsResumeResult; auth: true };
@@ -410,6 +454,7 @@ export const METHOD_AUTH: { readonly [M in MethodName]: boolean } = {
   "chat.history": true,
   "chat.join": true,
   "chat.leave": true,
+  "chat.read": true,
   "chat.send": true,
   "chat.typing": true,
   "events.resume": true,
@@ -429,6 +474,7 @@ export interface Events {
   "booking.completed": BookingCompletedEvent;
   "booking.created": BookingCreatedEvent;
   "chat.message": ChatMessageEvent;
+  "chat.read": ChatReadEvent;
   "chat.typing": ChatTypingEvent;
   "user.updated": UserUpdatedEvent;
   "wallet.updated": WalletUpdatedEvent;
@@ -451,13 +497,14 @@ export interface Api {
     cancel(params: BookingsCancelParams, options?: CallOptions): Promise<BookingsCancelResult>;
     create(params: BookingsCreateParams, options?: CallOptions): Promise<BookingsCreateResult>;
     get(params: BookingsGetParams, options?: CallOptions): Promise<BookingsGetResult>;
-    list(params: BookingsListParams, options?: CallOptions): Promise<BookingsListResult>;
+    list(params?: BookingsListParams, options?: CallOptions): Promise<BookingsListResult>;
   };
   readonly chat: {
-    conversations(params: ChatConversationsParams, options?: CallOptions): Promise<ChatConversationsResult>;
+    conversations(params?: ChatConversationsParams, options?: CallOptions): Promise<ChatConversationsResult>;
     history(params: ChatHistoryParams, options?: CallOptions): Promise<ChatHistoryResult>;
     join(params: ChatJoinParams, options?: CallOptions): Promise<ChatJoinResult>;
     leave(params: ChatLeaveParams, options?: CallOptions): Promise<ChatLeaveResult>;
+    read(params: ChatReadParams, options?: CallOptions): Promise<ChatReadResult>;
     send(params: ChatSendParams, options?: CallOptions): Promise<ChatSendResult>;
     typing(params: ChatTypingParams, options?: CallOptions): Promise<ChatTypingResult>;
   };
@@ -466,16 +513,16 @@ export interface Api {
   };
   readonly hosts: {
     availability(params: HostsAvailabilityParams, options?: CallOptions): Promise<HostsAvailabilityResult>;
-    search(params: HostsSearchParams, options?: CallOptions): Promise<HostsSearchResult>;
+    search(params?: HostsSearchParams, options?: CallOptions): Promise<HostsSearchResult>;
   };
   readonly users: {
     get(params: UsersGetParams, options?: CallOptions): Promise<UsersGetResult>;
     me(params?: UsersMeParams, options?: CallOptions): Promise<UsersMeResult>;
-    update(params: UsersUpdateParams, options?: CallOptions): Promise<UsersUpdateResult>;
+    update(params?: UsersUpdateParams, options?: CallOptions): Promise<UsersUpdateResult>;
   };
   readonly wallet: {
     topup(params: WalletTopupParams, options?: CallOptions): Promise<WalletTopupResult>;
-    transactions(params: WalletTransactionsParams, options?: CallOptions): Promise<WalletTransactionsResult>;
+    transactions(params?: WalletTransactionsParams, options?: CallOptions): Promise<WalletTransactionsResult>;
   };
 }
 
@@ -499,6 +546,7 @@ export function bindApi(call: Call): Api {
       history: (params?: any, options?: CallOptions) => call("chat.history", params ?? {}, options),
       join: (params?: any, options?: CallOptions) => call("chat.join", params ?? {}, options),
       leave: (params?: any, options?: CallOptions) => call("chat.leave", params ?? {}, options),
+      read: (params?: any, options?: CallOptions) => call("chat.read", params ?? {}, options),
       send: (params?: any, options?: CallOptions) => call("chat.send", params ?? {}, options),
       typing: (params?: any, options?: CallOptions) => call("chat.typing", params ?? {}, options),
     },

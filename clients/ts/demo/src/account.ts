@@ -9,6 +9,7 @@ import { byId, el, field, notice, onSubmit, showError, when } from "./dom.js";
  * unread badges are the chat's to fill. */
 export interface ChatLink {
   open(booking: Booking): Promise<void>;
+  follow(conversationId: string): Promise<void>;
   refreshBadges(): void;
 }
 
@@ -61,6 +62,7 @@ export class Account {
     // Events may arrive out of order: the newer state of a booking wins.
     if (known && known.updated_at.compare(booking.updated_at) > 0) return;
     this.bookings.set(booking.id, booking);
+    if (booking.conversation_id && booking.status === "confirmed") void this.chat.follow(booking.conversation_id);
     this.render();
   }
 

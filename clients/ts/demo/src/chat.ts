@@ -40,6 +40,7 @@ export class Chat {
   // Undefined: the server does not report read positions.
   private otherReadSeq: number | undefined;
   private readonly unread = new Map<string, number>();
+  private readonly following = new Set<string>();
   private typingTimer: ReturnType<typeof setTimeout> | undefined;
   private typingSentAt = 0;
 
@@ -63,22 +64,38 @@ export class Chat {
     document.addEventListener("visibilitychange", () => this.markRead());
   }
 
-  /** Unread counts per conversation, for the badges (2nd ed.: `unread`). */
-  async loadUnread(): Promise<void> {
+  /** After sign-in: the unread counts (2nd ed.: `unread`), and every
+   * conversation followed, since chat.message only reaches sockets joined
+   * to it: the badges then count messages as they arrive. */
+  async loadConversations(): Promise<void> {
     const { conversations } = await this.demo.client.chat.conversations({ limit: 100 });
     for (const c of conversations as Array<Conversation & ReadPositions>) {
       if (c.unread !== undefined) this.setUnread(c.id, c.unread);
     }
+    await Promise.all(conversations.map((c) => this.follow(c.id)));
+  }
+
+  /** Joins a conversation once, for its live messages (the SDK re-joins it
+   * after a reconnect, handing over what was missed). */
+  async follow(conversationId: string): Promise<void> {
+    if (this.following.has(conversationId)) return;
+    this.following.add(conversationId);
+    await this.demo.client.chat.join({ conversation_id: conversationId }).catch((error) => {
+      this.following.delete(conversationId);
+      showError(error);
+    });
   }
 
   async open(booking: Booking): Promise<void> {
     const id = booking.conversation_id!;
     if (this.id === id) return;
-    if (this.id) await this.demo.client.chat.leave({ conversation_id: this.id }).catch(() => undefined);
     this.id = id;
+    this.following.add(id);
     this.peer = booking.user_id === this.demo.me?.id ? booking.host_id : booking.user_id;
     this.messages.clear();
+    // Joined again for the latest messages, read positions and presence.
     const result = (await this.demo.client.chat.join({ conversation_id: id })) as JoinResult;
+    if (this.id !== id) return; // another chat was opened meanwhile
     this.readSeq = result.conversation.read_seq ?? 0;
     this.otherReadSeq = result.conversation.other_read_seq;
     const section = byId("chat");
@@ -95,6 +112,7 @@ export class Chat {
 
   close(): void {
     this.id = undefined;
+    this.following.clear();
     byId("chat").hidden = true;
   }
 

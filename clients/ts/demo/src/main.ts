@@ -47,7 +47,7 @@ async function enter(user: OwnUser, refreshToken: string): Promise<void> {
   sessionStorage.setItem(REFRESH_KEY, refreshToken);
   showSignedIn(true);
   await account.load(user);
-  await chat.loadUnread();
+  await chat.loadConversations();
 }
 
 onSubmit(byId<HTMLFormElement>("signup"), async (form) => {

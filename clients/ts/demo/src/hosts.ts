@@ -28,7 +28,13 @@ export class Hosts {
     const start = Timestamp.fromDate(new Date(Math.floor(chosen / HOUR_MS) * HOUR_MS));
     const end = start.plus(Number(field(form, "hours")) * 3600);
     byId("search-range").textContent = `${start.toISOString()} – ${end.toISOString()} (UTC)`;
-    const { hosts } = await this.demo.client.hosts.search({ start_at: start, end_at: end, limit: 20 });
+    const { hosts } = await this.demo.client.hosts.search({
+      start_at: start,
+      end_at: end,
+      min_price: field(form, "min_price") || null,
+      max_price: field(form, "max_price") || null,
+      limit: 20,
+    });
     const list = byId("hosts");
     list.replaceChildren(...hosts.map((host) => this.item(host, start, end)));
     if (hosts.length === 0) list.append(el("li", { class: "muted" }, "Nobody is free then."));

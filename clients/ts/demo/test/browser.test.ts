@@ -110,10 +110,14 @@ test("a booker and a host sign up, book and chat in Chromium, each seeing the ot
   await host.verify();
   await booker.verify();
 
-  // The host offers their time at a price, which makes them bookable.
-  await host.page.locator("#offer [name=price]").fill("40.00");
+  // The host offers their time at a price, which makes them bookable. The
+  // price is the test's own, so the search finds this host among those that
+  // earlier runs left on the dev stack.
+  const cents = 1000 + Math.floor(Math.random() * 9000);
+  const price = (cents / 100).toFixed(2);
+  await host.page.locator("#offer [name=price]").fill(price);
   await host.page.locator("#offer button").click();
-  await host.text("#offering", "40.00");
+  await host.text("#offering", price);
   await host.shot("03-offering");
 
   await booker.page.locator("#topup [name=amount]").fill("100.00");
@@ -123,6 +127,8 @@ test("a booker and a host sign up, book and chat in Chromium, each seeing the ot
   // Search is served by the replica, which sees the host's new price a
   // little later: search again, each time once the last search has
   // answered, until the host is listed (bounded).
+  await booker.page.locator("#search-form [name=min_price]").fill(price);
+  await booker.page.locator("#search-form [name=max_price]").fill(price);
   const hostRow = booker.page.locator("#hosts li", { hasText: host.name });
   const deadline = Date.now() + WAIT_MS;
   for (;;) {
@@ -134,9 +140,10 @@ test("a booker and a host sign up, book and chat in Chromium, each seeing the ot
   await booker.shot("04-search");
   await hostRow.locator("button.book").click();
 
+  const left = ((10_000 - cents) / 100).toFixed(2);
   // Live on both sides: the booking (booking.created) and the booker's wallet (wallet.updated).
   await booker.page.locator("#bookings li[data-status=confirmed]").waitFor();
-  await booker.text("#balance", "60.00");
+  await booker.text("#balance", left);
   await host.page.locator("#bookings li[data-status=confirmed]").waitFor();
   await host.text("#bookings li", booker.name);
   await Promise.all([host.shot("05-booked"), booker.shot("05-booked")]);
@@ -182,7 +189,7 @@ test("a booker and a host sign up, book and chat in Chromium, each seeing the ot
   await booker.page.locator("#login [name=password]").fill(PASSWORD);
   await booker.page.locator("#login button").click();
   await booker.page.locator("#bookings li[data-status=confirmed]").waitFor();
-  await booker.text("#balance", "60.00");
+  await booker.text("#balance", left);
 
   // The booker's new message reaches the host, who left the chat by reloading
   // and now sees it as an unread count on the booking.

@@ -93,11 +93,21 @@ export class Chat {
     this.following.add(id);
     this.peer = booking.user_id === this.demo.me?.id ? booking.host_id : booking.user_id;
     this.messages.clear();
-    // Joined again for the latest messages, read positions and presence.
-    const result = (await this.demo.client.chat.join({ conversation_id: id })) as JoinResult;
+    this.readSeq = 0;
+    this.otherReadSeq = undefined;
+    let result: JoinResult;
+    try {
+      // Joined again for the latest messages, read positions and presence.
+      result = (await this.demo.client.chat.join({ conversation_id: id })) as JoinResult;
+    } catch (error) {
+      if (this.id === id) this.id = undefined; // so that another click tries again
+      throw error;
+    }
     if (this.id !== id) return; // another chat was opened meanwhile
-    this.readSeq = result.conversation.read_seq ?? 0;
-    this.otherReadSeq = result.conversation.other_read_seq;
+    this.readSeq = Math.max(this.readSeq, result.conversation.read_seq ?? 0);
+    // A chat.read event may have come during the join: positions only move forward.
+    const other = result.conversation.other_read_seq;
+    if (other !== undefined) this.otherReadSeq = Math.max(this.otherReadSeq ?? 0, other);
     const section = byId("chat");
     section.hidden = false;
     section.dataset.conversationId = id;

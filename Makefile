@@ -1,7 +1,8 @@
 # hangout developer entry points.  `make test` works on a fresh Debian 12 box
 # that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
 # builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest:
-# once straight against PostgreSQL, once more through PgBouncer.
+# once straight against PostgreSQL, once more through PgBouncer; then the
+# TypeScript SDK's tests (clients/ts) under Node.
 
 SHELL := /bin/bash
 
@@ -65,7 +66,7 @@ devstack: install
 run: install demo
 	$(PY) -m server
 
-test: test-direct test-pgbouncer
+test: test-direct test-pgbouncer test-ts
 
 test-direct: devstack
 	DEVSTACK_PGBOUNCER=0 $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -80,7 +81,7 @@ test-pgbouncer: devstack
 # The TypeScript SDK (clients/ts): `npm ci` from its lockfile, then its
 # tests under Node 20, which start their own server processes on the dev stack.
 test-ts: devstack
-	@command -v npm >/dev/null || { echo "test-ts needs Node.js 20 and npm" >&2; exit 1; }
+	@command -v npm >/dev/null || { echo ">> installing nodejs + npm"; $(APT) update && $(APT) install -y nodejs npm; }
 	cd clients/ts && npm ci --no-audit --no-fund && PYTHON=$(abspath $(PY)) npm test
 
 node:

@@ -28,6 +28,9 @@ Two kinds of user:
   what it received as read), drops the socket and resumes with
   ``since_seq``, refreshes tokens, logs out and in.
 
+Both watch the other party's presence in the rooms they joined: the
+``chat.presence`` events they receive are counted and logged at the end.
+
 Services that a server does not offer (answered ``unknown_method``) are
 probed once per process and their tasks skipped, so the file also runs
 against a server with fewer services.
@@ -65,6 +68,9 @@ SIGNUP_SHARE = float(os.environ.get("LOADTEST_SIGNUP_SHARE", "0.1"))
 # Answers a real client expects and handles; never counted as failures.
 BUSINESS_ANSWERS = ("slot_unavailable", "insufficient_funds")
 resume_checks: collections.Counter[str] = collections.Counter()
+# chat.presence events received in joined rooms, by state: the other
+# party's app opening and closing (bookers reconnect and sign out and in).
+presence_seen: collections.Counter[str] = collections.Counter()
 
 MAX_JOINED_ROOMS = 4  # a phone shows a handful of live chats, not every past booking
 
@@ -154,6 +160,8 @@ def _save_pool(environment: Any, **_kw: Any) -> None:
         _pool.save()
     if resume_checks:
         log.info("resume with since_seq: %s", dict(resume_checks))
+    if presence_seen:
+        log.info("chat.presence received: %s", dict(presence_seen))
 
 
 # ---- helpers -----------------------------------------------------------------
@@ -222,6 +230,8 @@ class Session:
             sent = self.sent_at.pop(msg.get("client_msg_id") or "", None)
             if sent is not None:
                 self.report("chat.message (own, delivered)", (time.perf_counter() - sent) * 1000.0, 0, None, "event")
+        elif name == "chat.presence":
+            presence_seen["online" if data["online"] else "offline"] += 1
 
     # the socket ----------------------------------------------------------------
 

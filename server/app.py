@@ -13,6 +13,7 @@ from server.config import Config
 from server.cleanup import Cleanup
 from server.health import RedisHealth
 from server.http import HEALTH, SERVICES
+from server.presence_worker import PresenceWorker
 from server.relay import Relay
 from server.services import Services
 from server.settlement import Settlement
@@ -38,6 +39,7 @@ async def _startup(app: web.Application) -> None:
     services.add_worker(Settlement(services))
     services.add_worker(Relay(services))
     services.add_worker(Cleanup(services))
+    services.add_worker(PresenceWorker(services))
     await services.start_workers()
 
 

@@ -4,7 +4,9 @@
 (``server.rpc.Socket``): it follows the bound user's channel and the rooms
 the socket joined, and takes their events. It owns the socket's timers: the
 token's expiry while bound, the sign-in deadline (``AUTH_DEADLINE_S``) while
-not; ``end`` cancels both.
+not; ``end`` cancels both. It also counts the socket for its user's
+presence (server/presence.py) while it is bound and its token has not
+expired.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class AuthBinding:
         self._deadline_s = services.config.auth_deadline_s
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._on_deadline: Callable[[], None] | None = None  # set while the socket is served
+        self._presence = services.presence
+        self._counted_for: uuid.UUID | None = None  # the user presence counts this socket for
+        self._ended = False
 
     def send_event(self, frame: bytes) -> None:
         """An event for the socket; dropped while the token has expired."""
@@ -137,6 +142,7 @@ class AuthBinding:
         self.user_id = user_id
         self.token_family = family
         self.token_expires_at = expires_at
+        self._count_for(user_id)
         self._cancel_deadline()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
@@ -158,6 +164,7 @@ class AuthBinding:
         self.token_family = None
         self.token_expires_at = None
         self.events_suspended = False
+        self._count_for(None)
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
@@ -187,7 +194,9 @@ class AuthBinding:
             self._on_deadline()
 
     def end(self) -> None:
-        """The socket is going: its timers with it."""
+        """The socket is going: its timers with it, and its presence."""
+        self._count_for(None)
+        self._ended = True
         self._on_deadline = None
         self._cancel_deadline()
         if self._expiry_timer is not None:
@@ -215,3 +224,18 @@ class AuthBinding:
         authenticates again as the same user (``Hub.resume``)."""
         if self.user_id is not None:
             self.events_suspended = True
+            # A socket that gets none of its user's events does not keep
+            # them online: the push hook must reach their phone instead.
+            self._count_for(None)
+
+    def _count_for(self, user_id: uuid.UUID | None) -> None:
+        """Presence counts this socket for ``user_id`` (None: for no one).
+        A socket that has ended counts for no one, whatever a call that was
+        still finishing does."""
+        if self._ended or self._counted_for == user_id:
+            return
+        if self._counted_for is not None:
+            self._presence.release(self._counted_for)
+        if user_id is not None:
+            self._presence.acquire(user_id)
+        self._counted_for = user_id

@@ -134,6 +134,15 @@ class Config:
     ops_token: str = ""
     # The built browser demo served at GET /demo; empty = not served.
     demo_dir: str = DEFAULT_DEMO_DIR
+    # Presence (server/presence.py): how long a user with no authenticated
+    # socket left stays online (the contract's 5 s), how long a process's
+    # heartbeat key lives (a killed process's sockets count until it is
+    # gone: at most 60 s by the contract), how often it is renewed, and how
+    # often each process looks for users to take offline.
+    presence_offline_after_s: float = 5.0
+    presence_ttl_s: float = 30.0
+    presence_heartbeat_s: float = 10.0
+    presence_sweep_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -188,7 +197,25 @@ class Config:
             event_retention_s=_int("EVENT_RETENTION_S", cls.event_retention_s),
             ops_token=os.environ.get("OPS_TOKEN", ""),
             demo_dir=_demo_dir("DEMO_DIR"),
-        )
+            presence_offline_after_s=_float("PRESENCE_OFFLINE_AFTER_S", cls.presence_offline_after_s),
+            presence_ttl_s=_float("PRESENCE_TTL_S", cls.presence_ttl_s),
+            presence_heartbeat_s=_float("PRESENCE_HEARTBEAT_S", cls.presence_heartbeat_s),
+            presence_sweep_interval_s=_float("PRESENCE_SWEEP_INTERVAL_S", cls.presence_sweep_interval_s),
+        )._checked()
+
+    def _checked(self) -> "Config":
+        """Settings that parse but cannot work together; the error names the variable."""
+        if not 0 <= self.presence_offline_after_s <= 60:
+            raise ConfigError(f"PRESENCE_OFFLINE_AFTER_S={self.presence_offline_after_s} must be between 0 and 60")
+        # Past 60 s a killed process's users would stay online longer than the contract allows.
+        if not 0 < self.presence_ttl_s <= 60:
+            raise ConfigError(f"PRESENCE_TTL_S={self.presence_ttl_s} must be above 0 and at most 60")
+        if not 0 < self.presence_heartbeat_s < self.presence_ttl_s:
+            raise ConfigError(f"PRESENCE_HEARTBEAT_S={self.presence_heartbeat_s} must be above 0 and below "
+                              f"PRESENCE_TTL_S ({self.presence_ttl_s})")
+        if not 0 < self.presence_sweep_interval_s <= 5:
+            raise ConfigError(f"PRESENCE_SWEEP_INTERVAL_S={self.presence_sweep_interval_s} must be above 0 and at most 5")
+        return self
 
     def missing_secrets(self) -> list[str]:
         """Names of the secrets that are not set (empty)."""

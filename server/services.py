@@ -82,7 +82,7 @@ class Services:
                        address_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
                                                   config.auth_address_window_s, lambda: outbox.available,
                                                   remember_refusals=True),
-                       presence=Presence(client))
+                       presence=Presence(client, config.presence_offline_after_s, config.presence_ttl_s))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections

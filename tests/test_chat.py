@@ -179,7 +179,7 @@ async def test_history_pages_newest_first(room, server2):
 async def test_join_returns_latest_50_or_what_was_missed(room):
     conv, booker = room.conversation_id, room.booker.client
     empty = await booker.call("chat.join", {"conversation_id": conv})
-    assert set(empty) == {"conversation", "messages", "last_seq", "truncated"}
+    assert set(empty) == {"conversation", "messages", "last_seq", "truncated", "presence"}
     assert set(empty["conversation"]) == CONVERSATION_KEYS
     assert empty["conversation"]["user_id"] == room.booker.user_id and empty["conversation"]["host_id"] == room.host.user_id
     assert empty["conversation"]["booking_id"] == room.booking_id

@@ -1,4 +1,4 @@
-"""chat.* methods and the chat.message, chat.typing and chat.read events.
+"""chat.* methods and the chat.message, chat.typing, chat.read and chat.presence events.
 
 Decisions where the contract is silent:
 - After ``chat.join`` a socket gets each message of the room once, by
@@ -50,6 +50,21 @@ Decisions where the contract is silent:
   expired, Redis away) gets the figures again from ``chat.join`` or
   ``chat.conversations``, where the caller's own position is read-your-writes
   and the other party's may lag a little.
+- Presence (``chat.join``'s ``presence``, ``chat.presence``): a socket
+  counts while it is authenticated and its access token has not expired. A
+  socket whose token expired gets none of the user's events until it
+  authenticates again, so its user must count as offline for the push hook
+  to reach their phone; an app that refreshes on ``auth.expiring`` never
+  drops out. ``last_seen_at`` is when the user's last socket stopped being
+  authenticated (for a process that died, its last heartbeat), so it is
+  about 5 s before the ``chat.presence`` that announces it. ``chat.presence``
+  reaches the other party's sockets joined to any conversation the two
+  share, once per conversation, never the user's own. Changes are
+  announced in order; when two come very close together the later is
+  announced again if it could have arrived first, so the last
+  ``chat.presence`` a socket gets is the current state. If Redis does not
+  answer, ``chat.join`` answers with the last state PostgreSQL has, and
+  changes are announced once Redis answers again.
 """
 
 from __future__ import annotations
@@ -117,11 +132,18 @@ class JoinParams(Params):
     since_seq: Optional[Seq] = None
 
 
+class Presence(Result):
+    user_id: Id
+    online: bool
+    last_seen_at: Optional[Time]  # null while online, or if never online
+
+
 class JoinResult(Result):
     conversation: Conversation
     messages: list[Message]  # oldest first
     last_seq: int
     truncated: bool
+    presence: Presence  # the other party's
 
 
 class LeaveParams(Params):
@@ -182,6 +204,13 @@ class ReadEvent(Result):
     read_seq: int
 
 
+class PresenceEvent(Result):
+    conversation_id: Id
+    user_id: Id
+    online: bool
+    last_seen_at: Optional[Time]
+
+
 METHODS = (
     MethodSpec("chat.conversations", ConversationsParams, ConversationsResult),
     MethodSpec("chat.join", JoinParams, JoinResult),
@@ -191,4 +220,5 @@ METHODS = (
     MethodSpec("chat.typing", TypingParams, EmptyResult),
     MethodSpec("chat.read", ReadParams, ReadResult),
 )
-EVENTS = {"chat.message": MessageEvent, "chat.typing": TypingEvent, "chat.read": ReadEvent}
+EVENTS = {"chat.message": MessageEvent, "chat.typing": TypingEvent, "chat.read": ReadEvent,
+          "chat.presence": PresenceEvent}

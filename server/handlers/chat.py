@@ -24,6 +24,7 @@ from protocol.models import chat as m
 from server import events, messages
 from server import cursors
 from server.db import chat as chat_db
+from server.presence_worker import party_presence
 from server.rpc import Call, rpc
 from server.services import Services
 
@@ -108,11 +109,13 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
         if snap is None:
             raise _not_found()
         conv, rows, truncated = snap
+        other = conv["host_id"] if conv["user_id"] == user else conv["user_id"]
         result = m.JoinResult(
             conversation=m.Conversation.model_validate(dict(conv)),
             messages=[_message(r) for r in rows],
             last_seq=conv["last_seq"],
             truncated=truncated,
+            presence=await party_presence(services, user, other),
         )
         _require_still_bound(call)  # re-bound meanwhile: the join was undone with the rest
         last_seq = conv["last_seq"]

@@ -178,6 +178,7 @@ export interface ChatJoinResult {
   messages: Array<Message>;
   last_seq: number;
   truncated: boolean;
+  presence: Presence;
 }
 
 export interface ChatLeaveParams {
@@ -189,6 +190,13 @@ export type ChatLeaveResult = Record<string, unknown>;
 
 export interface ChatMessageEvent {
   message: Message;
+}
+
+export interface ChatPresenceEvent {
+  conversation_id: Uuid;
+  user_id: Uuid;
+  online: boolean;
+  last_seen_at: Timestamp | null;
 }
 
 export interface ChatReadEvent {
@@ -318,6 +326,12 @@ export interface OwnUser {
   email: string;
   balance: Money;
   event_seq: number;
+}
+
+export interface Presence {
+  user_id: Uuid;
+  online: boolean;
+  last_seen_at: Timestamp | null;
 }
 
 /**
@@ -474,6 +488,7 @@ export interface Events {
   "booking.completed": BookingCompletedEvent;
   "booking.created": BookingCreatedEvent;
   "chat.message": ChatMessageEvent;
+  "chat.presence": ChatPresenceEvent;
   "chat.read": ChatReadEvent;
   "chat.typing": ChatTypingEvent;
   "user.updated": UserUpdatedEvent;

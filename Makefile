@@ -78,14 +78,13 @@ test-direct: devstack
 test-pgbouncer: devstack
 	DEVSTACK_PGBOUNCER=1 SKIP_EXPLAIN=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+node:
+	@command -v npm >/dev/null || { echo ">> installing nodejs + npm"; $(APT) update && $(APT) install -y nodejs npm; }
+
 # The TypeScript SDK (clients/ts): `npm ci` from its lockfile, then its
 # tests under Node 20, which start their own server processes on the dev stack.
-test-ts: devstack
-	@command -v npm >/dev/null || { echo ">> installing nodejs + npm"; $(APT) update && $(APT) install -y nodejs npm; }
+test-ts: devstack node
 	cd clients/ts && npm ci --no-audit --no-fund && PYTHON=$(abspath $(PY)) npm test
-
-node:
-	@command -v npm >/dev/null || { echo "this target needs Node.js 20 and npm" >&2; exit 1; }
 
 # The browser demo (clients/ts/demo, on the SDK's sources), built into
 # clients/ts/demo/dist (not committed), which the server serves at GET /demo.

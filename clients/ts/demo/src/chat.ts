@@ -1,33 +1,14 @@
 /**
  * One open conversation: live messages, read receipts, typing and presence.
  *
- * Read receipts and presence are the protocol's second edition: a server
+ * Read receipts and presence are the protocol's second edition. A server
  * without them sends no `read_seq`/`presence` fields and no `chat.read` /
- * `chat.presence` events, and the page then shows neither (no "read" marks,
- * no online pill) rather than guessing. They are taken with `onAny` and
- * `call`, which need no generated types.
+ * `chat.presence` events, whatever the SDK's types say: the page then shows
+ * neither (no "read" marks, no online pill) rather than guessing.
  */
-import type { Booking, Conversation, Message, Timestamp } from "@hangout/client";
+import type { Booking, ChatPresenceEvent, ChatReadEvent, Message, Presence } from "@hangout/client";
 import type { Demo } from "./context.js";
 import { byId, el, field, onSubmit, showError, when } from "./dom.js";
-
-interface ReadPositions {
-  read_seq?: number;
-  other_read_seq?: number;
-  unread?: number;
-}
-
-interface Presence {
-  user_id: string;
-  online: boolean;
-  last_seen_at: Timestamp | null;
-}
-
-interface JoinResult {
-  conversation: Conversation & ReadPositions;
-  messages: Message[];
-  presence?: Presence;
-}
 
 const TYPING_SHOWN_MS = 4000;
 const TYPING_SENT_EVERY_MS = 3000;
@@ -50,9 +31,9 @@ export class Chat {
     client.on("chat.typing", ({ conversation_id, user_id }) => {
       if (conversation_id === this.id && user_id === this.peer) this.showTyping();
     });
-    client.onAny((name, data: any) => {
-      if (name === "chat.read") this.readEvent(data);
-      else if (name === "chat.presence" && data.conversation_id === this.id && data.user_id === this.peer) this.showPresence(data);
+    client.on("chat.read", (data) => this.readEvent(data));
+    client.on("chat.presence", (data) => {
+      if (data.conversation_id === this.id && data.user_id === this.peer) this.showPresence(data);
     });
     onSubmit(byId<HTMLFormElement>("chat-form"), async (form) => {
       const content = field(form, "content");
@@ -69,7 +50,7 @@ export class Chat {
    * to it: the badges then count messages as they arrive. */
   async loadConversations(): Promise<void> {
     const { conversations } = await this.demo.client.chat.conversations({ limit: 100 });
-    for (const c of conversations as Array<Conversation & ReadPositions>) {
+    for (const c of conversations) {
       if (c.unread !== undefined) this.setUnread(c.id, c.unread);
     }
     await Promise.all(conversations.map((c) => this.follow(c.id)));
@@ -95,10 +76,10 @@ export class Chat {
     this.messages.clear();
     this.readSeq = 0;
     this.otherReadSeq = undefined;
-    let result: JoinResult;
+    let result;
     try {
       // Joined again for the latest messages, read positions and presence.
-      result = (await this.demo.client.chat.join({ conversation_id: id })) as JoinResult;
+      result = await this.demo.client.chat.join({ conversation_id: id });
     } catch (error) {
       if (this.id === id) this.id = undefined; // so that another click tries again
       throw error;
@@ -106,7 +87,7 @@ export class Chat {
     if (this.id !== id) return; // another chat was opened meanwhile
     this.readSeq = Math.max(this.readSeq, result.conversation.read_seq ?? 0);
     // A chat.read event may have come during the join: positions only move forward.
-    const other = result.conversation.other_read_seq;
+    const other: number | undefined = result.conversation.other_read_seq;
     if (other !== undefined) this.otherReadSeq = Math.max(this.otherReadSeq ?? 0, other);
     const section = byId("chat");
     section.hidden = false;
@@ -165,8 +146,8 @@ export class Chat {
     if (!id || document.visibilityState !== "visible" || last <= this.readSeq) return;
     this.readSeq = last;
     this.setUnread(id, 0);
-    this.demo.client.call("chat.read", { conversation_id: id, seq: last }).then(
-      (r: { read_seq: number }) => (this.readSeq = Math.max(this.readSeq, r.read_seq)),
+    this.demo.client.chat.read({ conversation_id: id, seq: last }).then(
+      (r) => (this.readSeq = Math.max(this.readSeq, r.read_seq)),
       (error: unknown) => {
         // A server of the first edition has no chat.read: nothing to show.
         if ((error as { code?: string }).code !== "unknown_method") showError(error);
@@ -174,7 +155,7 @@ export class Chat {
     );
   }
 
-  private readEvent(data: { conversation_id: string; user_id: string; read_seq: number }): void {
+  private readEvent(data: ChatReadEvent): void {
     if (data.user_id === this.demo.me?.id) {
       // Read on another device of this user: the badge clears here too.
       if (data.conversation_id !== this.id) this.setUnread(data.conversation_id, 0);
@@ -185,7 +166,7 @@ export class Chat {
     this.render();
   }
 
-  private showPresence(presence: Presence): void {
+  private showPresence(presence: Presence | ChatPresenceEvent): void {
     const pill = byId("presence");
     pill.hidden = false;
     pill.dataset.online = String(presence.online);

@@ -13,6 +13,7 @@ from server.config import Config
 from server.cleanup import Cleanup
 from server.health import RedisHealth
 from server.http import HEALTH, SERVICES
+from server.push_delivery import PushDelivery
 from server.relay import Relay
 from server.services import Services
 from server.settlement import Settlement
@@ -38,6 +39,8 @@ async def _startup(app: web.Application) -> None:
     services.add_worker(Settlement(services))
     services.add_worker(Relay(services))
     services.add_worker(Cleanup(services))
+    if services.push.enabled:
+        services.add_worker(PushDelivery(services))
     await services.start_workers()
 
 

@@ -27,7 +27,7 @@ from server.presence import online_key
 from server.push_delivery import retry_delay
 from tests.booking_support import book, booker, host, move_to_past, slot
 from tests.chat_helpers import open_room
-from tests.conftest import ROOT, ServerProcess, free_port
+from tests.conftest import ROOT, ServerProcess, free_port, wait_subscriber_connected
 
 SECRET = "push-hook-test-secret-" + "s" * 32
 RETRY_BASE_S = 0.2
@@ -261,6 +261,32 @@ async def test_a_user_with_a_socket_gets_no_push_while_one_without_does(pushers,
         assert [p for p in receiver.posts[since:] if p.payload["user_id"] == booker_id] == []
     finally:
         await room.close()
+
+
+async def test_with_redis_down_pushes_go_out_and_booking_events_are_pushed_once_it_answers(
+        pushers, receiver, redis, db, stack):
+    room = await offline_room(pushers, redis, db)
+    try:
+        await asyncio.to_thread(stack.stop_redis)
+        try:
+            # Presence cannot be asked: the host counts as offline, and the
+            # push needs only PostgreSQL and the receiver.
+            sent = (await room.booker.client.call("chat.send", {"conversation_id": room.conversation_id,
+                                                                 "content": "redis is down"}))["message"]
+            await receiver.wait(room.host.user_id, "chat.message", about=sent["id"])
+            # Published (and so pushed) only by the relay, once Redis answers.
+            made = await book(room.booker.client, room.host.user_id, slot(days=6))
+        finally:
+            await asyncio.to_thread(stack.start_redis)
+        [post] = await receiver.wait(room.host.user_id, "booking.created", about=made["id"])
+        assert_same(verified(post)["data"]["booking"], made)
+        await until_events_published(db, room.host.user_id)
+        await until_none_pending(db, room.host.user_id)
+        assert len(receiver.of(room.host.user_id, "booking.created", about=made["id"])) == 1
+    finally:
+        await room.close()
+        for p in pushers:
+            await wait_subscriber_connected(p)
 
 
 async def test_a_failed_push_is_retried_with_backoff_and_the_same_id(pushers, receiver, redis, db):

@@ -23,8 +23,9 @@ import pytest
 from aiohttp import web
 
 from server.config import PUSH_RETRY_MAX_S
+from server.db import push as push_db
 from server.presence import online_key
-from server.push_delivery import retry_delay
+from server.push_delivery import FAILED_RETENTION, retry_delay
 from tests.booking_support import book, booker, host, move_to_past, slot
 from tests.chat_helpers import open_room
 from tests.conftest import ROOT, ServerProcess, free_port, wait_subscriber_connected
@@ -367,6 +368,48 @@ async def test_two_processes_share_the_deliveries_each_push_once(pushers, receiv
         assert len({p["id"] for p in posts}) == len(posts) == 30
     finally:
         await room.close()
+
+
+def message_data() -> str:
+    return json.dumps({"message": {
+        "id": str(uuid.uuid4()), "conversation_id": str(uuid.uuid4()), "seq": 1, "sender_id": str(uuid.uuid4()),
+        "content": "an old one", "created_at": "2026-01-01T00:00:00Z", "client_msg_id": None}})
+
+
+async def test_a_push_failing_for_an_hour_is_given_up_and_kept_for_operators(pushers, receiver, db):
+    user = uuid.uuid4()
+    receiver.failing[str(user)] = None
+    try:
+        old, young = [r["id"] for r in await db.fetch(
+            """INSERT INTO push_outbox (user_id, event, data, created_at, queued_at)
+               VALUES ($1, 'chat.message', $2::jsonb, now(), now() - interval '61 minutes'),
+                      ($1, 'chat.message', $2::jsonb, now(), now() - interval '59 minutes')
+               RETURNING id""", user, message_data())]
+        # The young one is retried; by its second attempt the old one was given up.
+        await receiver.wait(str(user), "chat.message", count=3)
+        attempts = [p.payload["id"] for p in receiver.of(str(user))]
+        assert attempts.count(str(old)) == 1 and attempts.count(str(young)) >= 2
+        rows = {r["id"]: r for r in await db.fetch("SELECT * FROM push_outbox WHERE user_id = $1", user)}
+        assert rows[old]["failed_at"] is not None and rows[old]["last_error"] == "HTTP 500"
+        assert rows[young]["failed_at"] is None
+    finally:
+        await db.execute("DELETE FROM push_outbox WHERE user_id = $1", user)
+        del receiver.failing[str(user)]
+
+
+async def test_pushes_given_up_over_a_week_ago_are_deleted(db):
+    user = uuid.uuid4()
+    try:
+        old, recent = [r["id"] for r in await db.fetch(
+            """INSERT INTO push_outbox (user_id, event, data, created_at, failed_at)
+               VALUES ($1, 'chat.message', $2::jsonb, now(), now() - $3::interval - interval '1 hour'),
+                      ($1, 'chat.message', $2::jsonb, now(), now() - $3::interval + interval '1 hour')
+               RETURNING id""", user, message_data(), FAILED_RETENTION)]
+        async with db.acquire() as conn:
+            assert await push_db.delete_failed(conn, FAILED_RETENTION, 1000) >= 1
+        assert [r["id"] for r in await db.fetch("SELECT id FROM push_outbox WHERE user_id = $1", user)] == [recent]
+    finally:
+        await db.execute("DELETE FROM push_outbox WHERE user_id = $1", user)
 
 
 def test_retry_delays_double_from_the_base_up_to_five_minutes_with_jitter():

@@ -21,11 +21,12 @@ share (LOADTEST_SIGNUP_SHARE, 0.1) sign up instead: ``auth.register`` and
 the signed KYC webhook (``KYC_WEBHOOK_SECRET``, the dev secret by default).
 Two kinds of user:
 
-- ``Host`` (1 in 4): sets a price, answers chat in the rooms of its bookings,
-  checks its calendar and bookings.
+- ``Host`` (1 in 4): sets a price, answers chat in the rooms of its bookings
+  (marking what it received as read), checks its calendar and bookings.
 - ``Booker`` (3 in 4): searches hosts (and looks a few up, pipelined), tops up
-  the wallet, books and sometimes cancels, chats in booked rooms, drops the
-  socket and resumes with ``since_seq``, refreshes tokens, logs out and in.
+  the wallet, books and sometimes cancels, chats in booked rooms (marking
+  what it received as read), drops the socket and resumes with
+  ``since_seq``, refreshes tokens, logs out and in.
 
 Services that a server does not offer (answered ``unknown_method``) are
 probed once per process and their tasks skipped, so the file also runs
@@ -54,6 +55,7 @@ from locust.runners import WorkerRunner
 from loadtests import accounts
 from loadtests.accounts import PASSWORD, http_url_for, kyc_signature, ws_url_for
 from loadtests.wsclient import CallError, WsClient
+from protocol.resume import Backoff, SeqWindow
 
 log = logging.getLogger("loadtest")
 
@@ -71,7 +73,7 @@ MAX_JOINED_ROOMS = 4  # a phone shows a handful of live chats, not every past bo
 
 _services: dict[str, bool] | None = None
 _probe_lock = gevent.lock.Semaphore()
-PROBES = {"wallet": "wallet.topup", "bookings": "bookings.create", "chat": "chat.send"}
+PROBES = {"wallet": "wallet.topup", "bookings": "bookings.create", "chat": "chat.send", "read_positions": "chat.read"}
 
 
 def services(ws_url: str) -> dict[str, bool]:
@@ -186,6 +188,14 @@ class Session:
         self.access_token: str | None = None
         self.refresh_token: str | None = None
         self.last_seq: dict[str, int] = {}  # joined conversation -> highest seq seen
+        # Joined conversation -> the seqs taken, as the Python client keeps
+        # them (protocol/resume.py): a resume starts below any hole, and a
+        # message delivered twice is shown once.
+        self.seen: dict[str, SeqWindow] = {}
+        # Reconnecting after a failed attempt waits, as the app's client does.
+        self.backoff = Backoff()
+        self.retry_at = 0.0
+        self.read_seq: dict[str, int] = {}  # joined conversation -> this user's read position
         self.sent_at: dict[str, float] = {}  # client_msg_id -> perf_counter at send
 
     # reporting ---------------------------------------------------------------
@@ -204,6 +214,9 @@ class Session:
         if name == "chat.message":
             msg = data["message"]
             conv = msg["conversation_id"]
+            window = self.seen.get(conv)
+            if window is not None and not window.take(msg["seq"]):
+                return
             if conv in self.last_seq and msg["seq"] > self.last_seq[conv]:
                 self.last_seq[conv] = msg["seq"]
             sent = self.sent_at.pop(msg.get("client_msg_id") or "", None)
@@ -306,7 +319,14 @@ class Session:
         """A socket the server closed (or the network lost) is reopened with
         the access token, as the app would on its next action."""
         if self.ws is None or self.ws.closed:
-            self.reopen()
+            if time.monotonic() < self.retry_at:
+                raise RuntimeError("reconnecting: waiting out the backoff")
+            try:
+                self.reopen()
+            except Exception:
+                self.retry_at = time.monotonic() + self.backoff.next()
+                raise
+            self.backoff.reset()
 
     def reopen(self) -> None:
         """A new socket, authenticated at the upgrade with the access token
@@ -343,12 +363,16 @@ class Session:
             oldest = next(iter(self.last_seq))
             self.call("chat.leave", {"conversation_id": oldest})
             self.last_seq.pop(oldest, None)
+            self.seen.pop(oldest, None)
+            self.read_seq.pop(oldest, None)
         params: dict[str, Any] = {"conversation_id": conversation_id}
         if since_seq is not None:
             params["since_seq"] = since_seq
         self.last_seq.setdefault(conversation_id, since_seq or 0)
         joined = self.call("chat.join", params)
         seqs = [m["seq"] for m in joined["messages"]]
+        start = since_seq if since_seq is not None else (seqs[0] - 1 if seqs else joined["last_seq"])
+        self.seen.setdefault(conversation_id, SeqWindow(start)).take_all(seqs)
         if since_seq is not None and not joined["truncated"]:
             # Resuming must give every message after since_seq, without a gap.
             want = list(range(since_seq + 1, joined["last_seq"] + 1))
@@ -357,11 +381,19 @@ class Session:
                 self.report("chat.join (resume without gap)", 0, 0,
                             AssertionError(f"since_seq={since_seq} last_seq={joined['last_seq']} got {seqs[:10]}..."))
         self.last_seq[conversation_id] = max([self.last_seq.get(conversation_id, 0), joined["last_seq"], *seqs])
+        self.read_seq[conversation_id] = joined["conversation"].get("read_seq", 0)
         return joined
+
+    def mark_read(self, conversation_id: str) -> None:
+        """The room is on screen: everything received in it has been read."""
+        seen = self.last_seq.get(conversation_id, 0)
+        if self.user.has("read_positions") and seen > self.read_seq.get(conversation_id, 0):
+            self.read_seq[conversation_id] = self.call("chat.read", {"conversation_id": conversation_id, "seq": seen})["read_seq"]
 
     def resume_rooms(self) -> None:
         for conv, seq in list(self.last_seq.items()):
-            self.join(conv, since_seq=seq)
+            window = self.seen.get(conv)
+            self.join(conv, since_seq=window.through if window is not None else seq)
 
     def send_message(self, conversation_id: str) -> None:
         cmid = str(uuid.uuid4())
@@ -472,7 +504,9 @@ class Host(HangoutUser):
     def answer_chats(self) -> None:
         if not self.has("chat") or not self.s.last_seq:
             return
-        self.s.send_message(random.choice(list(self.s.last_seq)))
+        conv = random.choice(list(self.s.last_seq))
+        self.s.mark_read(conv)
+        self.s.send_message(conv)
 
     @task(2)
     @flow
@@ -615,6 +649,7 @@ class Booker(HangoutUser):
         if not self.has("chat") or not self.s.last_seq:
             return
         conv = random.choice(list(self.s.last_seq))
+        self.s.mark_read(conv)
         self.s.send_message(conv)
         if random.random() < 0.3:
             self.s.call("chat.history", {"conversation_id": conv, "limit": 20})

@@ -1,19 +1,22 @@
 """An asyncio client for the hangout protocol (used by tests and load tests).
 
-    async with await Client.connect("ws://127.0.0.1:8080/ws") as c:
+    async with Client.connect("ws://127.0.0.1:8080/ws") as c:
         session = await c.call("auth.login", {"email": ..., "password": ...})
         booking = await c.call("bookings.create", {...})
         event = await c.next_event("booking.created")
 
 Calls are pipelined: many may be awaited concurrently on one socket and
 replies are matched by id. Events are queued in arrival order.
+``await Client.connect(...)`` gives the client without the block (close it
+yourself). For a socket that comes back after a network loss, see
+``protocol.reconnect``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import Any, Callable, Coroutine, Generator
 
 import aiohttp
 
@@ -25,6 +28,26 @@ class ConnectionClosed(ConnectionError):
     def __init__(self, code: int | None) -> None:
         super().__init__(f"socket closed with code {code}")
         self.code = code
+
+
+class Connecting:
+    """What ``Client.connect`` returns: awaited, the connected client; as an
+    ``async with`` block, the client, closed when the block ends."""
+
+    def __init__(self, opening: Coroutine[Any, Any, "Client"]) -> None:
+        self._opening = opening
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, "Client"]:
+        return self._opening.__await__()
+
+    async def __aenter__(self) -> "Client":
+        self._client = await self._opening
+        return self._client
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._client is not None:
+            await self._client.close()
 
 
 class Client:
@@ -41,6 +64,9 @@ class Client:
         self.numbered_again: list[int] = []
         self._numbered_arrived = asyncio.Event()
         self.unmatched: list[dict] = []  # replies with id null (bad_frame)
+        # When set, every event goes to it as (name, data, seq or None)
+        # instead of ``events`` (protocol.reconnect takes them this way).
+        self.on_event: Callable[[str, Any, int | None], None] | None = None
         self.close_code: int | None = None
         self.closed = asyncio.Event()
         self._reader = asyncio.create_task(self._read_loop())
@@ -48,7 +74,13 @@ class Client:
     # ---- construction ----------------------------------------------------
 
     @classmethod
-    async def connect(
+    def connect(cls, url: str, **kwargs: Any) -> Connecting:
+        """Open a socket: ``await`` it, or use it as ``async with``. The
+        options are ``open``'s."""
+        return Connecting(cls.open(url, **kwargs))
+
+    @classmethod
+    async def open(
         cls,
         url: str,
         *,
@@ -191,7 +223,10 @@ class Client:
                     self.numbered_again.append(seq)
                 self.numbered[seq] = (frame["event"], frame.get("data"))
                 self._numbered_arrived.set()
-            self.events.put_nowait((frame["event"], frame.get("data")))
+            if self.on_event is not None:
+                self.on_event(frame["event"], frame.get("data"), seq)
+            else:
+                self.events.put_nowait((frame["event"], frame.get("data")))
             return
         fut = self._pending.get(frame.get("id")) if frame.get("id") is not None else None
         if fut is not None and not fut.done():

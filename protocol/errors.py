@@ -63,7 +63,12 @@ class RpcError(Exception):
         self.code = ErrorCode(code)
         self.message = message or _DEFAULT_MESSAGES[self.code]
         self.data = data
-        super().__init__(f"{self.code.value}: {self.message}")
+        super().__init__(f"{self.code.value}: {self.message}{_detail(data)}")
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """For ``invalid_params``: each failing field and why (``{}`` otherwise)."""
+        return {e["field"]: e["reason"] for e in _field_errors(self.data)}
 
     def to_wire(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code.value, "message": self.message}
@@ -74,3 +79,20 @@ class RpcError(Exception):
     @classmethod
     def from_wire(cls, err: dict[str, Any]) -> "RpcError":
         return cls(err["code"], err.get("message"), err.get("data"))
+
+
+def _field_errors(data: Any) -> list[dict[str, str]]:
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not isinstance(errors, list):
+        return []
+    return [e for e in errors if isinstance(e, dict) and isinstance(e.get("field"), str) and isinstance(e.get("reason"), str)]
+
+
+def _detail(data: Any) -> str:
+    """What a traceback should show beyond the code: the failing fields of
+    ``invalid_params`` (the message alone says only "invalid params"), and
+    when to retry."""
+    parts = [f"{e['field']}: {e['reason']}" for e in _field_errors(data)]
+    if isinstance(data, dict) and "retry_after" in data:
+        parts.append(f"retry after {data['retry_after']} s")
+    return f" ({'; '.join(parts)})" if parts else ""

@@ -1,7 +1,8 @@
 """Chat test helpers: a conversation between two fresh users (a confirmed
-booking made through the API: a conversation exists for every one), sending
-and collecting ``chat.message`` events by seq, Redis subscriber counts, and a
-raw WebSocket that can stop reading."""
+booking made through the API: a conversation exists for every one; the
+``room`` fixture), sending and collecting ``chat.message`` events by seq,
+Redis subscriber counts, an error a call must answer, and a raw WebSocket
+that can stop reading."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from protocol.client import Client
 from protocol.codec import decode, encode
+from protocol.errors import ErrorCode, RpcError
 from tests.conftest import ServerProcess, verified_user
 
 PRICE = "10.00"
@@ -85,6 +89,22 @@ async def open_room(booker_server: ServerProcess, host_server: ServerProcess | N
         booker=booker,
         host=Party(host_client, host_session["user"]["id"], host_session["access_token"]),
     )
+
+
+@pytest.fixture
+async def room(server):
+    """A conversation between a fresh booker and host, both on ``server``."""
+    r = await open_room(server)
+    yield r
+    await r.close()
+
+
+async def expect_error(code: ErrorCode, call) -> RpcError:
+    """The error ``call`` (an awaitable) must answer."""
+    with pytest.raises(RpcError) as info:
+        await call
+    assert info.value.code is code, info.value
+    return info.value
 
 
 # ---- events ----------------------------------------------------------------

@@ -5,30 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
-
-from protocol.errors import ErrorCode, RpcError
+from protocol.errors import ErrorCode
 from protocol.codec import decode, encode
-from tests.chat_helpers import (RawSocket, events_until_message, messages_until, open_room, send_many, subscriber_count,
-                                wait_subscribers)
+from tests.chat_helpers import (RawSocket, events_until_message, expect_error, messages_until, open_room, room, send_many,
+                                subscriber_count, wait_subscribers)
 from tests.conftest import PASSWORD, register, replica_caught_up
 
 MESSAGE_KEYS = {"id", "conversation_id", "seq", "sender_id", "content", "created_at", "client_msg_id"}
-CONVERSATION_KEYS = {"id", "booking_id", "user_id", "host_id", "created_at", "last_seq"}
-
-
-async def expect_error(code: ErrorCode, call) -> RpcError:
-    with pytest.raises(RpcError) as info:
-        await call
-    assert info.value.code is code, info.value
-    return info.value
-
-
-@pytest.fixture
-async def room(server):
-    r = await open_room(server)
-    yield r
-    await r.close()
+CONVERSATION_KEYS = {"id", "booking_id", "user_id", "host_id", "created_at", "last_seq", "read_seq", "other_read_seq", "unread"}
 
 
 async def test_only_the_two_parties_may_touch_a_conversation(room, server):

@@ -131,3 +131,38 @@ def test_001_is_the_seed_schema_as_written():
     blocks = re.findall(r"```sql\n(.*?)```", doc.read_text(), flags=re.S)
     assert blocks, f"no SQL in {doc}"
     assert statements((SQL_DIR / f"{VERSIONS[0]}.sql").read_text()) == statements("\n".join(blocks))
+
+
+async def test_messages_stored_before_read_positions_count_as_sent_and_unread(fresh_database, tmp_path):
+    """013 adds read positions to conversations that already have messages:
+    each party's earlier messages count as sent, and nobody has read them."""
+    before = tmp_path / "sql"
+    before.mkdir()
+    for version in VERSIONS[: VERSIONS.index("013_read_positions")]:
+        shutil.copy(SQL_DIR / f"{version}.sql", before)
+    await migrate(fresh_database, before)
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        booker, host, conv = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        for user in (booker, host):
+            await conn.execute("INSERT INTO users (id, email, password_hash, name, gender) VALUES ($1, $2, 'x', 'U', 'female')",
+                               user, f"{user}@example.com")
+        booking = await conn.fetchval(
+            """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
+               VALUES ($1, $2, now() + interval '1 day', now() + interval '25 hours', 'k', 'cancelled', 10) RETURNING id""",
+            booker, host)
+        await conn.execute("INSERT INTO conversations (id, booking_id, user_id, host_id, last_seq) VALUES ($1, $2, $3, $4, 5)",
+                           conv, booking, booker, host)
+        for seq, sender in enumerate((booker, host, host, booker, host), start=1):
+            await conn.execute("INSERT INTO messages (conversation_id, sender_id, content, seq) VALUES ($1, $2, 'm', $3)",
+                               conv, sender, seq)
+        await migrate(fresh_database)
+        row = await conn.fetchrow("SELECT * FROM conversations WHERE id = $1", conv)
+        assert (row["booker_sent"], row["host_sent"]) == (2, 3)
+        assert (row["booker_read_seq"], row["host_read_seq"], row["booker_read_count"], row["host_read_count"]) == (0, 0, 0, 0)
+        # The booker has read up to seq 3: the host's messages 2 and 3 are read, 5 is not.
+        assert await conn.fetchval("SELECT read_seq FROM chat_read($1, $2, 3)", conv, booker) == 3
+        row = await conn.fetchrow("SELECT booker_read_count, host_sent FROM conversations WHERE id = $1", conv)
+        assert row["host_sent"] - row["booker_read_count"] == 1
+    finally:
+        await conn.close()

@@ -1,4 +1,4 @@
-"""chat.* methods and the chat.message and chat.typing events.
+"""chat.* methods and the chat.message, chat.typing and chat.read events.
 
 Decisions where the contract is silent:
 - After ``chat.join`` a socket gets each message of the room once, by
@@ -36,6 +36,20 @@ Decisions where the contract is silent:
   or the conversation's creation), newest first. ``last_message`` is the one
   with the highest ``seq``. A conversation that gets a message while a client
   pages moves to the front, so later pages may miss or repeat it.
+- Read positions (``chat.read``): ``seq`` is checked against the
+  conversation's ``last_seq`` after the caller is known to be a party, so a
+  stranger gets ``not_found`` whatever the ``seq``; a ``seq`` past
+  ``last_seq`` is ``invalid_params`` naming ``seq`` (``seq`` 0 already fails
+  validation). Calling it needs no ``chat.join``. The ``chat.read`` event is
+  pushed only when the call moved the position: a call at or below it
+  answers the position as it is and pushes nothing. Two devices of one user
+  reading at once may push in either order, so a client keeps the highest
+  ``read_seq`` it has seen per user. Sending a message does not move the
+  sender's read position; ``unread`` never counts the caller's own messages.
+  The event is not durable: a client that missed it (socket closed, token
+  expired, Redis away) gets the figures again from ``chat.join`` or
+  ``chat.conversations``, where the caller's own position is read-your-writes
+  and the other party's may lag a little.
 """
 
 from __future__ import annotations
@@ -55,6 +69,10 @@ HISTORY_DEFAULT = 50
 
 # seq is a PostgreSQL BIGINT; anything larger cannot name a message.
 Seq = Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
+MessageSeq = Annotated[int, Field(ge=1, le=2**63 - 1, strict=True)]
+
+# The invalid_params error of a chat.read past the conversation's last message.
+READ_PAST_LAST = {"field": "seq", "reason": "must be at most the conversation's last_seq"}
 
 
 class Message(Result):
@@ -74,6 +92,9 @@ class Conversation(Result):
     host_id: Id
     created_at: Time
     last_seq: int
+    read_seq: int  # the caller's read position, 0 before any chat.read
+    other_read_seq: int  # the other party's
+    unread: int  # the other party's messages with seq above read_seq
 
 
 class InboxConversation(Conversation):
@@ -124,7 +145,7 @@ class SendResult(Result):
 
 class HistoryParams(Params):
     conversation_id: Id
-    before_seq: Optional[Annotated[int, Field(ge=1, le=2**63 - 1, strict=True)]] = None
+    before_seq: Optional[MessageSeq] = None
     limit: Limit = HISTORY_DEFAULT
 
 
@@ -137,6 +158,15 @@ class TypingParams(Params):
     conversation_id: Id
 
 
+class ReadParams(Params):
+    conversation_id: Id
+    seq: MessageSeq  # read up to and including this message
+
+
+class ReadResult(Result):
+    read_seq: int  # the caller's position after the call
+
+
 class MessageEvent(Result):
     message: Message
 
@@ -146,6 +176,12 @@ class TypingEvent(Result):
     user_id: Id
 
 
+class ReadEvent(Result):
+    conversation_id: Id
+    user_id: Id  # the reader
+    read_seq: int
+
+
 METHODS = (
     MethodSpec("chat.conversations", ConversationsParams, ConversationsResult),
     MethodSpec("chat.join", JoinParams, JoinResult),
@@ -153,5 +189,6 @@ METHODS = (
     MethodSpec("chat.send", SendParams, SendResult),
     MethodSpec("chat.history", HistoryParams, HistoryResult),
     MethodSpec("chat.typing", TypingParams, EmptyResult),
+    MethodSpec("chat.read", ReadParams, ReadResult),
 )
-EVENTS = {"chat.message": MessageEvent, "chat.typing": TypingEvent}
+EVENTS = {"chat.message": MessageEvent, "chat.typing": TypingEvent, "chat.read": ReadEvent}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Callable, ClassVar, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, GetJsonSchemaHandler, PlainSerializer, PlainValidator, WithJsonSchema,
+)
 
 from protocol.cursors import KeyPart
 from protocol.times import UTC, read_time
@@ -94,12 +97,34 @@ def _dump_money(value: Decimal) -> str:
     return f"{value:.2f}"
 
 
-Id = Annotated[uuid.UUID, PlainValidator(_parse_id), PlainSerializer(str, return_type=str)]
-Money = Annotated[Decimal, PlainValidator(_parse_money), PlainSerializer(_dump_money, return_type=str)]
-Time = Annotated[dt.datetime, PlainValidator(_parse_time)]
+# The key under which a wire type names itself in pydantic's JSON Schema.
+WIRE_KEY = "x-hangout-wire"
+
+
+@dataclass(frozen=True)
+class Wire:
+    """Names how a value type travels (``kind``: "uuid", "money" or
+    "timestamp"; ``rule``: a further rule of its input, such as
+    "whole-hour"), so that the machine-readable contract
+    (``python -m protocol.schema``) can describe it: pydantic alone sees
+    only a validator function. It adds one key to pydantic's schema and
+    changes nothing about validation."""
+
+    kind: str
+    rule: Optional[str] = None
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        schema = handler(core_schema)
+        schema[WIRE_KEY] = f"{self.kind}/{self.rule}" if self.rule else self.kind
+        return schema
+
+
+Id = Annotated[uuid.UUID, PlainValidator(_parse_id), PlainSerializer(str, return_type=str), Wire("uuid")]
+Money = Annotated[Decimal, PlainValidator(_parse_money), PlainSerializer(_dump_money, return_type=str), Wire("money")]
+Time = Annotated[dt.datetime, PlainValidator(_parse_time), Wire("timestamp")]
 # A time that is a whole UTC hour exactly: a remainder even below the
 # microsecond is refused, not dropped.
-WholeHour = Annotated[dt.datetime, PlainValidator(_parse_time_whole_hour)]
+WholeHour = Annotated[dt.datetime, PlainValidator(_parse_time_whole_hour), Wire("timestamp", "whole-hour")]
 
 
 def _parse_money_positive(value: Any) -> Decimal:
@@ -111,7 +136,8 @@ def _parse_money_positive(value: Any) -> Decimal:
 
 # Every money input of the protocol is > 0; results use Money (a balance can be 0).
 PositiveMoney = Annotated[
-    Decimal, PlainValidator(_parse_money_positive), PlainSerializer(_dump_money, return_type=str)
+    Decimal, PlainValidator(_parse_money_positive), PlainSerializer(_dump_money, return_type=str),
+    Wire("money", "positive"),
 ]
 Limit = Annotated[int, Field(ge=1, le=100, strict=True)]
 # Opaque to clients: what a cursor holds and whom it serves is the server's (server/cursors.py).

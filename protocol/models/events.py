@@ -27,6 +27,10 @@ from protocol.models.common import Params, Result
 
 RESUME_MAX = 500  # events per events.resume
 
+# The events numbered per user (they carry ``seq`` and events.resume returns
+# them); every other event is live only.
+USER_EVENTS = frozenset({"user.updated", "wallet.updated", "booking.created", "booking.cancelled", "booking.completed"})
+
 Seq = Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
 
 

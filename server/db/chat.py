@@ -18,9 +18,24 @@ import uuid
 
 import asyncpg
 
-CONVERSATION_COLUMNS = "id, booking_id, user_id, host_id, created_at, last_seq"
 MESSAGE_COLUMNS = "id, conversation_id, seq, sender_id, content, created_at, client_msg_id"
 _PARTY = "(user_id = $2 OR host_id = $2)"
+
+
+def read_columns(user: str, alias: str = "") -> str:
+    """The read figures of a conversation row (``alias``: the row's alias
+    and a dot, if any) as the party ``user`` (an SQL parameter) sees them:
+    its own position, the other's, and how many of the other's messages lie
+    beyond its own (sql/013_read_positions.sql)."""
+    c = alias
+    booker = f"{c}user_id = {user}"
+    return (f"CASE WHEN {booker} THEN {c}booker_read_seq ELSE {c}host_read_seq END AS read_seq, "
+            f"CASE WHEN {booker} THEN {c}host_read_seq ELSE {c}booker_read_seq END AS other_read_seq, "
+            f"CASE WHEN {booker} THEN {c}host_sent - {c}booker_read_count "
+            f"ELSE {c}booker_sent - {c}host_read_count END AS unread")
+
+
+CONVERSATION_COLUMNS = f"id, booking_id, user_id, host_id, created_at, last_seq, {read_columns('$2')}"
 
 
 async def get_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID, user_id: uuid.UUID) -> asyncpg.Record | None:
@@ -30,12 +45,22 @@ async def get_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID,
     )
 
 
+async def read_up_to(conn: asyncpg.Connection, conversation_id: uuid.UUID, reader: uuid.UUID, seq: int) -> asyncpg.Record | None:
+    """Raise the reader's position to ``seq`` (never lower it): a record of
+    ``read_seq`` (as it now is), ``moved`` and the conversation's
+    ``last_seq``, which a ``seq`` past it leaves unchanged. None for a
+    non-party. One round trip; see sql/013_read_positions.sql."""
+    return await conn.fetchrow("SELECT read_seq, moved, last_seq FROM chat_read($1, $2, $3)", conversation_id, reader, seq)
+
+
 # One statement, so one round trip and an atomic bump + insert. With a
 # client_msg_id already stored by this sender nothing is bumped or inserted.
+# The sender's count of sent messages rises with the seq (unread counts).
 _SEND = f"""
 WITH bumped AS (
   UPDATE conversations
-     SET last_seq = last_seq + 1, last_activity_at = greatest(last_activity_at, now())
+     SET last_seq = last_seq + 1, last_activity_at = greatest(last_activity_at, now()),
+         booker_sent = booker_sent + (user_id = $2)::int, host_sent = host_sent + (host_id = $2)::int
    WHERE id = $1 AND {_PARTY}
      AND ($4::uuid IS NULL OR NOT EXISTS (
            SELECT 1 FROM messages WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $4))
@@ -128,11 +153,12 @@ async def inbox(
 ) -> list[asyncpg.Record]:
     """The user's conversations (as booker or host), most recent activity
     first, after the keyset cursor, each with its last message's columns
-    prefixed ``m_`` (NULL when there is none). Each role's index is walked
-    separately and the two short lists merged."""
+    prefixed ``m_`` (NULL when there is none), and the user's read figures.
+    Each role's index is walked separately and the two short lists merged."""
     where = "AND (last_activity_at, id) < ($2::timestamptz, $3::uuid)" if after else "AND $2::timestamptz IS NULL AND $3::uuid IS NULL"
     return await conn.fetch(
         f"""SELECT c.id, c.booking_id, c.user_id, c.host_id, c.created_at, c.last_seq, c.last_activity_at,
+                   {read_columns('$1', 'c.')},
                    m.id AS m_id, m.seq AS m_seq, m.sender_id AS m_sender_id, m.content AS m_content,
                    m.created_at AS m_created_at, m.client_msg_id AS m_client_msg_id
             FROM (

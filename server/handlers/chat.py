@@ -1,4 +1,4 @@
-"""chat.*: the inbox, joining a room, sending, history, typing.
+"""chat.*: the inbox, joining a room, sending, history, typing, read positions.
 
 Only a booking's two parties may see or touch its conversation; anyone else,
 and any unknown id, gets ``not_found``.
@@ -66,7 +66,8 @@ async def conversations(call: Call, p: m.ConversationsParams) -> m.Conversations
             last = m.Message(conversation_id=r["id"], **{f: r[f"m_{f}"] for f in _MESSAGE_FIELDS})
         items.append(m.InboxConversation(
             id=r["id"], booking_id=r["booking_id"], user_id=r["user_id"], host_id=r["host_id"],
-            created_at=r["created_at"], last_seq=r["last_seq"], last_message=last,
+            created_at=r["created_at"], last_seq=r["last_seq"], read_seq=r["read_seq"],
+            other_read_seq=r["other_read_seq"], unread=r["unread"], last_message=last,
         ))
     next_cursor = None
     if len(rows) > p.limit:
@@ -200,6 +201,23 @@ async def history(call: Call, p: m.HistoryParams) -> m.HistoryResult:
     if rows is None:
         raise _not_found()
     return m.HistoryResult(messages=[_message(r) for r in rows[: p.limit]], has_more=len(rows) > p.limit)
+
+
+@rpc("chat.read")
+async def read(call: Call, p: m.ReadParams) -> m.ReadResult:
+    services, user = call.services, call.user_id
+    row = await services.db.write(user, chat_db.read_up_to, p.conversation_id, user, p.seq)
+    if row is None:
+        raise _not_found()
+    if p.seq > row["last_seq"]:
+        raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": [m.READ_PAST_LAST]})
+    if row["moved"]:
+        event = m.ReadEvent(conversation_id=p.conversation_id, user_id=user, read_seq=row["read_seq"])
+        # Shielded, as a send's publish: the position is committed, so the
+        # reader's other devices and the other party must hear of it even if
+        # this caller goes away.
+        await asyncio.shield(services.spawn(events.to_conversation(services, p.conversation_id, "chat.read", event)))
+    return m.ReadResult(read_seq=row["read_seq"])
 
 
 @rpc("chat.typing")

@@ -95,7 +95,6 @@ class PushDelivery(PeriodicWorker):
         # first delay keeps a short base (as tests use) meaningful.
         self._loop = Periodic("push", self.run_pass, min(POLL_S, self.retry_base_s), log)
         self._session: aiohttp.ClientSession | None = None
-        self.delivered = 0  # POSTs answered 2xx by this process, for tests and logs
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_S))
@@ -124,7 +123,8 @@ class PushDelivery(PeriodicWorker):
                 except Exception as err:  # the stop goes on; the leases end on their own
                     log.warning("claimed pushes not released at stop: %s", err)
                 raise
-            self.delivered += len(delivered)
+            if delivered:
+                log.info("delivered %d pushes", len(delivered))
             self._report(settled)
             if len(rows) < BATCH:
                 return

@@ -102,15 +102,26 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-async def pushers(stack, receiver) -> AsyncIterator[list[ServerProcess]]:
-    """Two processes with the hook on, retrying fast."""
+async def pushers(stack, receiver, server, server2) -> AsyncIterator[list[ServerProcess]]:
+    """Two processes with the hook on, retrying fast. The hook is a setting
+    of the whole deployment: a process without it that settled a booking of
+    these tests, or relayed one of their events, would publish the event
+    without a push. So the session's servers pause meanwhile."""
+    paused = [server, server2]
+    for p in paused:
+        assert await p.stop() == 0
     procs = [ServerProcess(stack, PUSH_WEBHOOK_URL=receiver.url, PUSH_WEBHOOK_SECRET=SECRET,
                            PUSH_RETRY_BASE_S=str(RETRY_BASE_S), SETTLEMENT_INTERVAL_S="0.5") for _ in range(2)]
-    for p in procs:
-        await p.start()
-    yield procs
-    for p in procs:
-        await p.stop()
+    try:
+        for p in procs:
+            await p.start()
+        yield procs
+    finally:
+        for p in procs:
+            await p.stop()
+        for p in paused:
+            await p.start()
+            await wait_subscriber_connected(p)
 
 
 def verified(post: Post) -> dict:

@@ -6,6 +6,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # Published with the code: anyone could sign tokens and KYC webhooks with
 # them. ``serve`` uses them only on the embedded dev stack (or when a
@@ -73,6 +74,31 @@ def _demo_dir(name: str) -> str:
     if text and Path(text).exists() and not Path(text).is_dir():
         raise ConfigError(f"{name}={text!r} is not a directory")
     return text
+PUSH_RETRY_MAX_S = 300.0
+
+
+def _push_settings() -> dict[str, object]:
+    """The push hook's settings, checked together: a URL needs a secret
+    long enough to sign with."""
+    url = os.environ.get("PUSH_WEBHOOK_URL", "").strip() or None
+    secret = os.environ.get("PUSH_WEBHOOK_SECRET", "")
+    base = _float("PUSH_RETRY_BASE_S", Config.push_retry_base_s)
+    if url is not None:
+        parts = urlsplit(url)
+        try:
+            parts.port  # a port that is not a number raises here
+        except ValueError:
+            parts = parts._replace(scheme="")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"PUSH_WEBHOOK_URL={url!r} is not an http or https URL")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            # The receiver trusts what this signs: a short key could be found
+            # from one captured push.
+            raise ConfigError(f"PUSH_WEBHOOK_SECRET must be set, at least {MIN_SECRET_BYTES} bytes, "
+                              "when PUSH_WEBHOOK_URL is set")
+    if not 0 < base <= PUSH_RETRY_MAX_S:
+        raise ConfigError(f"PUSH_RETRY_BASE_S={base!r} must be more than 0 and at most {PUSH_RETRY_MAX_S:g}")
+    return {"push_webhook_url": url, "push_webhook_secret": secret, "push_retry_base_s": base}
 
 
 @dataclass(frozen=True)
@@ -143,6 +169,11 @@ class Config:
     presence_ttl_s: float = 30.0
     presence_heartbeat_s: float = 10.0
     presence_sweep_interval_s: float = 1.0
+    # The push hook (server/push.py): None = off.
+    push_webhook_url: str | None = None
+    push_webhook_secret: str = ""
+    # The first retry's delay; each next one doubles, up to PUSH_RETRY_MAX_S.
+    push_retry_base_s: float = 2.0
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -201,6 +232,7 @@ class Config:
             presence_ttl_s=_float("PRESENCE_TTL_S", cls.presence_ttl_s),
             presence_heartbeat_s=_float("PRESENCE_HEARTBEAT_S", cls.presence_heartbeat_s),
             presence_sweep_interval_s=_float("PRESENCE_SWEEP_INTERVAL_S", cls.presence_sweep_interval_s),
+            **_push_settings(),
         )._checked()
 
     def _checked(self) -> "Config":

@@ -19,6 +19,12 @@ class Periodic:
         self.interval_s = interval_s
         self.log = log or logging.getLogger("hangout")
         self._task: asyncio.Task | None = None
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Make the next pass now rather than at the end of the interval
+        (work known to be waiting); a pass under way is followed by another."""
+        self._woken.set()
 
     async def start(self, *, first_pass_now: bool = False) -> None:
         """Start the loop. With ``first_pass_now`` one pass is made before
@@ -36,8 +42,9 @@ class Periodic:
 
     async def _run(self, wait_first: bool) -> None:
         if wait_first:
-            await asyncio.sleep(self.interval_s)
+            await self._pause()
         while True:
+            self._woken.clear()
             try:
                 await self.work()
             except asyncio.CancelledError:
@@ -46,7 +53,13 @@ class Periodic:
                 self.log.warning("%s pass skipped: %s", self.name, err)
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
-            await asyncio.sleep(self.interval_s)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        try:
+            await asyncio.wait_for(self._woken.wait(), self.interval_s)
+        except TimeoutError:
+            pass
 
 
 class PeriodicWorker:

@@ -2,7 +2,7 @@
 # that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
 # builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest:
 # once straight against PostgreSQL, once more through PgBouncer; then the
-# TypeScript SDK's tests (clients/ts) under Node.
+# TypeScript SDK's tests (clients/ts) under Node, and the browser demo in Chromium.
 
 SHELL := /bin/bash
 
@@ -66,7 +66,7 @@ devstack: install
 run: install demo
 	$(PY) -m server
 
-test: test-direct test-pgbouncer test-ts
+test: test-direct test-pgbouncer test-ts test-browser
 
 test-direct: devstack
 	DEVSTACK_PGBOUNCER=0 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -2,7 +2,7 @@
 # that only has Python 3.11: it installs PostgreSQL + Redis binaries if needed,
 # builds .venv, starts the embedded dev stack (server/devstack/) and runs pytest:
 # once straight against PostgreSQL, once more through PgBouncer; then the
-# TypeScript SDK's tests (clients/ts) under Node.
+# TypeScript SDK's tests (clients/ts) under Node, and the browser demo in Chromium.
 
 SHELL := /bin/bash
 
@@ -16,7 +16,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-ts loadtest stop status lock
+.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-ts node demo chromium test-browser loadtest stop status lock
 
 all: test
 
@@ -64,10 +64,10 @@ devstack: install
 	$(PY) -m server.devstack start
 
 # Log lines as plain text for a terminal (production's default is JSON).
-run: install
+run: install demo
 	LOG_FORMAT=$${LOG_FORMAT:-text} $(PY) -m server
 
-test: test-direct test-pgbouncer test-ts
+test: test-direct test-pgbouncer test-ts test-browser
 
 test-direct: devstack
 	DEVSTACK_PGBOUNCER=0 $(PY) -m pytest -q $(PYTEST_ARGS)
@@ -79,11 +79,34 @@ test-direct: devstack
 test-pgbouncer: devstack
 	DEVSTACK_PGBOUNCER=1 SKIP_EXPLAIN=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+node:
+	@command -v npm >/dev/null || { echo ">> installing nodejs + npm"; $(APT) update && $(APT) install -y nodejs npm; }
+
 # The TypeScript SDK (clients/ts): `npm ci` from its lockfile, then its
 # tests under Node 20, which start their own server processes on the dev stack.
-test-ts: devstack
-	@command -v npm >/dev/null || { echo ">> installing nodejs + npm"; $(APT) update && $(APT) install -y nodejs npm; }
+test-ts: devstack node
 	cd clients/ts && npm ci --no-audit --no-fund && PYTHON=$(abspath $(PY)) npm test
+
+# The browser demo (clients/ts/demo, on the SDK's sources), built into
+# clients/ts/demo/dist (not committed), which the server serves at GET /demo.
+# `npm ci` runs when the lockfile is newer than the last install.
+demo: node
+	@[ clients/ts/node_modules/.package-lock.json -nt clients/ts/package-lock.json ] \
+		|| (cd clients/ts && npm ci --no-audit --no-fund)
+	cd clients/ts && npm run build:demo
+
+# Debian's Chromium, for the browser test (playwright-core drives it).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo ">> installing chromium"; \
+		$(APT) update && $(APT) install -y chromium; \
+	fi
+
+# The demo in Chromium: a host and a booker sign up, book and chat, on two
+# server processes the test starts on the dev stack. Screenshots of each
+# step: clients/ts/test-artifacts/demo/.
+test-browser: devstack demo chromium
+	cd clients/ts && PYTHON=$(abspath $(PY)) CHROMIUM=$$(command -v chromium) npm run test:browser
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);

@@ -14,6 +14,7 @@ from server.cleanup import Cleanup
 from server.health import RedisHealth
 from server.http import HEALTH, SERVICES
 from server.presence_worker import PresenceWorker
+from server.push_delivery import PushDelivery
 from server.relay import Relay
 from server.services import Services
 from server.settlement import Settlement
@@ -40,6 +41,8 @@ async def _startup(app: web.Application) -> None:
     services.add_worker(Relay(services))
     services.add_worker(Cleanup(services))
     services.add_worker(PresenceWorker(services))
+    if services.push.enabled:
+        services.add_worker(PushDelivery(services))
     await services.start_workers()
 
 

@@ -1,6 +1,7 @@
 """Deletes what has outlived its use: ended sessions (refresh-token families
 and their tokens), unused refresh tokens past their expiry, KYC event
-ids past their retention, and user events older than ``EVENT_RETENTION_S``.
+ids past their retention, user events older than ``EVENT_RETENTION_S``, and
+pushes given up on a week ago (server/push_delivery.py).
 
 Every server process runs one ``Cleanup`` worker every
 ``SESSION_CLEANUP_INTERVAL_S``. Each statement deletes a bounded batch and
@@ -26,10 +27,11 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from server import kyc
+from server import kyc, push_delivery
 from server.db import auth as auth_db
 from server.db import events as events_db
 from server.db import kyc as kyc_db
+from server.db import push as push_db
 from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class Cleanup(PeriodicWorker):
             "expired refresh tokens": await self._batches(auth_db.delete_expired_tokens),
             "kyc event ids": await self._batches(kyc_db.delete_old_events, kyc.EVENT_RETENTION),
             "user events": await self._batches(events_db.delete_old, self.event_retention),
+            "failed pushes": await self._batches(push_db.delete_failed, push_delivery.FAILED_RETENTION),
         }
 
     async def _batches(self, delete: Callable[..., Awaitable[int]], *args: object) -> int:

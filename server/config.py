@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit
 
 # Published with the code: anyone could sign tokens and KYC webhooks with
 # them. ``serve`` uses them only on the embedded dev stack (or when a
@@ -18,6 +20,8 @@ MIN_SECRET_BYTES = 32
 # Where a server that uses the public development secrets listens unless
 # HOST says otherwise: anyone who can reach it could sign tokens.
 DEV_HOST = "127.0.0.1"
+# Where `make demo` writes the browser demo, in this checkout.
+DEFAULT_DEMO_DIR = str(Path(__file__).resolve().parents[1] / "clients" / "ts" / "demo" / "dist")
 
 
 def dev_secrets() -> dict[str, str]:
@@ -79,6 +83,41 @@ def _networks(name: str) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
     return _parsed(name, (), networks)
+
+
+def _demo_dir(name: str) -> str:
+    """A directory, or empty for no demo. A directory that does not exist
+    yet is allowed (the demo is built later, ``GET /demo`` says so until
+    then); a file is a mistake."""
+    text = os.environ.get(name, DEFAULT_DEMO_DIR).strip()
+    if text and Path(text).exists() and not Path(text).is_dir():
+        raise ConfigError(f"{name}={text!r} is not a directory")
+    return text
+PUSH_RETRY_MAX_S = 300.0
+
+
+def _push_settings() -> dict[str, object]:
+    """The push hook's settings, checked together: a URL needs a secret
+    long enough to sign with."""
+    url = os.environ.get("PUSH_WEBHOOK_URL", "").strip() or None
+    secret = os.environ.get("PUSH_WEBHOOK_SECRET", "")
+    base = _float("PUSH_RETRY_BASE_S", Config.push_retry_base_s)
+    if url is not None:
+        parts = urlsplit(url)
+        try:
+            parts.port  # a port that is not a number raises here
+        except ValueError:
+            parts = parts._replace(scheme="")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"PUSH_WEBHOOK_URL={url!r} is not an http or https URL")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            # The receiver trusts what this signs: a short key could be found
+            # from one captured push.
+            raise ConfigError(f"PUSH_WEBHOOK_SECRET must be set, at least {MIN_SECRET_BYTES} bytes, "
+                              "when PUSH_WEBHOOK_URL is set")
+    if not 0 < base <= PUSH_RETRY_MAX_S:
+        raise ConfigError(f"PUSH_RETRY_BASE_S={base!r} must be more than 0 and at most {PUSH_RETRY_MAX_S:g}")
+    return {"push_webhook_url": url, "push_webhook_secret": secret, "push_retry_base_s": base}
 
 
 @dataclass(frozen=True)
@@ -143,6 +182,8 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     log_format: str = "json"
+    # The built browser demo served at GET /demo; empty = not served.
+    demo_dir: str = DEFAULT_DEMO_DIR
     # Presence (server/presence.py): how long a user with no authenticated
     # socket left stays online (the contract's 5 s), how long a process's
     # heartbeat key lives (a killed process's sockets count until it is
@@ -152,6 +193,11 @@ class Config:
     presence_ttl_s: float = 30.0
     presence_heartbeat_s: float = 10.0
     presence_sweep_interval_s: float = 1.0
+    # The push hook (server/push.py): None = off.
+    push_webhook_url: str | None = None
+    push_webhook_secret: str = ""
+    # The first retry's delay; each next one doubles, up to PUSH_RETRY_MAX_S.
+    push_retry_base_s: float = 2.0
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -208,10 +254,12 @@ class Config:
             metrics_host=os.environ.get("METRICS_HOST", cls.metrics_host),
             metrics_port=_port("METRICS_PORT", cls.metrics_port),
             log_format=log_format(),
+            demo_dir=_demo_dir("DEMO_DIR"),
             presence_offline_after_s=_float("PRESENCE_OFFLINE_AFTER_S", cls.presence_offline_after_s),
             presence_ttl_s=_float("PRESENCE_TTL_S", cls.presence_ttl_s),
             presence_heartbeat_s=_float("PRESENCE_HEARTBEAT_S", cls.presence_heartbeat_s),
             presence_sweep_interval_s=_float("PRESENCE_SWEEP_INTERVAL_S", cls.presence_sweep_interval_s),
+            **_push_settings(),
         )._checked()
 
     def _checked(self) -> "Config":

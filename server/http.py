@@ -1,15 +1,17 @@
-"""HTTP routes of the public port: the WebSocket endpoint, health checks and the KYC webhook."""
+"""HTTP routes of the public port: the WebSocket endpoint, health checks, the KYC
+webhook and the browser demo (server/demo.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 from protocol.errors import ErrorCode, RpcError
-from server import credentials, kyc
+from server import credentials, demo, kyc
 from server.db import kyc as kyc_db
 from server.db.errors import DatabaseUnavailable
 from server.dispatch import UNAVAILABLE_ERRORS
@@ -151,3 +153,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/webhooks/kyc", kyc_webhook)
+    demo_dir = app[SERVICES].config.demo_dir
+    demo.add_routes(app, Path(demo_dir) if demo_dir else None)

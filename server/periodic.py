@@ -40,6 +40,12 @@ class Periodic:
         self._task: asyncio.Task | None = None
         self.passes = 0  # finished without error
         self.last_pass: float | None = None  # time.monotonic() when the last of them ended
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Make the next pass now rather than at the end of the interval
+        (work known to be waiting); a pass under way is followed by another."""
+        self._woken.set()
 
     async def start(self, *, first_pass_now: bool = False) -> None:
         """Start the loop. With ``first_pass_now`` one pass is made before
@@ -59,8 +65,9 @@ class Periodic:
 
     async def _run(self, wait_first: bool) -> None:
         if wait_first:
-            await asyncio.sleep(self.interval_s)
+            await self._pause()
         while True:
+            self._woken.clear()
             try:
                 await self._pass()
             except asyncio.CancelledError:
@@ -70,7 +77,13 @@ class Periodic:
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
             raise_if_cancelled()
-            await asyncio.sleep(self.interval_s)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        try:
+            await asyncio.wait_for(self._woken.wait(), self.interval_s)
+        except TimeoutError:
+            pass
 
     async def _pass(self) -> None:
         await self.work()

@@ -10,7 +10,8 @@ are still unmarked ``RELAY_AFTER_S`` after they were stored
 event claimed by one at a time), publishes them and marks them. An event may
 so be published twice (its fast path's mark came late); sockets give each
 seq once. While Redis is away nothing is marked, and the first pass after
-it answers publishes the backlog.
+it answers publishes the backlog. Marking is also where the pushes of
+booking events to users without a socket are queued (server/push.py).
 
 Chat messages have their own gap-free ``seq`` per conversation, and a room
 fetches from PostgreSQL any hole that a later message shows
@@ -67,19 +68,26 @@ class Relay(PeriodicWorker):
         marks = self.services.published_events[:]
         del self.services.published_events[:len(marks)]
         if marks:
-            # Lost on failure: the relay then publishes them again, harmlessly.
-            await self.services.db.write(None, events_db.mark_published, marks)
+            push = self.services.push
+            online = await push.online_if_enabled(list({user for user, _ in marks}))
+            # Lost on failure: the relay then publishes them again, harmlessly
+            # (and queues their pushes then).
+            if await self.services.db.write(None, events_db.mark_published, marks, online):
+                push.queued()
 
     async def relay_unpublished(self) -> int:
         total = 0
         for _ in range(MAX_BATCHES):
             n = await self.services.db.write(
-                None, events_db.relay_unpublished, dt.timedelta(seconds=RELAY_AFTER_S), BATCH, self._publish
+                None, events_db.relay_unpublished, dt.timedelta(seconds=RELAY_AFTER_S), BATCH, self._publish,
+                self.services.push.online_if_enabled,
             )
             total += n
             if n < BATCH:
                 break
         self.relayed += total
+        if total:
+            self.services.push.queued()
         return total
 
     async def _publish(self, rows: list[asyncpg.Record]) -> bool:

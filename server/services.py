@@ -21,6 +21,7 @@ from server.edge import SocketCounts
 from server.limits import WindowLimit
 from server.outbox import Outbox
 from server.presence import Presence
+from server.push import PushHook
 from server.rooms import Hub
 from server.sessions import Sessions
 
@@ -53,6 +54,7 @@ class Services:
     # auth.register and auth.login per client address (server/limits.py)
     address_checks: WindowLimit
     presence: Presence
+    push: PushHook
     # User events published right after their commit, (user, seq), that the
     # relay (server/relay.py) is to mark published.
     published_events: list[tuple[uuid.UUID, int]] = field(default_factory=list)
@@ -76,13 +78,14 @@ class Services:
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
         hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
+        presence = Presence(client, config.presence_offline_after_s, config.presence_ttl_s)
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
                        sessions=Sessions(hub, config.access_token_ttl_s),
                        hashing=PasswordHashing(config.hash_concurrency, config.hash_max_wait_s),
                        address_checks=WindowLimit(client, "auth-address", config.auth_max_per_address,
                                                   config.auth_address_window_s, lambda: outbox.available,
                                                   remember_refusals=True),
-                       presence=Presence(client, config.presence_offline_after_s, config.presence_ttl_s))
+                       presence=presence, push=PushHook(config, presence, outbox))
 
         def bound() -> list[tuple[uuid.UUID, uuid.UUID]]:
             return [(c.user_id, c.token_family) for c in services.connections

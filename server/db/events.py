@@ -1,15 +1,18 @@
 """SQL of durable user events (sql/012): storing them in the transaction of
-the change, reading them back for ``events.resume``, marking them published,
-the relay's claim of what stays unpublished, and retention."""
+the change, reading them back for ``events.resume``, marking them published
+(and queueing their pushes, sql/015), the relay's claim of what stays
+unpublished, and retention."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Collection, Sequence
 
 import asyncpg
+
+from server.db import push as push_db
 
 # An event to store: (user, event name, data as the JSON text of its model).
 NewEvent = tuple[uuid.UUID, str, str]
@@ -43,27 +46,37 @@ async def since(
         return rows, await last_seq(conn, user_id)
 
 
-async def mark_published(conn: asyncpg.Connection, keys: Sequence[tuple[uuid.UUID, int]]) -> None:
-    """Some process published these: the relay leaves them alone."""
+async def mark_published(
+    conn: asyncpg.Connection, keys: Sequence[tuple[uuid.UUID, int]], push_unless_online: Collection[uuid.UUID] | None = None,
+) -> int:
+    """Some process published these: the relay leaves them alone. With
+    ``push_unless_online`` (the push hook is on) the pushed events of users
+    not in it are queued for a push by the same statement (server/db/push.py).
+    Returns how many pushes were queued."""
     if not keys:
-        return
+        return 0
     users, seqs = zip(*keys)
+    if push_unless_online is not None:
+        return await push_db.mark_published(conn, users, seqs, push_unless_online)
     await conn.execute(
         """UPDATE user_events e SET published = true FROM unnest($1::uuid[], $2::bigint[]) AS k(u, s)
            WHERE e.user_id = k.u AND e.seq = k.s AND NOT e.published""",
         users, seqs,
     )
+    return 0
 
 
 async def relay_unpublished(
     conn: asyncpg.Connection, older_than: dt.timedelta, limit: int,
     publish: Callable[[list[asyncpg.Record]], Awaitable[bool]],
+    online: Callable[[list[uuid.UUID]], Awaitable[Collection[uuid.UUID] | None]],
 ) -> int:
     """Claim up to ``limit`` events committed longer ago than ``older_than``
     that nobody is known to have published, ``publish`` them and, if it
-    succeeded, mark them published. Rows another process has claimed are
-    skipped, so any number of processes relay side by side. Returns how
-    many were published."""
+    succeeded, mark them published, queueing the pushes of those whose
+    users are not ``online`` (None: the push hook is off). Rows another
+    process has claimed are skipped, so any number of processes relay side
+    by side. Returns how many were published."""
     async with conn.transaction():
         rows = await conn.fetch(
             """SELECT user_id, seq, event, data,
@@ -74,7 +87,8 @@ async def relay_unpublished(
         )
         if not rows or not await publish(rows):
             return 0
-        await mark_published(conn, [(r["user_id"], r["seq"]) for r in rows])
+        users = [r["user_id"] for r in rows]
+        await mark_published(conn, list(zip(users, (r["seq"] for r in rows))), await online(users))
         return len(rows)
 
 

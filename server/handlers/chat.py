@@ -24,6 +24,7 @@ from protocol.models import chat as m
 from server import events, messages
 from server import cursors
 from server.db import chat as chat_db
+from server.db import push as push_db
 from server.presence_worker import party_presence
 from server.rpc import Call, rpc
 from server.services import Services
@@ -141,14 +142,37 @@ async def leave(call: Call, p: m.LeaveParams) -> dict:
     return {}
 
 
+async def _offline_recipient(services: Services, sender: uuid.UUID, conversation_id: uuid.UUID) -> uuid.UUID | None:
+    """The other party when the push hook is on and they are offline now
+    (server/push.py); None otherwise. A conversation's parties never
+    change, so the process remembers them."""
+    push = services.push
+    if not push.enabled:
+        return None
+    parties = push.parties(conversation_id)
+    if parties is None:
+        row = await _party_conversation(services, sender, conversation_id)
+        parties = (row["user_id"], row["host_id"])
+        push.remember_parties(conversation_id, parties)
+    if sender not in parties:
+        raise _not_found()
+    other = parties[1] if sender == parties[0] else parties[0]
+    return None if other in await push.online_among([other]) else other
+
+
 @rpc("chat.send")
 async def send(call: Call, p: m.SendParams) -> m.SendResult:
     services = call.services
     channel = services.hub.conversation_channel(p.conversation_id)
     published: list[asyncio.Task] = []
+    push_to = await _offline_recipient(services, call.user_id, p.conversation_id)
 
     async def store(conn: asyncpg.Connection) -> m.Message | None:
-        stored = await chat_db.send_message(conn, p.conversation_id, call.user_id, p.content, p.client_msg_id)
+        if push_to is None:
+            stored = await chat_db.send_message(conn, p.conversation_id, call.user_id, p.content, p.client_msg_id)
+        else:
+            stored = await push_db.send_message(conn, p.conversation_id, call.user_id, p.content, p.client_msg_id,
+                                                push_to)
         if stored is None:
             return None
         message = _message(stored[0])
@@ -163,6 +187,8 @@ async def send(call: Call, p: m.SendParams) -> m.SendResult:
     message = await services.db.write(call.user_id, store)
     if message is None:
         raise _not_found()
+    if push_to is not None:
+        services.push.queued()
     # Shielded: a sender that goes away must not take the publish with it.
     await asyncio.shield(published[0])
     return m.SendResult(message=message)

@@ -69,7 +69,12 @@ async def listening_line(stack, **env: str) -> str:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
     finally:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 30)
+        try:
+            await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # a hung shutdown fails the test, and leaves no process behind
+            proc.wait()
+            raise
     assert line.startswith("hangout listening on "), line
     return line.split()[3].rsplit(":", 1)[0]
 

@@ -1,0 +1,258 @@
+"""The topology of DESIGN.md "Beyond one machine" on this machine, one
+network namespace per host:
+
+    lb     10.77.0.2   nginx (deploy/nginx/), port 80
+    data   10.77.0.3   PostgreSQL primary :5432 + replicas :5433 :5434,
+                       PgBouncer :6432, Redis :6379 (deploy/topology/datahost.py)
+    app1-3 10.77.0.11-13  a server with WORKERS=2 on :8080 each
+
+Clients reach nginx from the root namespace (10.77.0.1). ``Topology`` is a
+context manager that tears everything down on the way out, even after a
+failure; ``teardown()`` also cleans up after a run that was killed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.topology import datahost, netns
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = Path("/tmp/hangout-topology")  # reachable by the postgres OS user
+# Held while a topology exists: its names and subnet are fixed, so a second
+# run would tear the first one down.
+LOCK = Path("/tmp/hangout-topology.lock")
+NGINX_SITE = ROOT / "deploy" / "nginx" / "hangout.conf"
+
+LB = f"{netns.SUBNET}.2"
+DATA = f"{netns.SUBNET}.3"
+APP_HOSTS = {f"app{i}": f"{netns.SUBNET}.{10 + i}" for i in (1, 2, 3)}
+SERVER_PORT = 8080
+WORKERS = 2
+
+
+def log(msg: str) -> None:
+    print(f"[topology] {msg}", file=sys.stderr, flush=True)
+
+
+def nginx_bin() -> str:
+    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(exe):
+        raise RuntimeError("nginx not found: `make test-topology` installs Debian's package")
+    return exe
+
+
+@dataclass
+class Topology:
+    base: Path = BASE
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
+    kyc_secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
+    ops_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # Every load-test client comes from the root namespace's one address.
+    server_settings: dict[str, str] = field(default_factory=lambda: {
+        "AUTH_MAX_PER_ADDRESS": "1000000", "MAX_SOCKETS_PER_ADDRESS": "1000000"})
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    killed: set[str] = field(default_factory=set)
+    lock_fd: int | None = None
+
+    # ---- where things are -------------------------------------------------
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{LB}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{LB}"
+
+    @property
+    def primary_url(self) -> str:
+        """The primary itself, for migrations and the test's own checks."""
+        return f"postgresql://{datahost.DB_USER}@{DATA}:{datahost.PRIMARY_PORT}/hangout"
+
+    def server_env(self) -> dict[str, str]:
+        bouncer = f"postgresql://{datahost.DB_USER}:{datahost.DB_PASSWORD}@{DATA}:{datahost.PGBOUNCER_PORT}"
+        return {
+            "DATABASE_URL": f"{bouncer}/hangout",
+            "DATABASE_REPLICA_URLS": ",".join(
+                f"{bouncer}/hangout_replica{i}" for i in range(1, len(datahost.REPLICA_PORTS) + 1)),
+            "MIGRATE_DATABASE_URL": self.primary_url,
+            "DB_STATEMENT_CACHE_SIZE": "0",
+            "REDIS_URL": f"redis://{DATA}:{datahost.REDIS_PORT}/0",
+            "JWT_SECRET": self.jwt_secret,
+            "KYC_WEBHOOK_SECRET": self.kyc_secret,
+            "OPS_TOKEN": self.ops_token,
+            "HOST": "0.0.0.0",
+            "PORT": str(SERVER_PORT),
+            "WORKERS": str(WORKERS),
+            "TRUSTED_PROXIES": f"{LB}/32",
+            **self.server_settings,
+        }
+
+    # ---- building it ------------------------------------------------------
+
+    def __enter__(self) -> "Topology":
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        self.lock_fd = _lock()
+        _teardown(self.base)  # whatever an interrupted run left
+        self.base.mkdir(parents=True)
+        self.base.chmod(0o755)
+        (self.base / "logs").mkdir()
+        netns.make_bridge()
+        netns.add_host("lb", LB)
+        netns.add_host("data", DATA)
+        for name, address in APP_HOSTS.items():
+            netns.add_host(name, address)
+
+        log("data host: primary, 2 replicas, PgBouncer, Redis")
+        self._in("data", [sys.executable, "-m", "deploy.topology.datahost", "up", str(self.base / "data"), DATA])
+        log("migrating through the primary")
+        subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=ROOT, check=True, timeout=120,
+                       env={**os.environ, **self.server_env(), "DATABASE_URL": self.primary_url})
+        for name in APP_HOSTS:
+            self.start_server(name)
+        self.start_nginx()
+        for name, address in APP_HOSTS.items():
+            self.wait_ready(f"http://{address}:{SERVER_PORT}/readyz", name)
+        self.wait_ready(f"{self.http_url}/readyz", "nginx")
+        log(f"up: clients connect to {self.ws_url}")
+
+    def _in(self, host: str, args: list[str], timeout: float = 600) -> None:
+        proc = subprocess.run(["ip", "netns", "exec", netns.PREFIX + host, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{host}: {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+
+    def _spawn(self, key: str, host: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        logfile = (self.base / "logs" / f"{key}.log").open("ab")
+        self.procs[key] = subprocess.Popen(
+            ["ip", "netns", "exec", netns.PREFIX + host, *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+            stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True)
+        logfile.close()
+
+    def start_server(self, host: str) -> None:
+        self._spawn(host, host, [sys.executable, "-m", "server"], self.server_env())
+
+    def start_nginx(self) -> None:
+        run = self.base / "nginx"
+        run.mkdir()
+        upstreams = "\n".join(f"    server {a}:{SERVER_PORT} max_fails=1 fail_timeout=10s;"
+                              for a in APP_HOSTS.values())
+        # The site is deploy/nginx/hangout.conf as shipped; only the upstream
+        # list (hangout-upstreams.conf in production) and the main context
+        # are this machine's.
+        (run / "nginx.conf").write_text(f"""
+worker_processes 1;
+pid {run}/nginx.pid;
+error_log {self.base}/logs/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {run}/body;
+    proxy_temp_path {run}/proxy;
+    fastcgi_temp_path {run}/fastcgi;
+    uwsgi_temp_path {run}/uwsgi;
+    scgi_temp_path {run}/scgi;
+    upstream hangout_servers {{
+        least_conn;
+{upstreams}
+    }}
+    include {NGINX_SITE};
+}}
+""")
+        self._in("lb", [nginx_bin(), "-t", "-p", str(run), "-c", str(run / "nginx.conf")], timeout=30)
+        self._spawn("nginx", "lb", [nginx_bin(), "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"])
+
+    def wait_ready(self, url: str, what: str, timeout: float = 90) -> None:
+        """Poll ``url`` until it answers 200 (another process: nothing to await)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            for key, proc in self.procs.items():
+                if key not in self.killed and proc.poll() is not None:
+                    raise RuntimeError(f"{key} exited ({proc.returncode}); see {self.base}/logs/{key}.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready at {url} within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    # ---- breaking it ------------------------------------------------------
+
+    def kill_host(self, host: str) -> None:
+        """The host dies: every process on it SIGKILLed, then its namespace
+        and link deleted."""
+        self.killed.add(host)
+        netns.remove_host(netns.PREFIX + host)
+        proc = self.procs.get(host)
+        if proc is not None:
+            proc.wait(timeout=10)
+
+    def down(self) -> None:
+        if self.lock_fd is None:
+            return  # never built, or another run's
+        try:
+            if (self.base / "data").exists() and netns.PREFIX + "data" in netns.namespaces():
+                self._in("data", [sys.executable, "-m", "deploy.topology.datahost", "down",
+                                  str(self.base / "data"), DATA], timeout=120)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"stopping PostgreSQL: {e}")
+        finally:
+            _teardown(self.base)
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)  # releases the flock
+                self.lock_fd = None
+
+
+def _lock() -> int:
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another topology run holds {LOCK}") from None
+    return fd
+
+
+def _teardown(base: Path) -> None:
+    netns.teardown()
+    if base.exists():
+        shutil.rmtree(base)
+
+
+def teardown(base: Path = BASE) -> None:
+    """Every namespace, link and file of the topology, even half built
+    (refused while a run holds the lock)."""
+    fd = _lock()
+    try:
+        _teardown(base)
+    finally:
+        os.close(fd)

@@ -11,6 +11,10 @@ Its clients reconnect through nginx and resume (``ResumingClient``):
   stream;
 - the ledger invariants of tests/test_ledger.py hold.
 
+Each client connects from an address of its own and the servers keep their
+default per-address limits, which they apply to the address nginx passes
+in X-Forwarded-For (TRUSTED_PROXIES), never to one the client wrote.
+
 Needs root, iproute2 and nginx: run by ``make test-topology`` only
 (``HANGOUT_TOPOLOGY=1``), never by ``make test``.
 """
@@ -32,8 +36,11 @@ import aiohttp
 import asyncpg
 import pytest
 
+from deploy.topology import CLIENT_ADDRESSES, Topology
 from loadtests.accounts import kyc_signature
-from protocol.errors import RpcError
+from protocol.client import Client
+from protocol.codec import SUBPROTOCOL
+from protocol.errors import ErrorCode, RpcError
 from protocol.reconnect import ResumingClient
 from protocol.resume import Backoff
 from tests.conftest import PASSWORD
@@ -44,7 +51,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs root and network namespaces: make test-topology",
 )
 
-PAIRS = 20  # a booker and a host each, 40 sockets through nginx
+PAIRS = 20  # a booker and a host each, 40 sockets through nginx, each from its own address
 LOAD_S = 25.0  # how long the scripted load runs
 KILL_AT_S = 8.0  # when the server host dies, into the load
 VICTIM = "app2"
@@ -63,8 +70,6 @@ def next_slot() -> dt.datetime:
 
 @pytest.fixture(scope="module")
 def topology():
-    from deploy.topology import Topology
-
     with Topology() as topo:
         yield topo
 
@@ -95,8 +100,9 @@ class Pair:
     refusals: Counter = field(default_factory=Counter)
 
 
-async def sign_up(topo, http: aiohttp.ClientSession, name: str) -> Party:
-    rc = await ResumingClient(topo.ws_url, backoff=Backoff(0.05, 1.0)).start()
+async def sign_up(topo, http: aiohttp.ClientSession, name: str, address: str) -> Party:
+    """A verified user whose client connects from ``address``."""
+    rc = await ResumingClient(topo.ws_url, backoff=Backoff(0.05, 1.0), local_address=address).start()
     session = await rc.call("auth.register", {"email": f"topo-{uuid.uuid4().hex[:16]}@example.com",
                                               "password": PASSWORD, "name": name, "gender": "female"})
     user_id = session["user"]["id"]
@@ -108,10 +114,10 @@ async def sign_up(topo, http: aiohttp.ClientSession, name: str) -> Party:
     return Party(rc, user_id)
 
 
-async def make_pair(topo, http: aiohttp.ClientSession) -> Pair:
-    host = await sign_up(topo, http, "Host")
+async def make_pair(topo, http: aiohttp.ClientSession, addresses: tuple[str, str]) -> Pair:
+    host = await sign_up(topo, http, "Host", addresses[0])
     await host.rc.call("users.update", {"price_per_hour": "10.00"})
-    booker = await sign_up(topo, http, "Booker")
+    booker = await sign_up(topo, http, "Booker", addresses[1])
     await booker.rc.call("wallet.topup", {"amount": "200.00", "idempotency_key": uuid.uuid4().hex})
     start = next_slot()
     booking = (await booker.rc.call("bookings.create", {
@@ -186,11 +192,11 @@ async def test_a_server_host_killed_under_load_loses_nothing(topology):
         # A few sign-ups at a time: each is an argon2 hash on a 2-core machine.
         gate = asyncio.Semaphore(4)
 
-        async def gated() -> Pair:
+        async def gated(i: int) -> Pair:
             async with gate:
-                return await make_pair(topology, http)
+                return await make_pair(topology, http, (CLIENT_ADDRESSES[2 * i], CLIENT_ADDRESSES[2 * i + 1]))
 
-        pairs = await asyncio.wait_for(asyncio.gather(*(gated() for _ in range(PAIRS))), 180)
+        pairs = await asyncio.wait_for(asyncio.gather(*(gated(i) for i in range(PAIRS))), 180)
     parties = [p for pair in pairs for p in (pair.booker, pair.host)]
     try:
         for party in parties:
@@ -251,3 +257,48 @@ async def check_stored(db: asyncpg.Pool, pairs: list[Pair]) -> None:
             assert stored.get(content) == 1, (content, stored.get(content))
     users = [uuid.UUID(p.user_id) for pair in pairs for p in (pair.booker, pair.host)]
     await check_ledger(db, users)
+
+
+async def connect_from(topo, address: str, forwarded_for: str | None = None) -> Client:
+    """A socket through nginx from ``address``, claiming ``forwarded_for``."""
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    try:
+        ws = await session.ws_connect(topo.ws_url, protocols=(SUBPROTOCOL,), headers=headers)
+    except BaseException:
+        await session.close()
+        raise
+    return Client(session, ws, True)
+
+
+async def failed_login(client: Client) -> ErrorCode:
+    try:
+        await client.call("auth.login", {"email": f"nobody-{uuid.uuid4().hex[:12]}@example.com", "password": PASSWORD})
+    except RpcError as exc:
+        return exc.code
+    raise AssertionError("a login of nobody succeeded")
+
+
+async def test_the_servers_count_each_client_address_that_nginx_passes_and_no_claimed_one(topology):
+    """Password checks are limited per client address (AUTH_MAX_PER_ADDRESS,
+    20 a minute) across all processes. Behind nginx, with TRUSTED_PROXIES
+    naming it, the address is the client's own: one client's budget running
+    out leaves another's whole, and an X-Forwarded-For the client wrote
+    itself buys nothing. (The load test above signs up 40 users through the
+    same nginx within the minute, which the limit allows only because each
+    comes from its own address.)"""
+    spent, other, claimed = CLIENT_ADDRESSES[-1], CLIENT_ADDRESSES[-2], CLIENT_ADDRESSES[-3]
+    client = await connect_from(topology, spent)
+    try:
+        codes = [await failed_login(client) for _ in range(21)]
+        assert codes == [ErrorCode.INVALID_CREDENTIALS] * 20 + [ErrorCode.RATE_LIMITED], codes
+    finally:
+        await client.close()
+    forging = await connect_from(topology, spent, forwarded_for=claimed)
+    elsewhere = await connect_from(topology, other)
+    try:
+        assert await failed_login(forging) is ErrorCode.RATE_LIMITED
+        assert await failed_login(elsewhere) is ErrorCode.INVALID_CREDENTIALS
+    finally:
+        await forging.close()
+        await elsewhere.close()

@@ -2,6 +2,6 @@
 required): ``python -m deploy.topology up|down``. The test that kills a
 host under load is tests/test_topology.py (``make test-topology``)."""
 
-from deploy.topology.topology import APP_HOSTS, Topology, teardown
+from deploy.topology.topology import APP_HOSTS, CLIENT_ADDRESSES, Topology, teardown
 
-__all__ = ["APP_HOSTS", "Topology", "teardown"]
+__all__ = ["APP_HOSTS", "CLIENT_ADDRESSES", "Topology", "teardown"]

@@ -50,6 +50,13 @@ def make_bridge() -> None:
     ip("link", "set", BRIDGE, "up")
 
 
+def add_client_addresses(addresses: list[str]) -> None:
+    """More addresses on the root namespace's end of the bridge: clients
+    that bind to them reach nginx as that many different client addresses."""
+    for address in addresses:
+        ip("addr", "add", f"{address}/32", "dev", BRIDGE)
+
+
 def veth_of(ns: str) -> str:
     """The root namespace's end of the host's link."""
     return f"{ns}-v"[:15]

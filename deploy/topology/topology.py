@@ -1,13 +1,14 @@
-"""The topology of DESIGN.md "Beyond one machine" on this machine, one
-network namespace per host:
+"""The production topology on this machine (docs/operations.md, "Deploying
+on N hosts"), one network namespace per host:
 
     lb     10.77.0.2   nginx (deploy/nginx/), port 80
     data   10.77.0.3   PostgreSQL primary :5432 + replicas :5433 :5434,
                        PgBouncer :6432, Redis :6379 (deploy/topology/datahost.py)
     app1-3 10.77.0.11-13  a server with WORKERS=2 on :8080 each
 
-Clients reach nginx from the root namespace (10.77.0.1). ``Topology`` is a
-context manager that tears everything down on the way out, even after a
+Clients reach nginx from the root namespace: 10.77.0.1, and 10.77.0.100-163
+for clients that come as different addresses. ``Topology`` is a context
+manager that tears everything down on the way out, even after a
 failure; ``teardown()`` also cleans up after a run that was killed.
 """
 
@@ -36,6 +37,9 @@ NGINX_SITE = ROOT / "deploy" / "nginx" / "hangout.conf"
 LB = f"{netns.SUBNET}.2"
 DATA = f"{netns.SUBNET}.3"
 APP_HOSTS = {f"app{i}": f"{netns.SUBNET}.{10 + i}" for i in (1, 2, 3)}
+# Addresses in the root namespace that load clients bind to, so that the
+# servers' per-address limits apply per client as behind a real nginx.
+CLIENT_ADDRESSES = [f"{netns.SUBNET}.{i}" for i in range(100, 164)]
 SERVER_PORT = 8080
 WORKERS = 2
 
@@ -57,9 +61,7 @@ class Topology:
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
     kyc_secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
     ops_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    # Every load-test client comes from the root namespace's one address.
-    server_settings: dict[str, str] = field(default_factory=lambda: {
-        "AUTH_MAX_PER_ADDRESS": "1000000", "MAX_SOCKETS_PER_ADDRESS": "1000000"})
+    server_settings: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
     lock_fd: int | None = None
@@ -118,6 +120,7 @@ class Topology:
         self.base.chmod(0o755)
         (self.base / "logs").mkdir()
         netns.make_bridge()
+        netns.add_client_addresses(CLIENT_ADDRESSES)
         netns.add_host("lb", LB)
         netns.add_host("data", DATA)
         for name, address in APP_HOSTS.items():

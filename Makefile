@@ -111,7 +111,8 @@ test-browser: devstack demo chromium
 # nginx in front of 3 hosts x 2 server processes, PgBouncer, a primary with
 # 2 replicas, Redis; one server host killed under load. Root only (it makes
 # namespaces, links and a bridge on 10.77.0.0/24, all removed at the end);
-# apt-installs iproute2 and Debian's nginx when missing. Not part of `make test`.
+# apt-installs iproute2 and Debian's nginx when missing. Logs of the last
+# run: /tmp/hangout-topology-logs. Not part of `make test`.
 test-topology: install
 	@[ "$$(id -u)" = 0 ] || { echo "test-topology needs root (ip netns)" >&2; exit 1; }
 	@command -v ip >/dev/null || { $(APT) update && $(APT) install -y iproute2; }

@@ -32,6 +32,8 @@ BASE = Path("/tmp/hangout-topology")  # reachable by the postgres OS user
 # Held while a topology exists: its names and subnet are fixed, so a second
 # run would tear the first one down.
 LOCK = Path("/tmp/hangout-topology.lock")
+# Every host's logs of the last run, kept when the rest is torn down.
+KEPT_LOGS = Path("/tmp/hangout-topology-logs")
 NGINX_SITE = ROOT / "deploy" / "nginx" / "hangout.conf"
 
 LB = f"{netns.SUBNET}.2"
@@ -137,7 +139,7 @@ class Topology:
         for name, address in APP_HOSTS.items():
             self.wait_ready(f"http://{address}:{SERVER_PORT}/readyz", name)
         self.wait_ready(f"{self.http_url}/readyz", "nginx")
-        log(f"up: clients connect to {self.ws_url}")
+        log(f"up: clients connect to {self.ws_url}; logs are kept in {KEPT_LOGS} at the end")
 
     def _in(self, host: str, args: list[str], timeout: float = 600) -> None:
         proc = subprocess.run(["ip", "netns", "exec", netns.PREFIX + host, *args], cwd=ROOT,
@@ -197,7 +199,7 @@ http {{
                 pass
             for key, proc in self.procs.items():
                 if key not in self.killed and proc.poll() is not None:
-                    raise RuntimeError(f"{key} exited ({proc.returncode}); see {self.base}/logs/{key}.log")
+                    raise RuntimeError(f"{key} exited ({proc.returncode}); its log: {KEPT_LOGS}/{key}.log")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} not ready at {url} within {timeout:.0f}s")
             time.sleep(0.2)
@@ -217,12 +219,18 @@ http {{
         if self.lock_fd is None:
             return  # never built, or another run's
         try:
+            # The servers and nginx go first, so that nothing is left to
+            # complain that the databases went away.
+            for ns in netns.namespaces():
+                if ns != netns.PREFIX + "data":
+                    netns.kill_all(ns)
             if (self.base / "data").exists() and netns.PREFIX + "data" in netns.namespaces():
                 self._in("data", [sys.executable, "-m", "deploy.topology.datahost", "down",
                                   str(self.base / "data"), DATA], timeout=120)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
-            log(f"stopping PostgreSQL: {e}")
+            log(f"stopping the hosts: {e}")
         finally:
+            keep_logs(self.base)
             _teardown(self.base)
             for proc in self.procs.values():
                 try:
@@ -233,6 +241,17 @@ http {{
             if self.lock_fd is not None:
                 os.close(self.lock_fd)  # releases the flock
                 self.lock_fd = None
+
+
+def keep_logs(base: Path) -> None:
+    """Copy the servers', nginx's and the data host's logs to ``KEPT_LOGS``."""
+    shutil.rmtree(KEPT_LOGS, ignore_errors=True)
+    KEPT_LOGS.mkdir(parents=True)
+    for logs in (base / "logs", base / "data" / "logs"):
+        if logs.is_dir():
+            for f in logs.iterdir():
+                if f.is_file():
+                    shutil.copy(f, KEPT_LOGS / f.name)
 
 
 def _lock() -> int:
@@ -256,6 +275,8 @@ def teardown(base: Path = BASE) -> None:
     (refused while a run holds the lock)."""
     fd = _lock()
     try:
+        if base.exists():
+            keep_logs(base)
         _teardown(base)
     finally:
         os.close(fd)

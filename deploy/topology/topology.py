@@ -1,10 +1,14 @@
 """The production topology on this machine (docs/operations.md, "Deploying
 on N hosts"), one network namespace per host:
 
-    lb     10.77.0.2   nginx (deploy/nginx/), port 80
-    data   10.77.0.3   PostgreSQL primary :5432 + replicas :5433 :5434,
-                       PgBouncer :6432, Redis :6379 (deploy/topology/datahost.py)
-    app1-3 10.77.0.11-13  a server with WORKERS=2 on :8080 each
+    lb         10.77.0.2      nginx (deploy/nginx/), port 80
+    pgbouncer  10.77.0.5      PgBouncer :6432 (deploy/pgbouncer/)
+    redis      10.77.0.6      Redis :6379
+    app1-3     10.77.0.11-13  a server with WORKERS=2 on :8080 each
+    pg0        10.77.0.20     the PostgreSQL primary :5432
+    pg1, pg2   10.77.0.21-22  streaming replicas :5432
+
+(deploy/topology/datahost.py builds the data hosts.)
 
 Clients reach nginx from the root namespace: 10.77.0.1, and 10.77.0.100-163
 for clients that come as different addresses. ``Topology`` is a context
@@ -37,7 +41,8 @@ KEPT_LOGS = Path("/tmp/hangout-topology-logs")
 NGINX_SITE = ROOT / "deploy" / "nginx" / "hangout.conf"
 
 LB = f"{netns.SUBNET}.2"
-DATA = f"{netns.SUBNET}.3"
+DATA_HOSTS = {"pgbouncer": datahost.PGBOUNCER, "redis": datahost.REDIS, "pg0": datahost.PRIMARY,
+              **{f"pg{n}": a for n, a in enumerate(datahost.REPLICAS, 1)}}
 APP_HOSTS = {f"app{i}": f"{netns.SUBNET}.{10 + i}" for i in (1, 2, 3)}
 # Addresses in the root namespace that load clients bind to, so that the
 # servers' per-address limits apply per client as behind a real nginx.
@@ -81,17 +86,18 @@ class Topology:
     @property
     def primary_url(self) -> str:
         """The primary itself, for migrations and the test's own checks."""
-        return f"postgresql://{datahost.DB_USER}@{DATA}:{datahost.PRIMARY_PORT}/hangout"
+        return f"postgresql://{datahost.DB_USER}@{datahost.PRIMARY}:{datahost.PG_PORT}/hangout"
 
     def server_env(self) -> dict[str, str]:
-        bouncer = f"postgresql://{datahost.DB_USER}:{datahost.DB_PASSWORD}@{DATA}:{datahost.PGBOUNCER_PORT}"
+        bouncer = (f"postgresql://{datahost.DB_USER}:{datahost.DB_PASSWORD}@"
+                   f"{datahost.PGBOUNCER}:{datahost.PGBOUNCER_PORT}")
         return {
             "DATABASE_URL": f"{bouncer}/hangout",
             "DATABASE_REPLICA_URLS": ",".join(
-                f"{bouncer}/hangout_replica{i}" for i in range(1, len(datahost.REPLICA_PORTS) + 1)),
+                f"{bouncer}/hangout_replica{n}" for n in range(1, len(datahost.REPLICAS) + 1)),
             "MIGRATE_DATABASE_URL": self.primary_url,
             "DB_STATEMENT_CACHE_SIZE": "0",
-            "REDIS_URL": f"redis://{DATA}:{datahost.REDIS_PORT}/0",
+            "REDIS_URL": f"redis://{datahost.REDIS}:{datahost.REDIS_PORT}/0",
             "JWT_SECRET": self.jwt_secret,
             "KYC_WEBHOOK_SECRET": self.kyc_secret,
             "OPS_TOKEN": self.ops_token,
@@ -123,13 +129,15 @@ class Topology:
         (self.base / "logs").mkdir()
         netns.make_bridge()
         netns.add_client_addresses(CLIENT_ADDRESSES)
-        netns.add_host("lb", LB)
-        netns.add_host("data", DATA)
-        for name, address in APP_HOSTS.items():
+        for name, address in {"lb": LB, **DATA_HOSTS, **APP_HOSTS}.items():
             netns.add_host(name, address)
 
-        log("data host: primary, 2 replicas, PgBouncer, Redis")
-        self._in("data", [sys.executable, "-m", "deploy.topology.datahost", "up", str(self.base / "data"), DATA])
+        log("data hosts: a primary, 2 replicas streaming from it, PgBouncer, Redis")
+        self._datahost("pg0", "primary")
+        for n in range(1, len(datahost.REPLICAS) + 1):
+            self._datahost(f"pg{n}", "replica", str(n))
+        self._datahost("pgbouncer", "pgbouncer")
+        self._datahost("redis", "redis")
         log("migrating through the primary")
         subprocess.run([sys.executable, "-m", "server", "migrate"], cwd=ROOT, check=True, timeout=120,
                        env={**os.environ, **self.server_env(), "DATABASE_URL": self.primary_url})
@@ -140,6 +148,9 @@ class Topology:
             self.wait_ready(f"http://{address}:{SERVER_PORT}/readyz", name)
         self.wait_ready(f"{self.http_url}/readyz", "nginx")
         log(f"up: clients connect to {self.ws_url}; logs are kept in {KEPT_LOGS} at the end")
+
+    def _datahost(self, host: str, role: str, *args: str) -> None:
+        self._in(host, [sys.executable, "-m", "deploy.topology.datahost", role, str(self.base / "data"), *args])
 
     def _in(self, host: str, args: list[str], timeout: float = 600) -> None:
         proc = subprocess.run(["ip", "netns", "exec", netns.PREFIX + host, *args], cwd=ROOT,
@@ -221,12 +232,10 @@ http {{
         try:
             # The servers and nginx go first, so that nothing is left to
             # complain that the databases went away.
-            for ns in netns.namespaces():
-                if ns != netns.PREFIX + "data":
-                    netns.kill_all(ns)
-            if (self.base / "data").exists() and netns.PREFIX + "data" in netns.namespaces():
-                self._in("data", [sys.executable, "-m", "deploy.topology.datahost", "down",
-                                  str(self.base / "data"), DATA], timeout=120)
+            for name in ("lb", *APP_HOSTS):
+                if netns.PREFIX + name in netns.namespaces():
+                    netns.kill_all(netns.PREFIX + name)
+            datahost.stop_postgres(self.base / "data")
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             log(f"stopping the hosts: {e}")
         finally:

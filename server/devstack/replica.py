@@ -22,10 +22,11 @@ class Replica(PgNode):
     # primary must hold) and name.
     slot: str = SLOT_NAME
     application_name: str = REPLICA_APPLICATION_NAME
+    primary_host: str = "127.0.0.1"  # where the replica reaches the primary
 
     def node_conf_extra(self) -> str:
         conninfo = (
-            f"host=127.0.0.1 port={self.primary.port} user={SUPERUSER} "
+            f"host={self.primary_host} port={self.primary.port} user={SUPERUSER} "
             f"application_name={self.application_name}"
         )
         return (
@@ -56,7 +57,7 @@ class Replica(PgNode):
         self.kill()
         self.make_empty()
         self.run(
-            [pg_tool("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port),
+            [pg_tool("pg_basebackup"), "-h", self.primary_host, "-p", str(self.primary.port),
              "-U", SUPERUSER, "-D", str(d), "-R", "-X", "stream", "-c", "fast",
              "-S", self.slot, "--no-sync"],
             timeout=600,

@@ -103,14 +103,18 @@ class Pair:
 async def sign_up(topo, http: aiohttp.ClientSession, name: str, address: str) -> Party:
     """A verified user whose client connects from ``address``."""
     rc = await ResumingClient(topo.ws_url, backoff=Backoff(0.05, 1.0), local_address=address).start()
-    session = await rc.call("auth.register", {"email": f"topo-{uuid.uuid4().hex[:16]}@example.com",
-                                              "password": PASSWORD, "name": name, "gender": "female"})
-    user_id = session["user"]["id"]
-    body = json.dumps({"event_id": f"topo-{uuid.uuid4().hex}", "user_id": user_id, "status": "verified"}).encode()
-    async with http.post(f"{topo.http_url}/webhooks/kyc", data=body,
-                         headers={"X-Signature": kyc_signature(body, topo.kyc_secret)}) as r:
-        assert r.status == 200, await r.text()
-    await rc.next_event("user.updated", timeout=15)
+    try:
+        session = await rc.call("auth.register", {"email": f"topo-{uuid.uuid4().hex[:16]}@example.com",
+                                                  "password": PASSWORD, "name": name, "gender": "female"})
+        user_id = session["user"]["id"]
+        body = json.dumps({"event_id": f"topo-{uuid.uuid4().hex}", "user_id": user_id, "status": "verified"}).encode()
+        async with http.post(f"{topo.http_url}/webhooks/kyc", data=body,
+                             headers={"X-Signature": kyc_signature(body, topo.kyc_secret)}) as r:
+            assert r.status == 200, await r.text()
+        await rc.next_event("user.updated", timeout=15)
+    except BaseException:
+        await rc.close()
+        raise
     return Party(rc, user_id)
 
 

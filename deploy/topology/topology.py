@@ -39,6 +39,7 @@ LOCK = Path("/tmp/hangout-topology.lock")
 # Every host's logs of the last run, kept when the rest is torn down.
 KEPT_LOGS = Path("/tmp/hangout-topology-logs")
 NGINX_SITE = ROOT / "deploy" / "nginx" / "hangout.conf"
+NGINX_UPSTREAMS = ROOT / "deploy" / "nginx" / "hangout-upstreams.conf"
 
 LB = f"{netns.SUBNET}.2"
 DATA_HOSTS = {"pgbouncer": datahost.PGBOUNCER, "redis": datahost.REDIS, "pg0": datahost.PRIMARY,
@@ -171,11 +172,10 @@ class Topology:
     def start_nginx(self) -> None:
         run = self.base / "nginx"
         run.mkdir()
-        upstreams = "\n".join(f"    server {a}:{SERVER_PORT} max_fails=1 fail_timeout=10s;"
-                              for a in APP_HOSTS.values())
-        # The site is deploy/nginx/hangout.conf as shipped; only the upstream
-        # list (hangout-upstreams.conf in production) and the main context
-        # are this machine's.
+        (run / "hangout-upstreams.conf").write_text(
+            upstreams_config([f"{a}:{SERVER_PORT}" for a in APP_HOSTS.values()]))
+        # The site and the upstream settings are deploy/nginx/'s as shipped;
+        # only the main context and the servers' addresses are this machine's.
         (run / "nginx.conf").write_text(f"""
 worker_processes 1;
 pid {run}/nginx.pid;
@@ -188,10 +188,7 @@ http {{
     fastcgi_temp_path {run}/fastcgi;
     uwsgi_temp_path {run}/uwsgi;
     scgi_temp_path {run}/scgi;
-    upstream hangout_servers {{
-        least_conn;
-{upstreams}
-    }}
+    include {run}/hangout-upstreams.conf;
     include {NGINX_SITE};
 }}
 """)
@@ -250,6 +247,24 @@ http {{
             if self.lock_fd is not None:
                 os.close(self.lock_fd)  # releases the flock
                 self.lock_fd = None
+
+
+def upstreams_config(servers: list[str]) -> str:
+    """deploy/nginx/hangout-upstreams.conf with ``servers`` in place of its
+    example ones, each with the example's parameters."""
+    out: list[str] = []
+    listed = False
+    for line in NGINX_UPSTREAMS.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["server"]:
+            if not listed:
+                out += [f"    server {s} {' '.join(words[2:])}" for s in servers]
+                listed = True
+            continue
+        out.append(line)
+    if not listed:
+        raise RuntimeError(f"{NGINX_UPSTREAMS} lists no server")
+    return "\n".join(out) + "\n"
 
 
 def keep_logs(base: Path) -> None:

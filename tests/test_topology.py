@@ -1,9 +1,11 @@
 """The multi-host topology (deploy/topology/): three server hosts with two
 processes each behind nginx, PgBouncer, a primary with two replicas and
 Redis, each host a network namespace. Under a scripted load of bookers and
-hosts chatting, topping up, booking and cancelling through nginx, one
-server host is killed (every process SIGKILLed, its namespace deleted).
-Its clients reconnect through nginx and resume (``ResumingClient``):
+hosts chatting, topping up, booking and cancelling through nginx, a
+server host is lost (every process SIGKILLed and its namespace deleted;
+in the second case its link goes down first, so it vanishes without a
+word). Its clients reconnect through nginx and resume (``ResumingClient``),
+retrying a call answered ``unavailable`` as the contract asks:
 
 - every acknowledged message is stored once and seen once by both parties;
 - every acknowledged top-up, booking and cancel is seen as its user event
@@ -11,9 +13,11 @@ Its clients reconnect through nginx and resume (``ResumingClient``):
   stream;
 - the ledger invariants of tests/test_ledger.py hold.
 
-Each client connects from an address of its own and the servers keep their
-default per-address limits, which they apply to the address nginx passes
-in X-Forwarded-For (TRUSTED_PROXIES), never to one the client wrote.
+A transaction left open by a host that vanished is rolled back by
+PgBouncer (deploy/pgbouncer/). Each client connects from an address of its
+own and the servers keep their default per-address limits, which they
+apply to the address nginx passes in X-Forwarded-For (TRUSTED_PROXIES),
+never to one the client wrote.
 
 Needs root, iproute2 and nginx: run by ``make test-topology`` only
 (``HANGOUT_TOPOLOGY=1``), never by ``make test``.
@@ -27,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ import asyncpg
 import pytest
 
 from deploy.topology import CLIENT_ADDRESSES, Topology
+from deploy.topology.datahost import PGBOUNCER_INI
 from loadtests.accounts import kyc_signature
 from protocol.client import Client
 from protocol.codec import SUBPROTOCOL
@@ -54,7 +60,13 @@ pytestmark = pytest.mark.skipif(
 PAIRS = 20  # a booker and a host each, 40 sockets through nginx, each from its own address
 LOAD_S = 25.0  # how long the scripted load runs
 KILL_AT_S = 8.0  # when the server host dies, into the load
-VICTIM = "app2"
+# The clients' pings: what finds a socket whose host vanished without a word.
+HEARTBEAT_S = 5.0
+# How long a call answered ``unavailable`` is retried, as the contract asks:
+# a host that vanished mid-transaction holds its row locks until PgBouncer
+# drops its connection (idle_transaction_timeout in deploy/pgbouncer/).
+RETRY_FOR_S = 60.0
+PROBE_ADDRESS = "10.77.0.30"  # a host of the test's own, not one of the topology's
 SETTLE_S = 60.0  # how long the parties may take to see everything once the load stops
 # Answers that are business outcomes of the random load, not failures.
 EXPECTED_REFUSALS = {"slot_unavailable", "insufficient_funds", "invalid_state"}
@@ -98,11 +110,28 @@ class Pair:
     booked: list[str] = field(default_factory=list)  # confirmed bookings
     cancelled: list[str] = field(default_factory=list)
     refusals: Counter = field(default_factory=Counter)
+    retries: int = 0  # calls answered ``unavailable`` and made again
+
+    async def call(self, party: Party, method: str, params: dict) -> Any:
+        """``party``'s call, made again with the same params (and so the
+        same idempotency key or ``client_msg_id``) while it answers
+        ``unavailable``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_FOR_S
+        while True:
+            try:
+                return await party.rc.call(method, params)
+            except RpcError as exc:
+                if exc.code is not ErrorCode.UNAVAILABLE or loop.time() > deadline:
+                    raise
+            self.retries += 1
+            await asyncio.sleep(0.5)  # the app's pause before retrying: nothing to await
 
 
 async def sign_up(topo, http: aiohttp.ClientSession, name: str, address: str) -> Party:
     """A verified user whose client connects from ``address``."""
-    rc = await ResumingClient(topo.ws_url, backoff=Backoff(0.05, 1.0), local_address=address).start()
+    rc = await ResumingClient(topo.ws_url, backoff=Backoff(0.05, 1.0), local_address=address,
+                              heartbeat=HEARTBEAT_S).start()
     try:
         session = await rc.call("auth.register", {"email": f"topo-{uuid.uuid4().hex[:16]}@example.com",
                                                   "password": PASSWORD, "name": name, "gender": "female"})
@@ -146,23 +175,24 @@ async def load(pair: Pair, index: int, until: float) -> None:
             if roll < 0.6:
                 sender = pair.booker if rng.random() < 0.5 else pair.host
                 content = f"pair {index} message {n}"
-                message = (await sender.rc.call("chat.send", {"conversation_id": pair.conversation_id,
-                                                              "content": content}))["message"]
+                message = (await pair.call(sender, "chat.send", {
+                    "conversation_id": pair.conversation_id, "content": content,
+                    "client_msg_id": str(uuid.uuid4())}))["message"]
                 pair.messages[message["seq"]] = content
             elif roll < 0.75:
-                result = await pair.booker.rc.call("wallet.topup", {"amount": f"{rng.randint(1, 20)}.00",
-                                                                   "idempotency_key": uuid.uuid4().hex})
+                result = await pair.call(pair.booker, "wallet.topup", {"amount": f"{rng.randint(1, 20)}.00",
+                                                                       "idempotency_key": uuid.uuid4().hex})
                 pair.balances.append(result["balance"])
             elif roll < 0.92 or not pair.booked:
                 start = next_slot()
-                booking = (await pair.booker.rc.call("bookings.create", {
+                booking = (await pair.call(pair.booker, "bookings.create", {
                     "host_id": pair.host.user_id, "start_at": start, "end_at": start + dt.timedelta(hours=1),
                     "idempotency_key": uuid.uuid4().hex}))["booking"]
                 if booking["status"] == "confirmed":
                     pair.booked.append(booking["id"])
             else:
                 booking_id = pair.booked.pop(rng.randrange(len(pair.booked)))
-                await pair.booker.rc.call("bookings.cancel", {"booking_id": booking_id})
+                await pair.call(pair.booker, "bookings.cancel", {"booking_id": booking_id})
                 pair.cancelled.append(booking_id)
         except RpcError as exc:
             if exc.code.value not in EXPECTED_REFUSALS:
@@ -190,7 +220,11 @@ def missing(pair: Pair) -> list[str]:
     return gaps
 
 
-async def test_a_server_host_killed_under_load_loses_nothing(topology):
+@pytest.mark.parametrize("victim, vanish", [("app2", False), ("app3", True)], ids=["killed", "vanished"])
+async def test_a_server_host_lost_under_load_loses_nothing(topology, victim, vanish):
+    """``killed``: its processes die and its kernel closes their connections;
+    ``vanished``: its link goes down first, so nobody hears of it again and
+    the clients' pings must find out. Each case loses another host."""
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as http:
         # A few sign-ups at a time: each is an argon2 hash on a 2-core machine.
@@ -210,7 +244,7 @@ async def test_a_server_host_killed_under_load_loses_nothing(topology):
         loads = asyncio.gather(*(load(pair, i, start + LOAD_S) for i, pair in enumerate(pairs)))
         await asyncio.sleep(KILL_AT_S)  # into the load: a moment, not an event
         assert not loads.done(), loads.exception() if loads.done() else None
-        await asyncio.to_thread(topology.kill_host, VICTIM)
+        await asyncio.to_thread(topology.kill_host, victim, vanish)
         await asyncio.wait_for(loads, LOAD_S + 120)
 
         db = await asyncpg.create_pool(topology.primary_url, min_size=1, max_size=2)
@@ -237,7 +271,8 @@ async def test_a_server_host_killed_under_load_loses_nothing(topology):
               f"{sum(len(pair.messages) for pair in pairs)} messages, {sum(len(pair.balances) for pair in pairs)} "
               f"top-ups, {sum(len(pair.booked) + len(pair.cancelled) for pair in pairs)} bookings, "
               f"{sum(len(pair.cancelled) for pair in pairs)} cancels; refused: "
-              f"{dict(sum((pair.refusals for pair in pairs), Counter()))}")
+              f"{dict(sum((pair.refusals for pair in pairs), Counter()))}; "
+              f"retried after unavailable: {sum(pair.retries for pair in pairs)}")
     finally:
         await asyncio.gather(*(p.rc.close() for p in parties))
 
@@ -306,3 +341,58 @@ async def test_the_servers_count_each_client_address_that_nginx_passes_and_no_cl
     finally:
         await forging.close()
         await elsewhere.close()
+
+
+# Holds an advisory lock in an open transaction through PgBouncer, as a
+# server process does with row locks in the middle of a call, and then waits.
+HOLDER = """
+import asyncio, sys
+import asyncpg
+
+async def main():
+    conn = await asyncpg.connect(sys.argv[1], statement_cache_size=0)
+    await conn.execute("BEGIN")
+    await conn.execute("SELECT pg_advisory_xact_lock(%d)")
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+LOCK_KEY = 774_201
+
+
+def idle_transaction_timeout() -> float:
+    """The shipped PgBouncer config's setting (the topology runs that file)."""
+    for line in PGBOUNCER_INI.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "idle_transaction_timeout":
+            return float(value)
+    raise AssertionError(f"{PGBOUNCER_INI} sets no idle_transaction_timeout")
+
+
+async def test_the_transaction_of_a_host_that_vanished_is_rolled_back_by_pgbouncer(topology):
+    """A host that vanishes mid-transaction never closes its connection, so
+    the transaction's locks would stay until TCP gave up on it, hours later;
+    deploy/pgbouncer/ ends such a transaction after idle_transaction_timeout."""
+    loop = asyncio.get_running_loop()
+    topology.add_host("probe", PROBE_ADDRESS)
+    topology.spawn("probe", "probe", [sys.executable, "-c", HOLDER % LOCK_KEY, topology.server_env()["DATABASE_URL"]])
+    db = await asyncpg.connect(topology.primary_url)
+    try:
+        async def held() -> bool:
+            return await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
+                                     LOCK_KEY) > 0
+
+        deadline = loop.time() + 30
+        while not await held():  # another process takes it: bounded poll
+            assert loop.time() < deadline, "the probe never took the lock"
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(topology.kill_host, "probe", True)
+        vanished = loop.time()
+        await asyncio.sleep(2)  # long enough for a closed connection to be seen: nothing to await
+        assert await held(), "the lock went at once: the host did not vanish without a word"
+        deadline = vanished + idle_transaction_timeout() + 15
+        while await held():  # PgBouncer's timer, in another process: bounded poll
+            assert loop.time() < deadline, "the vanished host's transaction still holds its lock"
+            await asyncio.sleep(0.2)
+    finally:
+        await db.close()

@@ -159,7 +159,12 @@ class Topology:
         if proc.returncode != 0:
             raise RuntimeError(f"{host}: {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
 
-    def _spawn(self, key: str, host: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def add_host(self, name: str, address: str) -> None:
+        """Another host on the bridge (for a test's own processes)."""
+        netns.add_host(name, address)
+
+    def spawn(self, key: str, host: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        """Run ``args`` on ``host``, logging to ``<key>.log``; it dies with the host."""
         logfile = (self.base / "logs" / f"{key}.log").open("ab")
         self.procs[key] = subprocess.Popen(
             ["ip", "netns", "exec", netns.PREFIX + host, *args], cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -167,7 +172,7 @@ class Topology:
         logfile.close()
 
     def start_server(self, host: str) -> None:
-        self._spawn(host, host, [sys.executable, "-m", "server"], self.server_env())
+        self.spawn(host, host, [sys.executable, "-m", "server"], self.server_env())
 
     def start_nginx(self) -> None:
         run = self.base / "nginx"
@@ -193,7 +198,7 @@ http {{
 }}
 """)
         self._in("lb", [nginx_bin(), "-t", "-p", str(run), "-c", str(run / "nginx.conf")], timeout=30)
-        self._spawn("nginx", "lb", [nginx_bin(), "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"])
+        self.spawn("nginx", "lb", [nginx_bin(), "-p", str(run), "-c", str(run / "nginx.conf"), "-g", "daemon off;"])
 
     def wait_ready(self, url: str, what: str, timeout: float = 90) -> None:
         """Poll ``url`` until it answers 200 (another process: nothing to await)."""
@@ -214,10 +219,14 @@ http {{
 
     # ---- breaking it ------------------------------------------------------
 
-    def kill_host(self, host: str) -> None:
+    def kill_host(self, host: str, vanish: bool = False) -> None:
         """The host dies: every process on it SIGKILLed, then its namespace
-        and link deleted."""
+        and link deleted. Its kernel closes their connections, unless it
+        ``vanish``es: then its link goes down first, as when a machine loses
+        power or its network, and the other hosts hear nothing more from it."""
         self.killed.add(host)
+        if vanish:
+            netns.ip("link", "set", netns.veth_of(netns.PREFIX + host), "down")
         netns.remove_host(netns.PREFIX + host)
         proc = self.procs.get(host)
         if proc is not None:

@@ -109,7 +109,7 @@ test-browser: devstack demo chromium
 
 # The multi-host topology (deploy/topology/): hosts as network namespaces,
 # nginx in front of 3 hosts x 2 server processes, PgBouncer, a primary with
-# 2 replicas, Redis; one server host killed under load. Root only (it makes
+# 2 replicas, Redis; server hosts lost under load. Root only (it makes
 # namespaces, links and a bridge on 10.77.0.0/24, all removed at the end);
 # apt-installs iproute2 and Debian's nginx when missing. Logs of the last
 # run: /tmp/hangout-topology-logs. Not part of `make test`.

@@ -277,7 +277,7 @@ def upstreams_config(servers: list[str]) -> str:
 
 
 def keep_logs(base: Path) -> None:
-    """Copy the servers', nginx's and the data host's logs to ``KEPT_LOGS``."""
+    """Copy every host's logs (servers, nginx, the data hosts) to ``KEPT_LOGS``."""
     shutil.rmtree(KEPT_LOGS, ignore_errors=True)
     KEPT_LOGS.mkdir(parents=True)
     for logs in (base / "logs", base / "data" / "logs"):

@@ -1,7 +1,6 @@
 """Hosts on one machine: a network namespace per host, each with a veth
-pair into one bridge in the root namespace, on a private /24 that nothing
-routes off this machine (the namespaces get no default route, the root
-namespace no forwarding rule for it).
+pair into one bridge in the root namespace, on a private /24. Nothing
+leaves this machine: the namespaces have no route but the bridge's subnet.
 
 Every name carries ``PREFIX`` so that ``teardown`` can find what an
 earlier, interrupted run left behind.

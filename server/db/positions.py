@@ -109,6 +109,9 @@ class WritePositions:
     def __init__(self, redis: aioredis.Redis, outbox: Outbox, ttl_s: int,
                  insert_head: Callable[..., Awaitable[str]]) -> None:
         self.redis = redis
+        # On a Redis Cluster the floor and the users' positions live in
+        # different slots: the cluster client reads them slot by slot.
+        self._mget = getattr(redis, "mget_nonatomic", redis.mget)
         self.outbox = outbox
         self.ttl_s = ttl_s
         self.insert_head = insert_head
@@ -236,7 +239,7 @@ class WritePositions:
         return max(local, int(remote) if remote else 0)
 
     async def _write_positions(self, users: list[uuid.UUID | str], _required: int) -> dict[uuid.UUID | str, Any]:
-        floor, *positions = await self.redis.mget([RYW_FLOOR_KEY, *(f"ryw:{u}" for u in users)])
+        floor, *positions = await self._mget([RYW_FLOOR_KEY, *(f"ryw:{u}" for u in users)])
         if floor is None:
             floor = await self._set_floor()
         floor = int(floor)

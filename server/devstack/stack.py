@@ -125,7 +125,7 @@ class DevStack:
 
     @property
     def redis_pidfile(self) -> Path:
-        return RedisServer(self.redis_port, self.redis_dir, self.log_dir / "redis.log").pidfile
+        return self.single_redis.pidfile
 
     @property
     def socket_dir(self) -> Path:
@@ -152,9 +152,15 @@ class DevStack:
 
     @property
     def redis_server(self) -> RedisServer | RedisClusterNodes:
-        if self.redis_cluster:
-            return RedisClusterNodes(self.redis_cluster_ports, self.base_dir / "redis-cluster", self.log_dir)
+        return self.cluster_redis if self.redis_cluster else self.single_redis
+
+    @property
+    def single_redis(self) -> RedisServer:
         return RedisServer(self.redis_port, self.redis_dir, self.log_dir / "redis.log")
+
+    @property
+    def cluster_redis(self) -> RedisClusterNodes:
+        return RedisClusterNodes(self.redis_cluster_ports, self.base_dir / "redis-cluster", self.log_dir)
 
     @property
     def bouncer(self) -> PgBouncer:
@@ -187,12 +193,14 @@ class DevStack:
             self.start()
 
     def stop(self) -> None:
-        """Stop PgBouncer (if one runs), replica, primary and Redis. Idempotent."""
+        """Stop PgBouncer (if one runs), replica, primary and Redis (the
+        single one and the cluster's nodes, whichever run). Idempotent."""
         with self._lock():
             self.bouncer.stop()
             self.replica.stop()
             self.primary.stop()
-            self.redis_server.stop()
+            self.single_redis.stop()
+            self.cluster_redis.stop()
 
     def stop_replica(self) -> None:
         with self._lock():

@@ -1,0 +1,116 @@
+"""Redis Cluster (``REDIS_URL=redis+cluster://...``): fan-out over sharded
+pub/sub on every master, the outbox split by master, and the URL checked at
+start. The cluster tests run with ``make test-cluster`` (the dev stack's
+three masters); the URL check runs everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from server.config import Config, ConfigError
+from server.outbox_cluster import ClusterOutbox
+from server.redis_cluster import ClusterAddress, SlotMap
+from server.rooms.sharded import ShardedSubscriber
+from tests.chat_helpers import messages_until, open_room, subscriber_count, wait_subscribers
+from tests.conftest import ON_CLUSTER
+
+on_cluster = pytest.mark.skipif(not ON_CLUSTER, reason="needs the dev stack's Redis Cluster (make test-cluster)")
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster://127.0.0.1:notaport"])
+def test_a_malformed_cluster_url_stops_the_server_naming_redis_url(monkeypatch, url):
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        Config.from_env()
+
+
+def test_a_cluster_url_names_its_seed_nodes_and_credentials():
+    address = ClusterAddress("redis+cluster://app:s%40cret@10.0.0.1:7000,10.0.0.2,10.0.0.3:7002")
+    assert address.nodes == [("10.0.0.1", 7000), ("10.0.0.2", 6379), ("10.0.0.3", 7002)]
+    assert address.auth == ("AUTH", "app", "s@cret")
+
+
+async def channels_on_every_master(slots: SlotMap, prefix: str) -> dict[tuple[str, int], str]:
+    """One channel named ``prefix`` + a uuid per master."""
+    found: dict[tuple[str, int], str] = {}
+    for _ in range(1000):  # three masters: a handful of draws each
+        channel = f"{prefix}{uuid.uuid4()}"
+        found.setdefault(slots.node_of(channel), channel)
+        if len(found) == len(slots.masters()):
+            return found
+    raise AssertionError(f"no channel found on some master: {found}")
+
+
+@on_cluster
+async def test_one_pipeline_across_masters_gets_its_replies_in_place_and_reaches_sharded_subscribers(stack, redis):
+    box = ClusterOutbox(stack.redis_url)
+    keys: dict = {}
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+    followed: list[str] = []
+    sub = ShardedSubscriber(stack.redis_url, lambda: followed, lambda c, p: got.put_nowait((c, p)),
+                            lambda c: None, lambda channels: None)
+    await sub.start()
+    try:
+        await asyncio.wait_for(sub.connected.wait(), 10)
+        assert len(sub.slots.masters()) == 3
+        channels = await channels_on_every_master(sub.slots, "cluster-test:")
+        keys = await channels_on_every_master(sub.slots, "cluster-test-key:")
+        for channel in channels.values():
+            followed.append(channel)
+            assert await asyncio.wait_for(sub.subscribe(channel), 5) is True
+        # A write on each master then a publish on each, in one submit: each
+        # reply comes back in its command's place.
+        commands = [("SET", k, "written") for k in keys.values()]
+        commands += [("PUBLISH", c, c.encode()) for c in channels.values()]
+        replies = await box.submit(commands)
+        assert replies == [b"OK"] * 3 + [1] * 3
+        received = {}
+        for _ in channels:
+            channel, payload = await asyncio.wait_for(got.get(), 5)
+            received[channel] = payload
+        assert received == {c: c.encode() for c in channels.values()}
+        for channel in channels.values():
+            assert await subscriber_count(redis, channel) == 1  # sharded, on its own master
+    finally:
+        await sub.stop()
+        await box.close()
+        if keys:
+            await redis.delete(*keys.values())
+
+
+@on_cluster
+async def test_rooms_on_every_master_deliver_across_processes_over_sharded_pub_sub(stack, server, server2, redis):
+    slots = SlotMap(ClusterAddress(stack.redis_url), 2.0)
+    await slots.load()
+    rooms = {}
+    try:
+        for _ in range(30):  # each room lands on one of three masters
+            room = await open_room(server, server2)
+            node = slots.node_of(f"c:{room.conversation_id}")
+            if node in rooms:
+                await room.close()
+                continue
+            rooms[node] = room
+            if len(rooms) == 3:
+                break
+        assert len(rooms) == 3, "rooms did not cover every master"
+        for room in rooms.values():
+            conv = room.conversation_id
+            await room.booker.client.call("chat.join", {"conversation_id": conv})
+            await room.host.client.call("chat.join", {"conversation_id": conv})
+            await wait_subscribers(redis, f"c:{conv}", 2)  # one per process
+            # Nothing on the classic pub/sub of any node: fan-out is sharded.
+            numsub = await redis.execute_command("PUBSUB", "NUMSUB", f"c:{conv}", target_nodes=RedisCluster.ALL_NODES)
+            assert all(reply[1] == 0 for reply in numsub.values()), numsub
+        for room in rooms.values():
+            sent = await room.host.client.call("chat.send", {"conversation_id": room.conversation_id,
+                                                             "content": "across masters"})
+            seq = sent["message"]["seq"]
+            assert (await messages_until(room.booker.client, seq))[-1] == seq
+    finally:
+        for room in rooms.values():
+            await room.close()

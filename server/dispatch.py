@@ -29,6 +29,7 @@ from server import cursors
 from server.binding import AuthBinding
 from server.db.errors import DatabaseUnavailable
 from server.frames import error_frame, result_frame
+from server.outbox import CLUSTER_DOWN
 from server.rpc import METHODS, Call, Method
 from server.services import Services
 from server.transport import Transport
@@ -45,6 +46,7 @@ UNAVAILABLE_ERRORS = (
     asyncpg.exceptions.InterfaceError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    *CLUSTER_DOWN,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,

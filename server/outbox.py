@@ -59,8 +59,11 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
 
 
 # Failures that say Redis (or the way to it) is not answering, as opposed to
-# an error reply to one command.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError)
+# an error reply to one command. redis-py's cluster client says so with
+# errors of its own: no node reachable, or the cluster's state not ok.
+CLUSTER_DOWN = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterDownError)
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError,
+               *CLUSTER_DOWN)
 PROBE_CHANNEL = "hangout:probe"
 
 

@@ -23,6 +23,9 @@ that two processes never both make one change):
   clock in microseconds, increasing per user) orders changes that two
   processes announce at once (server/presence_worker.py).
 
+On a Redis Cluster every key above starts with the hash tag ``{presence}``:
+all of them then share one slot, which each script needs.
+
 A process counts its own sockets in memory (``acquire``/``release``, called
 from the socket's binding) and writes the counts that changed in one script
 (``flush``): binding a socket never waits for Redis. Times come from Redis's
@@ -41,7 +44,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 # What a Redis that is down or hanging raises through the client.
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, asyncio.TimeoutError)
 FLUSH_BATCH = 500  # users per flush script
 SWEEP_BATCH = 1000  # users taken offline per sweep script
 SWEEP_MAX_BATCHES = 20  # per sweep; the next sweep goes on
@@ -278,8 +281,8 @@ class Presence:
         try:
             for i in range(0, max(len(users), 1), FLUSH_BATCH):
                 counts = [str(x) for u in users[i:i + FLUSH_BATCH] for x in (u, self._sockets.get(u, 0))]
-                reply = await self._flush(keys=self._keys, args=[self.process, self._ttl_ms, self._offline_after_us, *counts,
-                                                OFFLINE_RECORD_TTL_S])
+                reply = await self._flush(keys=self._keys, args=[self.process, self._ttl_ms, self._offline_after_us,
+                                                                 *counts, OFFLINE_RECORD_TTL_S])
                 lost = lost or reply[0] == 1
                 changes += _changes(reply[1:])
                 dirty.difference_update(users[i:i + FLUSH_BATCH])

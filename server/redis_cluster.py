@@ -11,8 +11,9 @@ them). The process then spreads its Redis work over the cluster's masters:
 - presence keeps all its keys under one hash tag, ``{presence}``, since its
   scripts change many users' keys atomically (server/presence.py).
 
-The slot map is read at start and read again when a node answers ``MOVED``
-or a link to a node is lost, so a resharding or a failover is followed.
+The outbox reads the slot map at its first use and again when a node
+answers ``MOVED`` or a link to a node is lost; the pub/sub links follow the
+map read when the process starts (docs/operations.md, "Redis Cluster").
 """
 
 from __future__ import annotations

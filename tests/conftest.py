@@ -45,11 +45,10 @@ OPS_TOKEN = "test-ops-token-0123456789abcdef0123456789"
 
 
 # The suite runs on the stack's Redis Cluster with DEVSTACK_REDIS_CLUSTER=1
-# (``make test-cluster``); tests that need the single Redis skip there.
+# (``make test-cluster``).
 ON_CLUSTER = devstack.from_env().redis_cluster
 # Presence keys as the servers under test name them (server/presence.py).
 PRESENCE_TAG = CLUSTER_TAG if ON_CLUSTER else ""
-single_redis_only = pytest.mark.skipif(ON_CLUSTER, reason="needs the single Redis (stops it, or pauses its clients)")
 
 
 def port_of(url: str) -> int:

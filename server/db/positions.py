@@ -97,7 +97,7 @@ async def _recorded(recorded: Awaitable[Any]) -> None:
         await recorded
     except RedisUnavailable:
         pass  # logged once when Redis stopped answering (server/outbox.py)
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         log.warning("could not record write position in redis: %r", exc)
 
 
@@ -231,7 +231,7 @@ class WritePositions:
             return -1  # Redis is not answering: other processes' writes are unknown
         try:
             remote = await self._lookups.get(key)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             # Without Redis we cannot know what other processes wrote: be safe.
             if isinstance(exc, UNREACHABLE):
                 self.outbox.unreachable(exc)

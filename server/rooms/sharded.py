@@ -6,8 +6,10 @@ lost link marks only that master's channels as possibly having missed
 messages.
 
 The masters come from the cluster's slot map, read (and retried) when the
-subscriber starts; until then subscriptions wait, as they do for a single
-Redis that is away, and are made when the links come up.
+subscriber starts, and kept for the life of the process (docs/operations.md
+says to restart processes after moving slots); until it is read,
+subscriptions wait, as they do for a single Redis that is away, and are
+made when the links come up.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ class ShardedSubscriber:
         self._on_lost = on_lost
         self._links: dict[Node, Subscriber] = {}
         self._task: asyncio.Task | None = None
-        self._stopping = False
         self.connected = asyncio.Event()
 
     def _link(self, channel: str) -> Subscriber | None:
@@ -95,11 +96,7 @@ class ShardedSubscriber:
         return lambda: [c for c in self._channels() if self.slots.node_of(c) == node]
 
     def _lost_of(self, node: Node) -> Callable[[], None]:
-        def lost() -> None:
-            self._on_lost(self._channels_of(node)())
-            if not self._stopping:
-                self.slots.refresh_soon()  # the master may have failed over
-        return lost
+        return lambda: self._on_lost(self._channels_of(node)())
 
     def _link_changed(self) -> None:
         if self._links and all(link.connected.is_set() for link in self._links.values()):
@@ -108,7 +105,6 @@ class ShardedSubscriber:
             self.connected.clear()
 
     async def stop(self) -> None:
-        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -67,10 +67,27 @@ def client(redis_url: str, timeout_s: float) -> aioredis.Redis:
         return aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                  health_check_interval=0, max_connections=256)
     address = ClusterAddress(redis_url)
-    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in address.nodes],
+    return _SeededCluster(startup_nodes=[ClusterNode(h, p) for h, p in address.nodes],
                         username=address.username or None, password=address.password or None,
                         socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                         max_connections=256)  # type: ignore[return-value]
+
+
+class _SeededCluster(RedisCluster):
+    """redis-py forgets each node that failed a command as a node to start
+    from; once every node has failed (the whole cluster restarted) it could
+    never connect again. The nodes of ``REDIS_URL`` are put back before each
+    new start."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seeds = dict(self.nodes_manager.startup_nodes)
+
+    async def initialize(self) -> "RedisCluster":
+        if self._initialize:
+            for name, node in self._seeds.items():
+                self.nodes_manager.startup_nodes.setdefault(name, node)
+        return await super().initialize()
 
 
 def slot_of(key: str | bytes) -> int:

@@ -11,6 +11,7 @@ import uuid
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
+from server import redis_cluster
 from server.config import Config, ConfigError
 from server.outbox_cluster import ClusterOutbox
 from server.redis_cluster import ClusterAddress, SlotMap
@@ -114,3 +115,19 @@ async def test_rooms_on_every_master_deliver_across_processes_over_sharded_pub_s
     finally:
         for room in rooms.values():
             await room.close()
+
+
+@on_cluster
+async def test_the_cluster_client_connects_again_after_every_node_failed_it(stack):
+    """redis-py drops each node that failed a command from the nodes it
+    starts from (a cluster restart, a pause longer than the timeout fails
+    them all); the client of server/redis_cluster.py starts again from the
+    nodes of REDIS_URL."""
+    client = redis_cluster.client(stack.redis_url, 2.0)
+    try:
+        assert await client.ping()
+        client.nodes_manager.startup_nodes.clear()  # what failures on every node leave
+        await client.aclose()  # as redis-py does after a failure: start again on the next command
+        assert await client.set(f"cluster-test:{uuid.uuid4()}", 1, ex=10)
+    finally:
+        await client.aclose()

@@ -9,7 +9,8 @@ one pipeline, so concurrent calls share a round trip, and a call that queues
 its position and its events in the same turn has both sent in order (the
 position first, so a client that reads on an event finds the write).
 
-The outbox has one connection of its own and speaks RESP on it directly
+The outbox has one connection of its own (one per master on a Redis Cluster,
+server/outbox_cluster.py) and speaks RESP on it directly
 (hiredis packs the commands and parses the replies): redis-py's pipeline
 spends CPU on every argument and reply (encoding, a timeout and a callback
 each), on the path of every write. Replies come back as Redis sent them

@@ -10,6 +10,8 @@ different masters, and the position must be recorded before a client can
 see the event (a read on it must find the write). So a pipeline that spans
 more than one master sends its other commands first and its publishes once
 those are answered; one that stays on one master is sent as one, in order.
+A command answered ``MOVED`` (its slot moved to another master) is sent
+there once more at once, and the slot map is read again meanwhile.
 Availability is the whole cluster's: a master that does not answer closes
 the outbox, and the probe asks every master.
 """
@@ -76,10 +78,26 @@ class ClusterOutbox(Outbox):
             publishes = [i for i, c in enumerate(sharded) if c[0] == "SPUBLISH"]
             for phase in (writes, publishes):
                 await self._phase(sharded, nodes, phase, results)
-        if any(isinstance(r, redis.exceptions.ResponseError) and str(r).startswith(("MOVED", "ASK"))
-               for r in results):
+        moved = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.ResponseError)
+                 and str(r).startswith(("MOVED", "ASK"))]
+        if moved:
             slots.refresh_soon()
+            await self._follow_moved(sharded, moved, results)
         return results
+
+    async def _follow_moved(self, commands: list[Command], moved: list[int], results: list[Any]) -> None:
+        """Send each command answered ``MOVED slot host:port`` once more, to
+        the master named (the slot map catches up in the background). ``ASK``
+        (a slot halfway through a move) stays an error in its place."""
+        by_node: dict[Node, list[int]] = {}
+        for i in moved:
+            kind, _, where = str(results[i]).split(" ")[:3]
+            if kind == "MOVED":
+                host, _, port = where.rpartition(":")
+                by_node.setdefault((host, int(port)), []).append(i)
+        for node, ids in by_node.items():
+            for i, reply in zip(ids, await self._send_to(node, [commands[i] for i in ids])):
+                results[i] = reply
 
     async def _phase(self, commands: list[Command], nodes: list[Node], indexes: list[int],
                      results: list[Any]) -> None:

@@ -121,6 +121,10 @@ class SlotMap:
             return self._owner[0]
         return self._owner[slot_of(key if isinstance(key, (str, bytes)) else str(key))]
 
+    def snapshot(self) -> list[Node]:
+        """The owner of each slot now, to compare with after a ``load``."""
+        return list(self._owner)
+
     def masters(self) -> list[Node]:
         return list(dict.fromkeys(self._owner))
 

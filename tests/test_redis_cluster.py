@@ -9,12 +9,12 @@ import asyncio
 import uuid
 
 import pytest
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from server import redis_cluster
 from server.config import Config, ConfigError
 from server.outbox_cluster import ClusterOutbox
-from server.redis_cluster import ClusterAddress, SlotMap
+from server.redis_cluster import ClusterAddress, SlotMap, slot_of
 from server.rooms.sharded import ShardedSubscriber
 from tests.chat_helpers import messages_until, open_room, subscriber_count, wait_subscribers
 from tests.conftest import ON_CLUSTER
@@ -131,3 +131,79 @@ async def test_the_cluster_client_connects_again_after_every_node_failed_it(stac
         assert await client.set(f"cluster-test:{uuid.uuid4()}", 1, ex=10)
     finally:
         await client.aclose()
+
+
+async def move_slot(redis: RedisCluster, slot: int, source: ClusterNode, target: ClusterNode) -> None:
+    """Move ``slot`` and its keys from ``source`` to ``target`` the way
+    ``redis-cli --cluster reshard`` does, then tell every master."""
+    source_id = await redis.execute_command("CLUSTER", "MYID", target_nodes=source)
+    target_id = await redis.execute_command("CLUSTER", "MYID", target_nodes=target)
+    await redis.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id, target_nodes=target)
+    await redis.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id, target_nodes=source)
+    for _ in range(1000):  # a slot holds a few keys of the tests at most
+        keys = await redis.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100, target_nodes=source)
+        if not keys:
+            break
+        await redis.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys,
+                                    target_nodes=source)
+    for node in [target, source, *(n for n in redis.get_primaries() if n.name not in (source.name, target.name))]:
+        await redis.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id, target_nodes=node)
+
+
+async def until_shard_subscribers(redis: RedisCluster, channel: str, node: ClusterNode, expected: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # a bounded poll: nothing outside the servers announces a subscription
+        reply = await redis.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=node)
+        if reply[1] == expected:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{channel} on {node.name}: {reply[1]} subscribers"
+        await asyncio.sleep(0.05)
+
+
+@on_cluster
+async def test_a_room_whose_slot_moves_to_another_master_keeps_delivering_across_processes(stack, server, server2,
+                                                                                          redis):
+    await redis.initialize()
+    room = await open_room(server, server2)
+    conv = room.conversation_id
+    channel = f"c:{conv}"
+    source = redis.get_node_from_key(channel)
+    target = next(n for n in redis.get_primaries() if n.name != source.name)
+    moved = False
+    try:
+        await room.booker.client.call("chat.join", {"conversation_id": conv})
+        await room.host.client.call("chat.join", {"conversation_id": conv})
+        await until_shard_subscribers(redis, channel, source, 2)  # one per process
+        await move_slot(redis, slot_of(channel), source, target)
+        moved = True
+        # The old master dropped both processes' subscriptions; each made it
+        # again on the new one, and the message goes there.
+        await until_shard_subscribers(redis, channel, target, 2)
+        sent = await room.host.client.call("chat.send", {"conversation_id": conv, "content": "after the move"})
+        seq = sent["message"]["seq"]
+        assert (await messages_until(room.booker.client, seq))[-1] == seq
+    finally:
+        if moved:
+            await move_slot(redis, slot_of(channel), target, source)
+        await room.close()
+
+
+@on_cluster
+async def test_a_command_answered_moved_is_sent_to_the_new_master_at_once(stack, redis):
+    await redis.initialize()
+    box = ClusterOutbox(stack.redis_url)
+    key = f"cluster-test:{uuid.uuid4()}"
+    source = redis.get_node_from_key(key)
+    target = next(n for n in redis.get_primaries() if n.name != source.name)
+    moved = False
+    try:
+        assert await box.submit([("SET", key, "before")]) == [b"OK"]  # the outbox has read the slot map
+        await move_slot(redis, slot_of(key), source, target)
+        moved = True
+        assert await box.submit([("GET", key), ("SET", key, "after")]) == [b"before", b"OK"]
+        assert await redis.execute_command("GET", key, target_nodes=target) == b"after"
+    finally:
+        if moved:
+            await move_slot(redis, slot_of(key), target, source)
+        await redis.delete(key)
+        await box.close()

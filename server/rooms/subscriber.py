@@ -50,9 +50,13 @@ class Subscriber:
         # Sharded pub/sub has commands and pushes of its own; one SSUBSCRIBE
         # may name only channels of one slot, so each goes alone.
         self._verbs = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
-        self._kinds = (b"smessage", b"ssubscribe") if sharded else (b"message", b"subscribe")
+        self._kinds = (b"smessage", b"ssubscribe", b"sunsubscribe") if sharded else (b"message", b"subscribe", None)
         self._chunk = 1 if sharded else SUBSCRIBE_CHUNK
         self.on_link: Callable[[], None] | None = None  # told when ``connected`` changes
+        # Sharded: told of a channel Redis unsubscribed (its slot moved to
+        # another master; ours too, once unfollowed), or None for an error
+        # reply (a subscription sent to a master that no longer owns it).
+        self.on_dropped: Callable[[str | None], None] | None = None
         self._channels = channels  # every channel to subscribe on (re)connecting
         self._on_message = on_message
         self._on_confirmed = on_confirmed
@@ -204,7 +208,8 @@ class Subscriber:
         read = reader.read
         deliver = self._on_message
         loop = asyncio.get_running_loop()
-        message, subscribed = self._kinds
+        message, subscribed, unsubscribed = self._kinds
+        dropped = self.on_dropped
         while True:
             data = await read(65536)
             if not data:
@@ -215,12 +220,16 @@ class Subscriber:
                 if not isinstance(push, list):
                     if isinstance(push, hiredis.ReplyError):
                         log.error("redis subscriber error: %r", push)
+                        if dropped is not None:
+                            dropped(None)
                     continue
                 kind = push[0]
                 if kind == message:
                     deliver(push[1].decode(), push[2])
                 elif kind == subscribed:
                     self._confirmed(push[1].decode())
+                elif kind == unsubscribed and dropped is not None:
+                    dropped(push[1].decode())
 
     def _confirmed(self, channel: str) -> None:
         if self._held is not None:

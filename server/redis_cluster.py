@@ -129,8 +129,9 @@ class SlotMap:
         return list(dict.fromkeys(self._owner))
 
     async def load(self) -> None:
-        """Read the map from the first node that answers (known masters
-        first, then the seeds)."""
+        """Read the map from the first node that answers with every slot
+        assigned (known masters first, then the seeds). A node that has just
+        started may not know the others' slots yet: its map is not taken."""
         last: BaseException | None = None
         for host, port in dict.fromkeys([*self.masters(), *self.address.nodes]):
             try:
@@ -139,11 +140,14 @@ class SlotMap:
             except (OSError, asyncio.TimeoutError, redis.exceptions.RedisError) as exc:
                 last = exc
                 continue
-            owner: list[Node] = [(host, port)] * 16384
+            owner: list[Node | None] = [None] * 16384
             for start, end, master, *_ in slots:
                 node = (master[0].decode() or host, int(master[1]))
                 owner[start:end + 1] = [node] * (end - start + 1)
-            self._owner = owner
+            if None in owner:
+                last = redis.exceptions.ConnectionError(f"{host}:{port} does not know every slot's master yet")
+                continue
+            self._owner = owner  # type: ignore[assignment]
             return
         raise redis.exceptions.ConnectionError(f"no cluster node answers CLUSTER SLOTS: {last!r}")
 

@@ -78,11 +78,12 @@ test-direct: devstack
 test-pgbouncer: devstack
 	DEVSTACK_PGBOUNCER=1 SKIP_EXPLAIN=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The chat, fan-out, user-event, relay, presence and push tests on a Redis
+# The chat, fan-out, user-event, relay, presence, push and auth tests on a Redis
 # Cluster: the dev stack's three masters on DEVSTACK_PORT+10..12 (buses on
-# +20..22), with sharded pub/sub. Tests that need the single Redis skip there.
+# +20..22), with sharded pub/sub. Tests that look into Redis themselves find
+# its keys and channels as the cluster places them (tests/conftest.py).
 CLUSTER_TESTS ?= tests/test_chat.py tests/test_fanout.py tests/test_user_events.py tests/test_event_relay.py \
-	tests/test_presence.py tests/test_push.py tests/test_redis_cluster.py
+	tests/test_presence.py tests/test_push.py tests/test_auth.py tests/test_redis_cluster.py
 
 test-cluster: install
 	DEVSTACK_REDIS_CLUSTER=1 $(PY) -m server.devstack start

@@ -11,9 +11,10 @@ them). The process then spreads its Redis work over the cluster's masters:
 - presence keeps all its keys under one hash tag, ``{presence}``, since its
   scripts change many users' keys atomically (server/presence.py).
 
-The outbox reads the slot map at its first use and again when a node
-answers ``MOVED`` or a link to a node is lost; the pub/sub links follow the
-map read when the process starts (docs/operations.md, "Redis Cluster").
+The outbox and the pub/sub links each read the slot map (``SlotMap``) when
+they start and again when the cluster shows it changed: a ``MOVED`` reply,
+a channel unsubscribed by its master, a node that stops answering
+(docs/operations.md, "Redis Cluster").
 """
 
 from __future__ import annotations

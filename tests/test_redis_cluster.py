@@ -16,8 +16,8 @@ from server.config import Config, ConfigError
 from server.outbox_cluster import ClusterOutbox
 from server.redis_cluster import ClusterAddress, SlotMap, slot_of
 from server.rooms.sharded import ShardedSubscriber
-from tests.chat_helpers import messages_until, open_room, subscriber_count, wait_subscribers
-from tests.conftest import ON_CLUSTER
+from tests.chat_helpers import collect_messages, messages_until, open_room, subscriber_count, wait_subscribers
+from tests.conftest import ON_CLUSTER, wait_subscriber_connected
 
 on_cluster = pytest.mark.skipif(not ON_CLUSTER, reason="needs the dev stack's Redis Cluster (make test-cluster)")
 
@@ -207,3 +207,45 @@ async def test_a_command_answered_moved_is_sent_to_the_new_master_at_once(stack,
             await move_slot(redis, slot_of(key), target, source)
         await redis.delete(key)
         await box.close()
+
+
+@on_cluster
+async def test_one_master_restarting_empty_loses_no_acknowledged_message_on_it_or_elsewhere(stack, server, server2):
+    """The master of one room restarts (without data, like every master
+    here); another room lives on another master. Calls commit meanwhile,
+    and afterwards every socket has every message once, in both rooms."""
+    slots = SlotMap(ClusterAddress(stack.redis_url), 2.0)
+    await slots.load()
+    rooms: list = []
+    try:
+        rooms.append(await open_room(server, server2))
+        restarted = slots.node_of(f"c:{rooms[0].conversation_id}")
+        for _ in range(20):  # two masters in three do not host the first room
+            room = await open_room(server, server2)
+            if slots.node_of(f"c:{room.conversation_id}") != restarted:
+                rooms.append(room)
+                break
+            await room.close()
+        assert len(rooms) == 2, "no room found on another master"
+        for room in rooms:
+            for party in (room.booker, room.host):
+                await party.client.call("chat.join", {"conversation_id": room.conversation_id})
+        node = next(n for n in stack.cluster_redis.nodes if n.port == restarted[1])
+        try:
+            await asyncio.to_thread(node.stop)
+            for room in rooms:  # calls commit and answer while the master is away
+                for i in range(3):
+                    await room.host.client.call("chat.send", {"conversation_id": room.conversation_id,
+                                                              "content": f"during {i}"})
+        finally:
+            await asyncio.to_thread(stack.start_redis)  # the node, then the cluster's state ok
+        for s in (server, server2):
+            await wait_subscriber_connected(s)
+        for room in rooms:
+            await room.host.client.call("chat.send", {"conversation_id": room.conversation_id, "content": "after"})
+        for room in rooms:
+            seqs = await collect_messages(room.booker.client, 4)
+            assert sorted(seqs) == [1, 2, 3, 4], seqs
+    finally:
+        for room in rooms:
+            await room.close()

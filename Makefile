@@ -16,7 +16,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 PYTEST_ARGS   ?=
 LOADTEST_ARGS ?=
 
-.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-cluster test-ts node demo chromium test-browser loadtest stop status lock
+.PHONY: all install system-deps venv devstack run test test-direct test-pgbouncer test-cluster test-ts node demo chromium test-browser test-topology loadtest stop status lock
 
 all: test
 
@@ -63,8 +63,9 @@ lock:
 devstack: install
 	$(PY) -m server.devstack start
 
+# Log lines as plain text for a terminal (production's default is JSON).
 run: install demo
-	$(PY) -m server
+	LOG_FORMAT=$${LOG_FORMAT:-text} $(PY) -m server
 
 test: test-direct test-pgbouncer test-cluster test-ts test-browser
 
@@ -117,6 +118,19 @@ chromium:
 # step: clients/ts/test-artifacts/demo/.
 test-browser: devstack demo chromium
 	cd clients/ts && PYTHON=$(abspath $(PY)) CHROMIUM=$$(command -v chromium) npm run test:browser
+
+# The multi-host topology (deploy/topology/): hosts as network namespaces,
+# nginx in front of 3 hosts x 2 server processes, PgBouncer, a primary with
+# 2 replicas, Redis; server hosts lost under load. Root only (it makes
+# namespaces, links and a bridge on 10.77.0.0/24, all removed at the end);
+# apt-installs iproute2 and Debian's nginx when missing. Logs of the last
+# run: /tmp/hangout-topology-logs. Not part of `make test`.
+test-topology: install
+	@[ "$$(id -u)" = 0 ] || { echo "test-topology needs root (ip netns)" >&2; exit 1; }
+	@command -v ip >/dev/null || { $(APT) update && $(APT) install -y iproute2; }
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 \
+		|| { echo ">> installing nginx"; $(APT) update && $(APT) install -y nginx; }
+	trap '$(PY) -m deploy.topology down' EXIT; HANGOUT_TOPOLOGY=1 $(PY) -m pytest -q -s tests/test_topology.py $(PYTEST_ARGS)
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);

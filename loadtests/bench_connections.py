@@ -222,11 +222,12 @@ async def measure(label: str, pid: int, port: int, tokens: list[str | None], set
     return per, socks
 
 
-def readyz(http: str) -> dict:
-    """/readyz with its details (the socket count): the bench server's OPS_TOKEN."""
-    request = urllib.request.Request(http + "/readyz", headers={"Authorization": f"Bearer {OPS_TOKEN}"})
+def process_status(metrics: str) -> dict:
+    """The bench server's /status (the socket count), with its OPS_TOKEN."""
+    request = urllib.request.Request(metrics + "/status", headers={"Authorization": f"Bearer {OPS_TOKEN}"})
     with urllib.request.urlopen(request, timeout=10) as r:
-        return json.loads(r.read())
+        (process,) = json.loads(r.read())["processes"]
+        return process
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -249,12 +250,12 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{bare_port}/healthz", bare)
         hangout_per, socks = await measure("hangout", server.pid, server.port, tokens[: args.sockets], args.settle)
-        ready = readyz(server.http)
+        ready = process_status(server.metrics)
         # Are they really authenticated? A few calls on random sockets say so.
         sample = random.sample(socks, 10)
         replies = [await s.call("users.me", {}) for s in sample]
         authed = sum("result" in r for r in replies)
-        print(f"hangout  /readyz counts {ready['sockets']} sockets; users.me answered on {authed}/10 sampled sockets",
+        print(f"hangout  /status counts {ready['sockets']} sockets; users.me answered on {authed}/10 sampled sockets",
               flush=True)
         for s in socks:
             s.close()

@@ -8,7 +8,7 @@ Every benchmark connects from 127.0.0.1 alone, so its server starts with the
 edge's limits raised (``LOCAL_LIMITS``: sockets per address and in all,
 sign-ups and logins per address, and a long deadline for sockets that sit
 unauthenticated); the benchmarks measure the server's work, not those
-limits (docs/security.md). ``OPS_TOKEN`` lets them read /readyz's counters.
+limits (docs/security.md). ``OPS_TOKEN`` lets them read the counters on the metrics port.
 """
 
 from __future__ import annotations
@@ -167,11 +167,17 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     root: Path = ROOT  # another checkout (git worktree) runs that code instead, for A/B runs
     port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self) -> str:
+        """The operators' port: /metrics and /status."""
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def ws_url(self) -> str:
@@ -198,6 +204,7 @@ class Server:
             LOG_LEVEL=os.environ.get("BENCH_SERVER_LOG_LEVEL", "WARNING"),
             PYTHONUNBUFFERED="1",
             OPS_TOKEN=OPS_TOKEN,
+            METRICS_PORT=str(self.metrics_port),
             **LOCAL_LIMITS,
         )
         env.update(self.env)

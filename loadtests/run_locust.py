@@ -70,6 +70,8 @@ def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
         HOST="127.0.0.1",
         PORT=str(port),
         WORKERS=str(workers),
+        # Its own metrics port: never in the way of a server already running here.
+        METRICS_PORT=os.environ.get("METRICS_PORT") or str(free_port()),
         LOG_LEVEL=os.environ.get("LOADTEST_SERVER_LOG_LEVEL", "WARNING"),
         PYTHONUNBUFFERED="1",
         **LOCAL_LIMITS,

@@ -7,10 +7,10 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 
-from server.config import MIN_SECRET_BYTES, Config, ConfigError, dev_secrets
+from server import logs
+from server.config import MIN_SECRET_BYTES, Config, ConfigError, dev_secrets, log_format
 from server.runtime import settle_heap
 
 log = logging.getLogger("hangout")
@@ -52,11 +52,20 @@ def _migrate() -> list[str]:
 async def _serve_one(config: Config) -> None:
     from aiohttp import web
 
+    from server import metrics_http
     from server.app import create_app, drain_sockets
 
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_grace_s + 2, access_log=None)
     await runner.setup()
+    # Before the public port: a process that cannot be watched takes no
+    # clients. It stays up while the sockets drain, so the drain can be watched.
+    try:
+        metrics_runner = await metrics_http.start(app)
+    except OSError as err:
+        log.error("cannot serve metrics on %s:%s: %s", config.metrics_host, config.metrics_port, err)
+        await runner.cleanup()
+        raise SystemExit(2) from None
     settle_heap()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=True, backlog=4096)
     await site.start()
@@ -75,22 +84,8 @@ async def _serve_one(config: Config) -> None:
         await listener.stop()
     await drain_sockets(app)
     await runner.cleanup()
-
-
-def _serve_workers(n: int) -> int:
-    """Run n single-process servers sharing the port with SO_REUSEPORT."""
-    env = dict(os.environ, WORKERS="1")
-    children = [subprocess.Popen([sys.executable, "-m", "server", "serve"], env=env) for _ in range(n)]
-
-    def forward(signum, _frame):
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [c.wait() for c in children]
-    return max(codes, default=0)
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -116,8 +111,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "string, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`.", file=sys.stderr)
         return 2
     if config.workers > 1:
+        from server.workers import serve_workers
+
         _migrate()
-        return _serve_workers(config.workers)
+        return serve_workers(config)
     if os.environ.get("HANGOUT_SKIP_MIGRATE") != "1":
         _migrate()
     import uvloop
@@ -147,10 +144,12 @@ def cmd_devstack(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        fmt = log_format()
+    except ConfigError as err:
+        print(f"hangout: {err}", file=sys.stderr)
+        return 2
+    logs.setup(fmt, os.environ.get("LOG_LEVEL", "INFO"))
     parser = argparse.ArgumentParser(prog="python -m server")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve (the default)").set_defaults(func=cmd_serve)

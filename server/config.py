@@ -49,6 +49,25 @@ def _parsed(name: str, default: object, parse):
         raise ConfigError(f"{name}={text!r} is not a valid {parse.__name__}") from None
 
 
+LOG_FORMATS = ("json", "text")
+
+
+def log_format() -> str:
+    """``LOG_FORMAT``: read on its own too, since logging is set up before
+    the rest of the settings are."""
+    text = os.environ.get("LOG_FORMAT", "json").strip().lower()
+    if text not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT={text!r} is not one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
+def _port(name: str, default: int) -> int:
+    port = _int(name, default)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}={port} is not a port (0 to 65535)")
+    return port
+
+
 def _int(name: str, default: int) -> int:
     return _parsed(name, default, int)
 
@@ -158,8 +177,13 @@ class Config:
     session_cleanup_interval_s: float = 600.0
     # How long user events are kept for events.resume (the contract: at least 7 days).
     event_retention_s: int = 7 * 24 * 3600
-    # Bearer token that shows /readyz's details; empty = details never shown.
+    # Bearer token the metrics port asks for; empty = it asks for none
+    # (it listens on loopback unless METRICS_HOST says otherwise).
     ops_token: str = ""
+    # Prometheus /metrics and the operators' /status (server/metrics_http.py); 0 = none.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    log_format: str = "json"
     # The built browser demo served at GET /demo; empty = not served.
     demo_dir: str = DEFAULT_DEMO_DIR
     # Presence (server/presence.py): how long a user with no authenticated
@@ -229,6 +253,9 @@ class Config:
             session_cleanup_interval_s=_float("SESSION_CLEANUP_INTERVAL_S", cls.session_cleanup_interval_s),
             event_retention_s=_int("EVENT_RETENTION_S", cls.event_retention_s),
             ops_token=os.environ.get("OPS_TOKEN", ""),
+            metrics_host=os.environ.get("METRICS_HOST", cls.metrics_host),
+            metrics_port=_port("METRICS_PORT", cls.metrics_port),
+            log_format=log_format(),
             demo_dir=_demo_dir("DEMO_DIR"),
             presence_offline_after_s=_float("PRESENCE_OFFLINE_AFTER_S", cls.presence_offline_after_s),
             presence_ttl_s=_float("PRESENCE_TTL_S", cls.presence_ttl_s),

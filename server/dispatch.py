@@ -7,7 +7,9 @@ and params are checked as its frame arrives, and only then is it a task:
 the task holds the params model, never the decoded frame, so what calls in
 flight hold is bounded by the models. Each call is a task owned by the
 socket's ``Dispatcher``, cancelled and awaited when the socket ends. Results
-and errors become frames in ``_call`` and ``_failure`` alone.
+and errors become frames in ``_call`` and ``_refuse`` alone. Each call is
+timed and counted by method and outcome (server/metrics.py), and runs with
+its call id, method and user in the logging context (server/logs.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -29,6 +32,8 @@ from server import cursors
 from server.binding import AuthBinding
 from server.db.errors import DatabaseUnavailable
 from server.frames import error_frame, result_frame
+from server.logs import CALL, CallContext, new_call_id
+from server.metrics import UNKNOWN_METHOD, observe_call
 from server.outbox import CLUSTER_DOWN
 from server.rpc import METHODS, Call, Method
 from server.services import Services
@@ -144,19 +149,20 @@ class Dispatcher:
         name = frame.get("method")
         if type(name) is not str:
             return self._bad_frame(req_id, "missing or unusable method")
+        started = time.perf_counter()
         if self.draining:
             # Shutting down: tell the client to retry elsewhere rather than
             # leave the call unanswered.
-            return self._send_reply(error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, "server shutting down, retry")))
+            return self._refuse(req_id, name, RpcError(ErrorCode.UNAVAILABLE, "server shutting down, retry"), started)
         if len(self._calls) >= self._max_in_flight:
-            return self._send_reply(error_frame(req_id, RpcError(ErrorCode.TOO_MANY_REQUESTS)))
+            return self._refuse(req_id, name, RpcError(ErrorCode.TOO_MANY_REQUESTS), started)
         try:
             method, params = self._checked(name, frame.get("params", {}))
         except Exception as exc:
-            return self._send_reply(self._failure(req_id, name, exc))
+            return self._refuse(req_id, name, self._error(name, exc, new_call_id()), started)
         del frame  # from here the call holds its params model alone
         # The caller is who the socket was bound to when its auth was checked.
-        task = asyncio.create_task(self._call(req_id, method, params, self._binding.user_id))
+        task = asyncio.create_task(self._call(req_id, method, params, self._binding.user_id, started))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
@@ -197,7 +203,19 @@ class Dispatcher:
             raise RpcError(ErrorCode.INVALID_PARAMS, data={"errors": errors})
         return method, params
 
-    async def _call(self, req_id: int, method: Method, params: BaseModel, caller: uuid.UUID | None) -> None:
+    def _refuse(self, req_id: int, name: str, err: RpcError, started: float) -> None:
+        """Answer a call that never ran."""
+        self._send_reply(error_frame(req_id, err))
+        observe_call(name if name in METHODS else UNKNOWN_METHOD, err.code.value, started)
+
+    async def _call(self, req_id: int, method: Method, params: BaseModel, caller: uuid.UUID | None,
+                    started: float) -> None:
+        name = method.spec.name
+        # The task's own context: every line logged for the call, by this
+        # task or one it starts, carries these.
+        call_id = new_call_id()
+        CALL.set(CallContext(call_id, name, str(caller) if caller is not None else None))
+        outcome = "ok"
         try:
             # The call's write positions go to Redis in the pipeline of its
             # events, and the reply waits for them (read-your-writes).
@@ -207,18 +225,21 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            frame = self._failure(req_id, method.spec.name, exc)
+            err = self._error(name, exc, call_id)
+            frame, outcome = error_frame(req_id, err), err.code.value
         self._send_reply(frame)
+        observe_call(name, outcome, started)
 
-    def _failure(self, req_id: int, name: str, exc: Exception) -> bytes:
-        """The error frame of a call that failed with ``exc``."""
+    def _error(self, name: str, exc: Exception, ref: str) -> RpcError:
+        """What answers a call that failed with ``exc``. An unexpected
+        failure is logged with ``ref`` (the call's id), which the reply
+        carries, so a client's report leads to the log lines of its call."""
         if isinstance(exc, RpcError):
-            return error_frame(req_id, exc)
+            return exc
         if isinstance(exc, DatabaseUnavailable):
-            return error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE, str(exc) or None))
+            return RpcError(ErrorCode.UNAVAILABLE, str(exc) or None)
         if isinstance(exc, UNAVAILABLE_ERRORS):
             log.warning("call %s unavailable: %r", name, exc)
-            return error_frame(req_id, RpcError(ErrorCode.UNAVAILABLE))
-        ref = uuid.uuid4().hex
-        log.error("internal error in %s ref=%s", name[:100], ref, exc_info=exc)
-        return error_frame(req_id, RpcError(ErrorCode.INTERNAL, data={"ref": ref}))
+            return RpcError(ErrorCode.UNAVAILABLE)
+        log.error("internal error in %s ref=%s", name[:100], ref, exc_info=exc, extra={"ref": ref})
+        return RpcError(ErrorCode.INTERNAL, data={"ref": ref})

@@ -1,11 +1,9 @@
-"""HTTP routes: the WebSocket endpoint, health checks, the KYC webhook and
-the browser demo (server/demo.py)."""
+"""HTTP routes of the public port: the WebSocket endpoint, health checks, the KYC
+webhook and the browser demo (server/demo.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
-import os
 import socket
 import time
 from pathlib import Path
@@ -17,7 +15,6 @@ from server import credentials, demo, kyc
 from server.db import kyc as kyc_db
 from server.db.errors import DatabaseUnavailable
 from server.dispatch import UNAVAILABLE_ERRORS
-from server.db.replicas import redact
 from server.edge import client_address
 from server.health import RedisHealth
 from server.handlers.auth import session_user
@@ -108,62 +105,22 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Ready or not, with a boolean per dependency, from the health loops'
-    last look (never a wait for a connection: it answers as fast when the
-    pool is exhausted or the primary gone). Replicas are not needed to be
-    ready: reads fall back to the primary. Details only for operators."""
-    services = _services(request)
+def readiness(services: Services, health: RedisHealth) -> tuple[bool, dict[str, bool]]:
+    """Ready or not, and a boolean per dependency, from the health loops'
+    last look. Replicas are not needed to be ready: reads fall back to the
+    primary."""
     db = services.db
-    health = request.app[HEALTH]
     checks = {"primary": db.primary_answers, "replicas": all(r.healthy for r in db.replicas),
               "redis": health.ok}
-    ready = checks["primary"] and checks["redis"]
-    body: dict = {"ready": ready, "checks": checks}
-    if _is_operator(request, services.config.ops_token):
-        body.update(_readiness_details(services, health))
-    return web.json_response(body, status=200 if ready else 503)
+    return checks["primary"] and checks["redis"], checks
 
 
-def _is_operator(request: web.Request, ops_token: str) -> bool:
-    """``Authorization: Bearer <OPS_TOKEN>``, compared in constant time; with
-    no OPS_TOKEN set, nobody."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if not ops_token or scheme.lower() != "bearer":
-        return False
-    # As bytes: compare_digest refuses str with non-ASCII characters.
-    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), ops_token.encode())
-
-
-def _readiness_details(services: Services, health: RedisHealth) -> dict:
-    db = services.db
-    return {
-        # Calls waiting for a primary connection: the pool (DB_POOL_MAX) is all in use.
-        # merged_writes: bookings.create calls made together (sql/009).
-        "primary": {"ok": db.primary_answers, "error": db.primary_error,
-                    "waiting": db.primary.waiting if db.primary is not None else 0,
-                    "reads": db.primary_reads,  # reads it answered (no replica could, or must see all)
-                    "merged_writes": db.merged_write_stats()},
-        "replicas": [
-            {
-                "url": redact(r.url), "ok": r.healthy, "lag_bytes": r.lag_bytes, "error": r.error,
-                "replay_lsn": r.replay_lsn, "reads_served": r.served,
-            }
-            for r in db.replicas
-        ],
-        "redis": {
-            "ok": health.ok,
-            "error": health.error,
-            "subscriber_connected": services.hub.connected.is_set(),
-            # False after Redis stopped answering, until it answers a probe:
-            # meanwhile calls do not wait for it (server/outbox.py).
-            "sending": services.outbox.available,
-            "outages": services.outbox.outages,
-            "pipelines": services.outbox.pipelines,  # round trips of the outbox
-        },
-        "sockets": len(services.connections),
-        "pid": os.getpid(),  # tells the processes of WORKERS=N apart
-    }
+async def readyz(request: web.Request) -> web.Response:
+    """For a balancer: ready or not, with a boolean per dependency, never a
+    wait for a connection (it answers as fast when the pool is exhausted or
+    the primary gone). The details are on the metrics port (server/metrics_http.py)."""
+    ready, checks = readiness(_services(request), request.app[HEALTH])
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 async def kyc_webhook(request: web.Request) -> web.Response:

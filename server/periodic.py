@@ -6,9 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+import time
+import weakref
+from typing import Awaitable, Callable, Iterator
 
 from server.db.errors import DatabaseUnavailable
+
+# The loops started and not stopped, for the metrics (how long since each
+# last finished a pass is how far settlement or the relay lags).
+_RUNNING: "weakref.WeakSet[Periodic]" = weakref.WeakSet()
+
+
+def running() -> Iterator["Periodic"]:
+    return iter(list(_RUNNING))
+
+
+def raise_if_cancelled() -> None:
+    """Raise the cancel that the awaited work swallowed: redis-py's script
+    calls can return normally from a cancelled task, and a loop that went on
+    would leave whoever cancelled it waiting forever (at shutdown)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Periodic:
@@ -19,6 +38,8 @@ class Periodic:
         self.interval_s = interval_s
         self.log = log or logging.getLogger("hangout")
         self._task: asyncio.Task | None = None
+        self.passes = 0  # finished without error
+        self.last_pass: float | None = None  # time.monotonic() when the last of them ended
         self._woken = asyncio.Event()
 
     def wake(self) -> None:
@@ -30,11 +51,13 @@ class Periodic:
         """Start the loop. With ``first_pass_now`` one pass is made before
         this returns (a failure of it is the caller's); else the first pass
         is the loop's own, at once."""
+        _RUNNING.add(self)
         if first_pass_now:
-            await self.work()
+            await self._pass()
         self._task = asyncio.create_task(self._run(wait_first=first_pass_now), name=self.name)
 
     async def stop(self) -> None:
+        _RUNNING.discard(self)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -46,13 +69,14 @@ class Periodic:
         while True:
             self._woken.clear()
             try:
-                await self.work()
+                await self._pass()
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as err:  # the database is away: the next pass retries
                 self.log.warning("%s pass skipped: %s", self.name, err)
             except Exception:  # a bad pass must not end the loop for good
                 self.log.exception("%s pass failed; retrying in %.1fs", self.name, self.interval_s)
+            raise_if_cancelled()
             await self._pause()
 
     async def _pause(self) -> None:
@@ -60,6 +84,11 @@ class Periodic:
             await asyncio.wait_for(self._woken.wait(), self.interval_s)
         except TimeoutError:
             pass
+
+    async def _pass(self) -> None:
+        await self.work()
+        self.passes += 1
+        self.last_pass = time.monotonic()
 
 
 class PeriodicWorker:

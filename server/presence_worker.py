@@ -33,7 +33,7 @@ from protocol.models.chat import PresenceEvent
 from server.db import presence as presence_db
 from server.frames import event_frame
 from server.outbox import UNREACHABLE
-from server.periodic import Periodic, PeriodicWorker
+from server.periodic import Periodic, PeriodicWorker, raise_if_cancelled
 from server.presence import REDIS_ERRORS, Change
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class PresenceWorker(PeriodicWorker):
             await self.presence.wait_dirty()
             try:
                 lost, changes = await self.presence.flush()
+                raise_if_cancelled()
             except REDIS_ERRORS as exc:
                 self._redis_failed("writing socket counts", exc)
                 if isinstance(exc, UNREACHABLE):

@@ -34,6 +34,7 @@ from protocol.models.chat import Message
 from server import events, messages
 from server.db import events as events_db
 from server.frames import event_frame
+from server.metrics import RELAY_DELAY_SECONDS, TALLY
 from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
@@ -94,7 +95,12 @@ class Relay(PeriodicWorker):
         items = [(hub.user_channel(r["user_id"]), r["seq"],
                   event_frame(r["event"], events.stored_payload(r["event"], r["data"], r["seq"]), r["seq"]))
                  for r in rows]
-        return await hub.publish_numbered(items)
+        sent = await hub.publish_numbered(items)
+        if sent:
+            TALLY.relayed_late += len(rows)
+            for r in rows:
+                RELAY_DELAY_SECONDS.observe(r["age_s"])  # its age when claimed
+        return sent
 
     async def _publish_messages(self, rows: list[asyncpg.Record]) -> bool:
         hub = self.services.hub

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from server import events
 from server.db import bookings as bookings_db
+from server.metrics import TALLY
 from server.periodic import Periodic, PeriodicWorker
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Settlement(PeriodicWorker):
         if not completed:
             return 0, taken
         self.settled += len(completed)
+        TALLY.settled += len(completed)
         log.info("settled %d bookings", len(completed))
         # Published only now that the payouts are committed, in one round trip.
         await events.to_stored(self.services, stored)

@@ -22,6 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol.codec import SUBPROTOCOL
 from server.config import Config
+from server.metrics import TALLY
 
 log = logging.getLogger("hangout.socket")
 
@@ -170,9 +171,11 @@ class Transport:
         # the writer has run at all, is not the peer's doing.)
         if self._sending and self._out_event_bytes > self._max_event_bytes:
             log.info("socket %s: outgoing queue over bound, closing 1013", self.id)
+            TALLY.slow_closes += 1
             self.close_soon(WSCloseCode.TRY_AGAIN_LATER, "outgoing queue full")  # a burst must not queue more
             return
         self._out.append((frame, True))
+        TALLY.events_out += 1
         self._wake.set()
 
     async def _write_loop(self) -> None:

@@ -71,6 +71,7 @@ class ServerProcess:
 
     def __init__(self, stack: devstack.DevStack, *, test_methods: bool = False, **env: Any) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.module = "tests.server_with_test_methods" if test_methods else "server"
         self.env = dict(
             os.environ,
@@ -91,8 +92,9 @@ class ServerProcess:
             # machine that may be slow: the hashing admission's wait is
             # raised too, and its own tests set it back explicitly.
             HASH_MAX_WAIT_S="60",
-            # /readyz shows its details to this token only (see ``readyz``).
+            # The metrics port (/metrics, /status) answers this token only.
             OPS_TOKEN=OPS_TOKEN,
+            METRICS_PORT=str(self.metrics_port),
         )
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
@@ -107,6 +109,20 @@ class ServerProcess:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self) -> str:
+        """The operators' port: /metrics and /status (server/metrics_http.py)."""
+        return f"http://127.0.0.1:{self.env['METRICS_PORT']}"
+
+    async def ops_get(self, path: str) -> aiohttp.ClientResponse:
+        """GET ``path`` on the metrics port with the process's OPS_TOKEN; the body is read."""
+        token = self.env.get("OPS_TOKEN", "")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(self.metrics + path, headers=headers) as r:
+                await r.read()
+                return r
 
     async def start(self) -> "ServerProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "serve"], cwd=ROOT, env=self.env, stderr=self.stderr)
@@ -264,13 +280,36 @@ async def replay_paused(replica_db: asyncpg.Pool) -> AsyncIterator[None]:
         await replica_db.execute("SELECT pg_wal_replay_resume()")
 
 
-async def readyz(server: ServerProcess, token: str | None = None) -> tuple[int, dict]:
-    """/readyz as an operator sees it (the process's OPS_TOKEN), or with ``token``."""
-    token = server.env.get("OPS_TOKEN", "") if token is None else token
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+async def readyz(server: ServerProcess) -> tuple[int, dict]:
+    """/readyz on the public port, as a balancer sees it."""
     async with aiohttp.ClientSession() as s:
-        async with s.get(server.http + "/readyz", headers=headers) as r:
+        async with s.get(server.http + "/readyz") as r:
             return r.status, await r.json()
+
+
+async def ops_status(server: ServerProcess) -> dict:
+    """The process's details (hosts, lag, errors, counters, pid) from /status
+    on its metrics port: the one process of a WORKERS=1 server."""
+    r = await server.ops_get("/status")
+    assert r.status == 200, r.status
+    (process,) = (await r.json())["processes"]
+    return process
+
+
+def metric_sum(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and want <= have)
+
+
+async def scrape(server: ServerProcess) -> dict[tuple[str, frozenset], float]:
+    """/metrics on the metrics port, parsed: (sample name, its labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await server.ops_get("/metrics")
+    assert r.status == 200, r.status
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(await r.text()) for s in family.samples}
 
 
 async def until_not_ready(server: ServerProcess, timeout: float = 15.0) -> dict:
@@ -294,7 +333,8 @@ async def wait_subscriber_connected(server: ServerProcess, timeout: float = 20.0
     """The hub's reconnection is visible in /readyz; poll it, bounded."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        status, body = await readyz(server)
+        status, _ = await readyz(server)
+        body = await ops_status(server)
         if status == 200 and body["redis"]["subscriber_connected"]:
             return
         if asyncio.get_running_loop().time() > deadline:
@@ -319,7 +359,7 @@ async def until_replica_has_replayed(server: ServerProcess, position: int, timeo
     polls the replay position): nothing to await."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        (replica,) = (await readyz(server))[1]["replicas"]
+        (replica,) = (await ops_status(server))["replicas"]
         if replica["ok"] and replica["replay_lsn"] >= position:
             return
         assert asyncio.get_running_loop().time() < deadline, f"replica never replayed {position}: {replica}"

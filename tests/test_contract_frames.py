@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import random
 import uuid
 from typing import Any
 
@@ -145,7 +146,10 @@ async def expiring_server(stack):
 
 
 async def run_flow(flow: Flow, server: ServerProcess, server2: ServerProcess, expiring_server: ServerProcess, db) -> None:
-    host, host_session = await flow.user(server2, "Host", price="10.00")
+    # A price of its own: the suite leaves many hosts at round prices, and
+    # this host must be on the search's first page.
+    price = f"{random.randint(1001, 5999) / 100:.2f}"
+    host, host_session = await flow.user(server2, "Host", price=price)
     booker, booker_session = await flow.user(server, "Booker")
     host_id = host_session["user"]["id"]
 
@@ -156,7 +160,7 @@ async def run_flow(flow: Flow, server: ServerProcess, server2: ServerProcess, ex
     await booker.next_event("wallet.updated")
     await booker.call("wallet.transactions", {"limit": 1})
     start = slot(days=2)
-    await until(lambda: booker.call("hosts.search", {"min_price": "10.00", "max_price": 10, "limit": 100}),
+    await until(lambda: booker.call("hosts.search", {"min_price": price, "max_price": int(float(price)) + 1, "limit": 100}),
                 lambda r: any(h["id"] == host_id for h in r["hosts"]))
     await booker.call("hosts.search", {"start_at": start, "end_at": (start + dt.timedelta(hours=1)).isoformat()})
     await booker.call("hosts.availability", {"host_id": host_id, "from": start, "to": start + dt.timedelta(days=1)})

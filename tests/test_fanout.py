@@ -13,8 +13,9 @@ import uuid
 import pytest
 
 from tests.chat_helpers import RawSocket, _next_slot, collect_messages, messages_until, open_room, send_many
-from tests.conftest import (ServerProcess, readyz, redis_writes_hung, replay_paused, replica_caught_up,
-                            until_not_ready, until_replica_has_replayed, wait_subscriber_connected)
+from tests.conftest import (ServerProcess, metric_sum, ops_status, readyz, redis_writes_hung, replay_paused,
+                            replica_caught_up, scrape, until_not_ready, until_replica_has_replayed,
+                            wait_subscriber_connected)
 
 STORM = 200
 
@@ -97,7 +98,7 @@ async def test_redis_restart_loses_no_acknowledged_message(stack, server, server
         try:
             await asyncio.to_thread(stack.stop_redis)
             body = await until_not_ready(server)
-            assert body["redis"]["ok"] is False
+            assert body["checks"]["redis"] is False and (await ops_status(server))["redis"]["ok"] is False
             # Calls still commit and answer while Redis is down.
             acked += await send_many(booker, conv, 10, prefix="during-b", in_flight=4)
             # A join while Redis is away answers from PostgreSQL at once...
@@ -152,8 +153,8 @@ async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_tim
             async with redis_writes_hung(redis) as witness:
                 # The first call meets the hang and waits out REDIS_TIMEOUT_S once; it committed.
                 sent = [(await booker.call("chat.send", {"conversation_id": conv, "content": "first"}))["message"]]
-                status, body = await readyz(proc)
-                assert status == 503 and body["redis"]["sending"] is False
+                status, _ = await readyz(proc)
+                assert status == 503 and (await ops_status(proc))["redis"]["sending"] is False
                 # From here the replica lags. Everything written before, the
                 # first call's write position included (Redis may still take
                 # it once it takes writes again), is replayed there.
@@ -179,8 +180,9 @@ async def test_a_hung_redis_is_waited_for_once_and_loses_nothing(quick_redis_tim
                 assert sorted(m["seq"] for m in history["messages"]) == [m["seq"] for m in sent] == list(range(1, 7))
                 assert not witness.done()  # all of that while Redis still held every write
             await wait_subscriber_connected(proc)  # ready again: Redis answered a probe
-            status, body = await readyz(proc)
+            body = await ops_status(proc)
             assert body["redis"]["sending"] is True and body["redis"]["outages"] == 1
+            assert metric_sum(await scrape(proc), "hangout_redis_outages_total") == 1
             # No write position was recorded for the rename, and the replica
             # (as the other process knows it) has replayed all but the calls
             # made during the hang. The booker's read there still sees the
@@ -238,6 +240,7 @@ async def test_a_socket_that_never_reads_is_closed_1013_and_others_get_everythin
         # what had been written to it before the bound was passed.
         assert await slow.close_code() == 1013
         slow.close()
+        assert metric_sum(await scrape(small_queue_server), "hangout_slow_socket_closes_total") == 1
     finally:
         await room.close()
 

@@ -1,5 +1,5 @@
-"""/healthz and /readyz, and what a client sees when the primary or Redis is
-unreachable.
+"""/healthz and /readyz (its details from /status on the metrics port), and
+what a client sees when the primary or Redis is unreachable.
 
 The primary is made unreachable for one server process only, by putting a
 TCP relay (``PrimaryLink``) between that process and the real primary (or
@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from protocol.errors import RpcError
-from tests.conftest import (ServerProcess, port_of, post_kyc, readyz, register, until_not_ready,
+from tests.conftest import (ServerProcess, ops_status, port_of, post_kyc, readyz, register, until_not_ready,
                             wait_subscriber_connected)
 
 
@@ -24,7 +24,8 @@ async def wait_until_ready(server: ServerProcess, timeout: float = 15.0) -> dict
     """Bounded poll: readiness is a state, there is no event to await."""
     deadline = time.monotonic() + timeout
     while True:
-        status, body = await readyz(server)
+        status, _ = await readyz(server)
+        body = await ops_status(server)
         if status == 200 and all(r["ok"] for r in body["replicas"]):
             return body
         assert time.monotonic() < deadline, f"not ready again: {body}"
@@ -132,11 +133,12 @@ async def test_healthz_answers_ok_without_touching_dependencies(server):
             assert await r.json() == {"status": "ok"}
 
 
-async def test_readyz_reports_primary_each_replica_with_its_lag_and_redis(server, stack):
-    status, body = await readyz(server)
+async def test_readyz_and_status_report_primary_each_replica_with_its_lag_and_redis(server, stack):
+    status, public = await readyz(server)
     assert status == 200
-    assert body["ready"] is True
-    assert body["checks"] == {"primary": True, "replicas": True, "redis": True}
+    assert public == {"ready": True, "checks": {"primary": True, "replicas": True, "redis": True}}
+    body = await ops_status(server)
+    assert body["ready"] is True and body["checks"] == public["checks"]
     assert body["primary"]["ok"] is True and body["primary"]["waiting"] == 0
     assert set(body["primary"]["merged_writes"]) == {"batches", "calls", "failed", "waiting"}
     assert body["redis"]["ok"] is True
@@ -154,8 +156,9 @@ async def test_readyz_is_503_while_redis_is_unreachable(server, server2, stack):
     await asyncio.to_thread(stack.stop_redis)
     try:
         body = await until_not_ready(server)
-        assert body["checks"]["redis"] is False and body["redis"]["ok"] is False
-        assert body["primary"]["ok"] is True
+        details = await ops_status(server)
+        assert body["checks"]["redis"] is False and details["redis"]["ok"] is False
+        assert details["primary"]["ok"] is True
     finally:
         await asyncio.to_thread(stack.start_redis)
     await wait_until_ready(server)
@@ -170,7 +173,8 @@ async def test_readyz_is_503_while_the_primary_does_not_answer(linked_server, li
     link.silence()
     try:
         body = await until_not_ready(linked_server)
-        assert body["checks"]["primary"] is False and body["primary"]["ok"] is False
+        details = await ops_status(linked_server)
+        assert body["checks"]["primary"] is False and details["primary"]["ok"] is False
         assert body["checks"]["redis"] is True
     finally:
         await link.restore()
@@ -182,7 +186,8 @@ async def test_readyz_is_503_while_the_primary_is_down(linked_server, link):
     await link.sever()
     try:
         body = await until_not_ready(linked_server)
-        assert body["checks"]["primary"] is False and body["primary"]["ok"] is False
+        details = await ops_status(linked_server)
+        assert body["checks"]["primary"] is False and details["primary"]["ok"] is False
     finally:
         await link.restore()
     await wait_until_ready(linked_server)

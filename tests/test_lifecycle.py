@@ -14,9 +14,8 @@ import pytest
 
 from protocol.client import ConnectionClosed
 from protocol.errors import RpcError
-from tests.conftest import OPS_TOKEN, ROOT, ServerProcess, register, row_locked, until_writes_wait_on_the_lock
-
-OPS = {"Authorization": f"Bearer {OPS_TOKEN}"}  # /readyz shows the pid to operators only
+from tests.conftest import (ROOT, ServerProcess, metric_sum, register, row_locked, scrape,
+                            until_writes_wait_on_the_lock)
 
 
 async def until_connections_are_refused(server: ServerProcess, timeout: float = 5.0) -> None:
@@ -85,26 +84,30 @@ async def test_sigterm_gives_in_flight_calls_at_most_the_grace_period(stack, db)
 async def test_workers_2_runs_two_processes_on_one_port(stack):
     proc = await ServerProcess(stack, WORKERS="2").start()
     try:
-        pids: set[int] = set()
         deadline = time.monotonic() + 15
-        # A new TCP connection per request: the kernel spreads them over the
-        # processes listening with SO_REUSEPORT.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            while len(pids) < 2:
-                assert time.monotonic() < deadline, f"only saw {pids}"
-                try:
-                    async with s.get(proc.http + "/readyz", headers=OPS) as r:
-                        pids.add((await r.json())["pid"])
-                except aiohttp.ClientError:
-                    pass  # the second worker may still be starting
-        assert proc.proc.pid not in pids  # the workers, not the supervisor, serve
+        while True:  # the second worker may still be starting: a bounded poll
+            r = await proc.ops_get("/status")
+            processes = (await r.json())["processes"]
+            if len(processes) == 2:
+                break
+            assert time.monotonic() < deadline, processes
+            await asyncio.sleep(0.05)
+        pids = {p["pid"] for p in processes}
+        assert len(pids) == 2 and proc.proc.pid not in pids  # the workers, not the supervisor, serve
         for pid in pids:
             with open(f"/proc/{pid}/stat") as f:
                 assert int(f.read().rsplit(")", 1)[1].split()[1]) == proc.proc.pid
-        # Both serve the protocol.
-        for _ in range(4):
+        # Both serve the protocol: a new TCP connection per socket, which the
+        # kernel spreads over the processes listening with SO_REUSEPORT, until
+        # each worker has answered a call (its own count in the host's scrape).
+        served: dict[str, float] = {}
+        while len([n for n in served.values() if n > 0]) < 2:
+            assert time.monotonic() < deadline + 15, served
             async with await proc.connect() as c:
                 await register(c)
+            samples = await scrape(proc)
+            served = {w: metric_sum(samples, "hangout_call_duration_seconds_count", method="auth.register",
+                                    worker=w) for w in ("0", "1")}
         assert await proc.stop() == 0  # SIGTERM reaches every worker
         for pid in pids:
             assert not os.path.exists(f"/proc/{pid}")

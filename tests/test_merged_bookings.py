@@ -23,18 +23,17 @@ import pytest
 from protocol.errors import RpcError
 from tests.booking_support import balance, booker, host, key, slot
 from server.db.batching import WriteBatcher
-from tests.conftest import ServerProcess, readyz
+from tests.conftest import ServerProcess, ops_status
 
 H = dt.timedelta(hours=1)
 
 
 async def merged(server) -> dict:
-    _, body = await readyz(server)
-    return body["primary"]["merged_writes"]
+    return (await ops_status(server))["primary"]["merged_writes"]
 
 
 async def until_waiting(server, count: int, timeout: float = 5.0) -> None:
-    """Bounded poll of /readyz until ``count`` calls wait for a batch."""
+    """Bounded poll of /status until ``count`` calls wait for a batch."""
     deadline = time.monotonic() + timeout
     while (await merged(server))["waiting"] < count:
         assert time.monotonic() < deadline, f"calls never queued: {await merged(server)}"

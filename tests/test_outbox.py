@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, ResponseEr
 
 from server.outbox import Outbox, OutboxClosed, RedisUnavailable
 from tests import booking_support
-from tests.conftest import ServerProcess, free_port, readyz, redis_writes_hung
+from tests.conftest import ServerProcess, free_port, ops_status, redis_writes_hung
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ async def test_an_empty_group_is_answered_at_once(outbox):
 
 
 async def _pipelines(proc: ServerProcess) -> int:
-    return (await readyz(proc))[1]["redis"]["pipelines"]
+    return (await ops_status(proc))["redis"]["pipelines"]
 
 
 async def test_a_write_call_sends_its_write_position_and_its_events_in_one_round_trip(stack):

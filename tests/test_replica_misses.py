@@ -10,7 +10,7 @@ import datetime as dt
 import uuid
 
 from protocol.errors import RpcError
-from tests.conftest import (ServerProcess, readyz, register, replay_paused, replica_caught_up,
+from tests.conftest import (ServerProcess, ops_status, register, replay_paused, replica_caught_up,
                             until_replica_has_replayed)
 
 MISSES = 1000
@@ -24,10 +24,10 @@ PRIMARY_BUDGET = 50
 
 async def reads(server: ServerProcess) -> tuple[int, int]:
     """(reads the primary answered, reads the replica served) by ``server``,
-    from /readyz. Counted by the process itself: the primary's own table
+    from its /status. Counted by the process itself: the primary's own table
     statistics also count every other process of the session (settlement
     reads users on every pass)."""
-    body = (await readyz(server))[1]
+    body = await ops_status(server)
     (replica,) = body["replicas"]
     return body["primary"]["reads"], replica["reads_served"]
 

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from tests.booking_support import book, host, key, slot
-from tests.conftest import (ServerProcess, post_kyc, readyz, register, replay_paused, until_replica_has_replayed,
+from tests.conftest import (ServerProcess, ops_status, post_kyc, register, replay_paused, until_replica_has_replayed,
                             verified_user)
 
 
@@ -26,12 +26,13 @@ async def write_position(redis, *user_ids: str) -> int:
     return max(int(v) for v in values if v is not None)
 
 
-async def readyz_body(server: ServerProcess) -> dict:
-    return (await readyz(server))[1]
+async def status_body(server: ServerProcess) -> dict:
+    """The process's details, from /status on its metrics port."""
+    return await ops_status(server)
 
 
 async def reads_served_by_replica(server: ServerProcess) -> int:
-    (replica,) = (await readyz_body(server))["replicas"]
+    (replica,) = (await status_body(server))["replicas"]
     return replica["reads_served"]
 
 
@@ -93,13 +94,13 @@ async def test_another_user_is_served_by_the_replica_and_may_see_the_old_value(x
         await asyncio.sleep(0.05)
 
 
-async def test_replica_lag_is_reported_in_readyz(server, replica_db):
+async def test_replica_lag_is_reported_in_status(server, replica_db):
     async with await server.connect() as c:
         await register(c)
         async with replay_paused(replica_db):
             await c.call("users.update", {"name": "Lagging"})
             deadline = time.monotonic() + 10
-            while not ((replica := (await readyz_body(server))["replicas"][0])["lag_bytes"] or 0) > 0:
+            while not ((replica := (await status_body(server))["replicas"][0])["lag_bytes"] or 0) > 0:
                 assert time.monotonic() < deadline, replica
                 await asyncio.sleep(0.05)
             assert replica["ok"] is True  # a little lag is not a reason to skip it
@@ -115,7 +116,7 @@ async def test_a_replica_lagging_past_the_bound_is_skipped(stack, x_and_y, repli
             async with replay_paused(replica_db):
                 await x1.call("users.update", {"name": "New Name"})
                 deadline = time.monotonic() + 10
-                while (await readyz_body(strict))["replicas"][0]["ok"]:  # the health loop sees the lag
+                while (await status_body(strict))["replicas"][0]["ok"]:  # the health loop sees the lag
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.05)
                 served = await reads_served_by_replica(strict)
@@ -149,11 +150,11 @@ async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redi
                         assert (await y_blind.call("users.me"))["id"] == y_id
                         assert (await y_client.call("users.get", {"user_id": x_id}))["name"] == "Host X"
                         assert (await y_client.call("users.me"))["id"] == y_id
-                    (replica,) = (await readyz_body(blind))["replicas"]
+                    (replica,) = (await status_body(blind))["replicas"]
                     assert replica["ok"] is False
                     # The process with a working health loop reports it down, and why.
                     deadline = time.monotonic() + 10
-                    while not (replica := (await readyz_body(server))["replicas"][0])["error"]:
+                    while not (replica := (await status_body(server))["replicas"][0])["error"]:
                         assert time.monotonic() < deadline
                         await asyncio.sleep(0.05)
                     assert replica["ok"] is False
@@ -163,7 +164,7 @@ async def test_every_read_succeeds_while_the_replica_is_down(stack, server, redi
         finally:
             await blind.stop()
     deadline = time.monotonic() + 15
-    while not (await readyz_body(server))["replicas"][0]["ok"]:
+    while not (await status_body(server))["replicas"][0]["ok"]:
         assert time.monotonic() < deadline, "replica never came back"
         await asyncio.sleep(0.1)
 
@@ -269,7 +270,7 @@ async def test_a_committed_write_whose_position_cannot_be_read_is_answered_and_r
     try:
         async with await proc.connect() as c:
             s = await register(c)
-            await until_replica_has_replayed(proc, (await readyz_body(proc))["replicas"][0]["replay_lsn"])
+            await until_replica_has_replayed(proc, (await status_body(proc))["replicas"][0]["replay_lsn"])
             async with replay_paused(replica_db):
                 await c.call("test.fail_position_lookups", {"fail": True})
                 try:

@@ -20,7 +20,8 @@ LONG = "k" * MIN_SECRET_BYTES
 
 def serve_env(stack, **env: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ("HOST", "JWT_SECRET", "KYC_WEBHOOK_SECRET")}
-    return dict(base, **stack.server_env(), PORT=str(free_port()), WORKERS="1", HANGOUT_SKIP_MIGRATE="1",
+    return dict(base, **stack.server_env(), PORT=str(free_port()), METRICS_PORT=str(free_port()), WORKERS="1",
+                HANGOUT_SKIP_MIGRATE="1",
                 LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", **env)
 
 
@@ -68,7 +69,12 @@ async def listening_line(stack, **env: str) -> str:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
     finally:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 30)
+        try:
+            await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # a hung shutdown fails the test, and leaves no process behind
+            proc.wait()
+            raise
     assert line.startswith("hangout listening on "), line
     return line.split()[3].rsplit(":", 1)[0]
 

@@ -19,7 +19,7 @@ import pytest
 
 from protocol.codec import decode, encode
 from tests.chat_helpers import RawSocket, open_room
-from tests.conftest import (ServerProcess, get_when_replicated, readyz, register, row_locked,
+from tests.conftest import (ServerProcess, get_when_replicated, ops_status, register, row_locked,
                             until_writes_wait_on_the_lock)
 
 MAX_FRAME_BYTES = 65536
@@ -569,7 +569,7 @@ async def test_a_client_that_sends_a_burst_and_hangs_up_leaves_nothing_behind(se
     socket still ends, and leaves every channel."""
     async with await server.connect() as c:
         s = await register(c)
-    before = (await readyz(server))[1]["sockets"]
+    before = (await ops_status(server))["sockets"]
     for _ in range(3):
         raw = await RawSocket.connect(server, s["access_token"], rcvbuf=4096)
         frames = [(0x2, encode({"id": i, "method": "users.me"})) for i in range(200)]
@@ -577,6 +577,6 @@ async def test_a_client_that_sends_a_burst_and_hangs_up_leaves_nothing_behind(se
         raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         raw.close()  # a reset: nothing more is read or written
     deadline = time.monotonic() + 15
-    while (await readyz(server))[1]["sockets"] > before:
+    while (await ops_status(server))["sockets"] > before:
         assert time.monotonic() < deadline, "a socket of a client that hung up never ended"
         await asyncio.sleep(0.05)

@@ -79,8 +79,9 @@ async def relay_unpublished(
     by side. Returns how many were published."""
     async with conn.transaction():
         rows = await conn.fetch(
-            """SELECT user_id, seq, event, data FROM user_events
-               WHERE NOT published AND created_at < now() - $1::interval
+            """SELECT user_id, seq, event, data,
+                      EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 AS age_s
+               FROM user_events WHERE NOT published AND created_at < now() - $1::interval
                ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED""",
             older_than, limit,
         )

@@ -84,14 +84,17 @@ class FairPool:
     A FIFO semaphore of the pool's size in front (asyncio's is fair since
     Python 3.11.1) means the pool itself never makes anyone wait."""
 
-    __slots__ = ("pool", "gate", "waiting")
+    __slots__ = ("pool", "gate", "waiting", "waits")
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.gate = asyncio.Semaphore(pool.get_max_size())
-        self.waiting = 0  # callers waiting for a connection (/readyz)
+        self.waiting = 0  # callers waiting for a connection now (metrics)
+        self.waits = 0  # callers that found every connection taken, since start
 
     async def acquire(self) -> asyncpg.Connection:
+        if self.gate.locked():
+            self.waits += 1
         self.waiting += 1
         try:
             await self.gate.acquire()

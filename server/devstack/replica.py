@@ -18,15 +18,20 @@ REPLICA_APPLICATION_NAME = "devstack_replica"
 @dataclass
 class Replica(PgNode):
     primary: Primary
+    # A stack with several replicas gives each its own slot (which the
+    # primary must hold) and name.
+    slot: str = SLOT_NAME
+    application_name: str = REPLICA_APPLICATION_NAME
+    primary_host: str = "127.0.0.1"  # where the replica reaches the primary
 
     def node_conf_extra(self) -> str:
         conninfo = (
-            f"host=127.0.0.1 port={self.primary.port} user={SUPERUSER} "
-            f"application_name={REPLICA_APPLICATION_NAME}"
+            f"host={self.primary_host} port={self.primary.port} user={SUPERUSER} "
+            f"application_name={self.application_name}"
         )
         return (
             f"primary_conninfo = '{conninfo}'\n"
-            f"primary_slot_name = '{SLOT_NAME}'\n"
+            f"primary_slot_name = '{self.slot}'\n"
             "hot_standby = on\n"
             "hot_standby_feedback = on\n"
             # The feedback (the oldest row version the replica's reads may
@@ -52,9 +57,9 @@ class Replica(PgNode):
         self.kill()
         self.make_empty()
         self.run(
-            [pg_tool("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port),
+            [pg_tool("pg_basebackup"), "-h", self.primary_host, "-p", str(self.primary.port),
              "-U", SUPERUSER, "-D", str(d), "-R", "-X", "stream", "-c", "fast",
-             "-S", SLOT_NAME, "--no-sync"],
+             "-S", self.slot, "--no-sync"],
             timeout=600,
         )
         self.drop_standby_conninfo()  # they live in the node conf

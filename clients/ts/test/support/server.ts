@@ -73,6 +73,8 @@ export class ServerProcess {
       HANGOUT_SKIP_MIGRATE: "1",
       LOG_LEVEL: process.env.TEST_SERVER_LOG_LEVEL ?? "WARNING",
       PYTHONUNBUFFERED: "1",
+      // No metrics port: servers started side by side would all want the default one.
+      METRICS_PORT: "0",
       SETTLEMENT_INTERVAL_S: "0.5",
       // Every test signs in from 127.0.0.1: the per-address limits are raised.
       MAX_SOCKETS_PER_ADDRESS: "100000",

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from server.redis_cluster import ClusterAddress, is_cluster
+
 # Published with the code: anyone could sign tokens and KYC webhooks with
 # them. ``serve`` uses them only on the embedded dev stack (or when a
 # harness that starts one passes them on, see ``dev_secrets``).
@@ -264,6 +266,12 @@ class Config:
 
     def _checked(self) -> "Config":
         """Settings that parse but cannot work together; the error names the variable."""
+        if is_cluster(self.redis_url):
+            try:
+                ClusterAddress(self.redis_url)
+            except ValueError as exc:
+                raise ConfigError(f"REDIS_URL={self.redis_url!r} is not a Redis Cluster URL "
+                                  f"(redis+cluster://host:port,host:port): {exc}") from None
         if not 0 <= self.presence_offline_after_s <= 60:
             raise ConfigError(f"PRESENCE_OFFLINE_AFTER_S={self.presence_offline_after_s} must be between 0 and 60")
         # Past 60 s a killed process's users would stay online longer than the contract allows.

@@ -34,6 +34,7 @@ from server.db.errors import DatabaseUnavailable
 from server.frames import error_frame, result_frame
 from server.logs import CALL, CallContext, new_call_id
 from server.metrics import UNKNOWN_METHOD, observe_call
+from server.outbox import CLUSTER_DOWN
 from server.rpc import METHODS, Call, Method
 from server.services import Services
 from server.transport import Transport
@@ -50,6 +51,7 @@ UNAVAILABLE_ERRORS = (
     asyncpg.exceptions.InterfaceError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    *CLUSTER_DOWN,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,

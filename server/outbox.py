@@ -9,7 +9,8 @@ one pipeline, so concurrent calls share a round trip, and a call that queues
 its position and its events in the same turn has both sent in order (the
 position first, so a client that reads on an event finds the write).
 
-The outbox has one connection of its own and speaks RESP on it directly
+The outbox has one connection of its own (one per master on a Redis Cluster,
+server/outbox_cluster.py) and speaks RESP on it directly
 (hiredis packs the commands and parses the replies): redis-py's pipeline
 spends CPU on every argument and reply (encoding, a timeout and a callback
 each), on the path of every write. Replies come back as Redis sent them
@@ -59,8 +60,11 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
 
 
 # Failures that say Redis (or the way to it) is not answering, as opposed to
-# an error reply to one command.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError)
+# an error reply to one command. redis-py's cluster client says so with
+# errors of its own: no node reachable, or the cluster's state not ok.
+CLUSTER_DOWN = (redis.exceptions.RedisClusterException, redis.exceptions.ClusterDownError)
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, asyncio.TimeoutError,
+               *CLUSTER_DOWN)
 PROBE_CHANNEL = "hangout:probe"
 
 
@@ -158,12 +162,8 @@ class _Wire(asyncio.Protocol):
 class Outbox:
     def __init__(self, redis_url: str, timeout_s: float = 2.0, max_in_flight: int = 2,
                  probe_interval_s: float = 0.5) -> None:
-        address = RedisAddress(redis_url)
-        self._host, self._port = address.host, address.port
-        self._hello: list[Command] = [  # sent first on every connection
-            *([address.auth] if address.auth else []),
-            *([("SELECT", address.db)] if address.db is not None else []),
-        ]
+        self._hello: list[Command] = []  # sent first on every connection
+        self._address(redis_url)
         self._timeout = timeout_s
         self._wire: _Wire | None = None
         self._connecting: asyncio.Lock | None = None
@@ -180,6 +180,14 @@ class Outbox:
         self.on_open: list[Callable[[], None]] = []  # called once it sends again
         self.pipelines = 0  # sent, for tests
         self.outages = 0  # times it closed, for tests and /readyz
+
+    def _address(self, redis_url: str) -> None:
+        address = RedisAddress(redis_url)
+        self._host, self._port = address.host, address.port
+        self._hello = [
+            *([address.auth] if address.auth else []),
+            *([("SELECT", address.db)] if address.db is not None else []),
+        ]
 
     def submit(self, commands: Sequence[Command]) -> "asyncio.Future[list[Any]]":
         """Queue ``commands`` (each ``(name, *args)``); the future gets their
@@ -226,30 +234,17 @@ class Outbox:
             wire = self._wire
             if wire is not None and not wire.closed:
                 return wire
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self._timeout):
-                _, wire = await loop.create_connection(_Wire, self._host, self._port)
-                if self._hello:
-                    for reply in await wire.send(pack(self._hello), len(self._hello)):
-                        if isinstance(reply, Exception):
-                            wire.abort(reply)
-                            raise redis.exceptions.ConnectionError(f"redis refused the connection: {reply}")
-            self._wire = wire
+            self._wire = wire = await open_wire(self._host, self._port, self._hello, self._timeout)
             return wire
 
     async def _roundtrip(self, commands: Sequence[Command]) -> list[Any]:
         """Send ``commands`` and wait for their replies, at most the timeout."""
         if not commands:
             return []
-        wire = await self._connected()
-        replies = wire.send(pack(commands), len(commands))
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await replies
-        except TimeoutError:
-            exc = redis.exceptions.TimeoutError(f"no reply from redis within {self._timeout} s")
-            wire.abort(exc)
-            raise exc from None
+        return await exchange(await self._connected(), commands, self._timeout)
+
+    async def _probe_once(self) -> None:
+        await self._roundtrip([("PUBLISH", PROBE_CHANNEL, b"")])
 
     async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
         try:
@@ -292,7 +287,7 @@ class Outbox:
         while True:
             await asyncio.sleep(self._probe_interval_s)
             try:
-                await self._roundtrip([("PUBLISH", PROBE_CHANNEL, b"")])
+                await self._probe_once()
                 if self.on_recovered is not None:
                     await self.on_recovered()
             except Exception as exc:  # still away (or PostgreSQL is): probe again
@@ -313,10 +308,41 @@ class Outbox:
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        if self._wire is not None:
-            self._wire.abort(OutboxClosed("redis outbox closed"))
+        self._abort_wires(OutboxClosed("redis outbox closed"))
         batch, self._queue = self._queue, []
         _fail(batch, OutboxClosed("redis outbox closed"))
+
+    def _abort_wires(self, exc: BaseException) -> None:
+        if self._wire is not None:
+            self._wire.abort(exc)
+
+
+async def open_wire(host: str, port: int, hello: Sequence[Command], timeout_s: float) -> _Wire:
+    """A new connection to ``host:port`` that has sent ``hello`` (AUTH,
+    SELECT) and had it accepted."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout_s):
+        _, wire = await loop.create_connection(_Wire, host, port)
+        if hello:
+            for reply in await wire.send(pack(hello), len(hello)):
+                if isinstance(reply, Exception):
+                    wire.abort(reply)
+                    raise redis.exceptions.ConnectionError(f"redis refused the connection: {reply}")
+    return wire
+
+
+async def exchange(wire: _Wire, commands: Sequence[Command], timeout_s: float) -> list[Any]:
+    """Send ``commands`` on ``wire`` and wait for their replies, at most
+    ``timeout_s`` (then the connection is dropped: its replies could no
+    longer be matched)."""
+    replies = wire.send(pack(commands), len(commands))
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await replies
+    except TimeoutError:
+        exc = redis.exceptions.TimeoutError(f"no reply from redis within {timeout_s} s")
+        wire.abort(exc)
+        raise exc from None
 
 
 def _fail(batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]], exc: BaseException) -> None:

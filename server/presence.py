@@ -23,6 +23,9 @@ that two processes never both make one change):
   clock in microseconds, increasing per user) orders changes that two
   processes announce at once (server/presence_worker.py).
 
+On a Redis Cluster every key above starts with the hash tag ``{presence}``:
+all of them then share one slot, which each script needs.
+
 A process counts its own sockets in memory (``acquire``/``release``, called
 from the socket's binding) and writes the counts that changed in one script
 (``flush``): binding a socket never waits for Redis. Times come from Redis's
@@ -41,7 +44,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 # What a Redis that is down or hanging raises through the client.
-REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, asyncio.TimeoutError)
 FLUSH_BATCH = 500  # users per flush script
 SWEEP_BATCH = 1000  # users taken offline per sweep script
 SWEEP_MAX_BATCHES = 20  # per sweep; the next sweep goes on
@@ -163,12 +166,22 @@ return 1
 """
 
 
-def online_key(user_id: uuid.UUID) -> str:
-    return f"online:{user_id}"
+# On a Redis Cluster every presence key carries this hash tag, so that all
+# of them share one slot: the scripts change many users' keys atomically.
+CLUSTER_TAG = "{presence}"
 
 
-def _last_key(user_id: uuid.UUID) -> str:
-    return f"presence:last:{user_id}"
+def online_key(user_id: uuid.UUID, tag: str = "") -> str:
+    return f"{tag}online:{user_id}"
+
+
+def _last_key(user_id: uuid.UUID, tag: str = "") -> str:
+    return f"{tag}presence:last:{user_id}"
+
+
+def _tagged(script: str, tag: str) -> str:
+    """``script`` with ``tag`` before each of its key names."""
+    return script.replace("'presence:", f"'{tag}presence:").replace("'online:", f"'{tag}online:")
 
 
 def _time(micros: int) -> dt.datetime:
@@ -201,18 +214,23 @@ def _changes(replies: list) -> list[Change]:
 
 
 class Presence:
-    def __init__(self, redis: aioredis.Redis, offline_after_s: float = 5.0, ttl_s: float = 30.0) -> None:
+    def __init__(self, redis: aioredis.Redis, offline_after_s: float = 5.0, ttl_s: float = 30.0,
+                 *, cluster: bool = False) -> None:
         self.redis = redis
+        self.tag = CLUSTER_TAG if cluster else ""
+        # A cluster client sends a script to the master of its first key:
+        # the tag itself names the presence slot.
+        self._keys = [CLUSTER_TAG] if cluster else []
         self.process = uuid.uuid4().hex
         self._offline_after_us = str(int(offline_after_s * 1_000_000))
         self._ttl_ms = str(int(ttl_s * 1000))
         self._sockets: dict[uuid.UUID, int] = {}  # this process's authenticated sockets per user
         self._dirty: set[uuid.UUID] = set()  # users whose count Redis does not have yet
         self._wake = asyncio.Event()
-        self._flush = redis.register_script(_FLUSH)
-        self._beat = redis.register_script(_BEAT)
-        self._sweep = redis.register_script(_SWEEP)
-        self._depart = redis.register_script(_DEPART)
+        self._flush = redis.register_script(_tagged(_FLUSH, self.tag))
+        self._beat = redis.register_script(_tagged(_BEAT, self.tag))
+        self._sweep = redis.register_script(_tagged(_SWEEP, self.tag))
+        self._depart = redis.register_script(_tagged(_DEPART, self.tag))
 
     async def online_among(self, user_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
         """The users of ``user_ids`` who are online now. Raises the Redis
@@ -221,7 +239,7 @@ class Presence:
         users = list(dict.fromkeys(user_ids))
         if not users:
             return set()
-        found = await self.redis.mget([online_key(u) for u in users])
+        found = await self.redis.mget([online_key(u, self.tag) for u in users])
         return {u for u, v in zip(users, found) if v is not None}
 
     # ---- this process's sockets (from server/binding.py) -------------------
@@ -263,8 +281,8 @@ class Presence:
         try:
             for i in range(0, max(len(users), 1), FLUSH_BATCH):
                 counts = [str(x) for u in users[i:i + FLUSH_BATCH] for x in (u, self._sockets.get(u, 0))]
-                reply = await self._flush(args=[self.process, self._ttl_ms, self._offline_after_us, *counts,
-                                                OFFLINE_RECORD_TTL_S])
+                reply = await self._flush(keys=self._keys, args=[self.process, self._ttl_ms, self._offline_after_us,
+                                                                 *counts, OFFLINE_RECORD_TTL_S])
                 lost = lost or reply[0] == 1
                 changes += _changes(reply[1:])
                 dirty.difference_update(users[i:i + FLUSH_BATCH])
@@ -277,13 +295,13 @@ class Presence:
     async def beat(self) -> bool:
         """Renew this process's heartbeat; True if it had been given up for
         dead (or never beat): then ``resync``."""
-        return await self._beat(args=[self.process, self._ttl_ms]) == 1
+        return await self._beat(keys=self._keys, args=[self.process, self._ttl_ms]) == 1
 
     async def resync(self) -> None:
         """Write every count of this process again: after it was given up
         for dead (paused past its TTL, or Redis lost its data), its sockets
         must count again."""
-        listed = await self.redis.hkeys(f"presence:proc:{self.process}")
+        listed = await self.redis.hkeys(f"{self.tag}presence:proc:{self.process}")
         self._dirty.update(uuid.UUID(u.decode()) for u in listed)
         self._dirty.update(self._sockets)
         self._wake.set()
@@ -293,7 +311,7 @@ class Presence:
         users of dead processes; each change is made by one process only."""
         changes: list[Change] = []
         for _ in range(SWEEP_MAX_BATCHES):
-            got = _changes(await self._sweep(args=[SWEEP_BATCH, OFFLINE_RECORD_TTL_S]))
+            got = _changes(await self._sweep(keys=self._keys, args=[SWEEP_BATCH, OFFLINE_RECORD_TTL_S]))
             changes += got
             if len(got) < SWEEP_BATCH:
                 break
@@ -301,16 +319,16 @@ class Presence:
 
     async def depart(self) -> None:
         """This process stops: its sockets no longer count."""
-        await self._depart(args=[self.process, self._offline_after_us, OFFLINE_RECORD_TTL_S])
+        await self._depart(keys=self._keys, args=[self.process, self._offline_after_us, OFFLINE_RECORD_TTL_S])
 
     # ---- reading ------------------------------------------------------------
 
     async def latest(self, user_ids: list[uuid.UUID]) -> dict[uuid.UUID, Change]:
         """Each user's latest change, where Redis has it."""
-        found = await self.redis.mget([_last_key(u) for u in user_ids])
+        found = await self.redis.mget([_last_key(u, self.tag) for u in user_ids])
         return {u: Change.parse(u, r) for u, r in zip(user_ids, found) if r is not None}
 
     async def state(self, user_id: uuid.UUID) -> tuple[bool, Change | None]:
         """Whether the user is online, and their latest change if Redis has it."""
-        online, last = await self.redis.mget([online_key(user_id), _last_key(user_id)])
+        online, last = await self.redis.mget([online_key(user_id, self.tag), _last_key(user_id, self.tag)])
         return online is not None, (Change.parse(user_id, last) if last is not None else None)

@@ -32,7 +32,7 @@ import logging
 import uuid
 from typing import Callable, Collection, Iterable
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from server.config import Config
 from server.outbox import Outbox
@@ -61,7 +61,7 @@ class PushHook:
             return set()
         try:
             return await self.presence.online_among(users)
-        except (RedisError, OSError, asyncio.TimeoutError) as err:
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as err:
             log.warning("presence unknown (%s): pushing as if offline", err)
             return set()
 

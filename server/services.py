@@ -12,7 +12,7 @@ from typing import Any, Coroutine, Protocol
 
 import redis.asyncio as aioredis
 
-from server import messages
+from server import messages, redis_cluster
 from server.config import Config
 from server.credentials import PasswordHashing
 from server.db import auth as auth_db
@@ -20,6 +20,7 @@ from server.db.database import Database
 from server.edge import SocketCounts
 from server.limits import WindowLimit
 from server.outbox import Outbox
+from server.outbox_cluster import ClusterOutbox
 from server.presence import Presence
 from server.push import PushHook
 from server.rooms import Hub
@@ -66,19 +67,14 @@ class Services:
 
     @classmethod
     def build(cls, config: Config) -> "Services":
-        client = aioredis.from_url(
-            config.redis_url,
-            socket_timeout=config.redis_timeout_s,
-            socket_connect_timeout=config.redis_timeout_s,
-            health_check_interval=0,
-            max_connections=256,
-        )
-        outbox = Outbox(config.redis_url, timeout_s=config.redis_timeout_s,
+        cluster = redis_cluster.is_cluster(config.redis_url)
+        client = redis_cluster.client(config.redis_url, config.redis_timeout_s)
+        outbox = (ClusterOutbox if cluster else Outbox)(config.redis_url, timeout_s=config.redis_timeout_s,
                         probe_interval_s=config.redis_probe_interval_s)
         db = Database(config, client, outbox)
         outbox.on_recovered = db.raise_floor
         hub = Hub(config.redis_url, outbox, backfill=functools.partial(messages.conversation_backfill, db))
-        presence = Presence(client, config.presence_offline_after_s, config.presence_ttl_s)
+        presence = Presence(client, config.presence_offline_after_s, config.presence_ttl_s, cluster=cluster)
         services = cls(config=config, redis=client, outbox=outbox, db=db, hub=hub,
                        sessions=Sessions(hub, config.access_token_ttl_s),
                        hashing=PasswordHashing(config.hash_concurrency, config.hash_max_wait_s),

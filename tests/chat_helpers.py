@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from protocol.client import Client
 from protocol.codec import decode, encode
@@ -163,6 +164,11 @@ async def send_many(
 
 
 async def subscriber_count(redis: Any, channel: str) -> int:
+    if isinstance(redis, RedisCluster):  # sharded channels, counted on their master
+        await redis.initialize()
+        reply = await redis.execute_command("PUBSUB", "SHARDNUMSUB", channel,
+                                            target_nodes=redis.get_node_from_key(channel))
+        return dict(zip(reply[::2], reply[1::2])).get(channel.encode(), 0)
     return dict(await redis.pubsub_numsub(channel)).get(channel.encode(), 0)
 
 

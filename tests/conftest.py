@@ -31,15 +31,24 @@ import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from protocol.client import Client
-from server import devstack
+from server import devstack, redis_cluster
 from server.config import DEV_KYC_SECRET, Config, dev_secrets
 from server.db.migrate import migrate
+from server.presence import CLUSTER_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
 OPS_TOKEN = "test-ops-token-0123456789abcdef0123456789"
+
+
+# The suite runs on the stack's Redis Cluster with DEVSTACK_REDIS_CLUSTER=1
+# (``make test-cluster``).
+ON_CLUSTER = devstack.from_env().redis_cluster
+# Presence keys as the servers under test name them (server/presence.py).
+PRESENCE_TAG = CLUSTER_TAG if ON_CLUSTER else ""
 
 
 def port_of(url: str) -> int:
@@ -196,7 +205,8 @@ async def replica_db(stack) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 async def redis(stack) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.from_url(stack.redis_url)
+    # On the stack's Redis Cluster: redis-py's cluster client (routes by key).
+    r = redis_cluster.client(stack.redis_url, 5.0) if stack.redis_cluster else aioredis.from_url(stack.redis_url)
     yield r
     await r.aclose()
 
@@ -362,12 +372,15 @@ async def redis_writes_hung(redis: aioredis.Redis) -> AsyncIterator[asyncio.Task
     every write, ``PUBLISH`` and ``EVAL`` of every client (reads still
     answer) until the block ends. Yields a witness: a ``PUBLISH`` sent once
     the pause began, which is done only once Redis takes writes again."""
-    await redis.execute_command("CLIENT", "PAUSE", 120_000, "WRITE")
-    witness = asyncio.create_task(redis.publish("hangout-test:witness", b""))
+    # On a cluster every master is paused, and the witness is a sharded publish.
+    where = {"target_nodes": RedisCluster.ALL_NODES} if isinstance(redis, RedisCluster) else {}
+    await redis.execute_command("CLIENT", "PAUSE", 120_000, "WRITE", **where)
+    witness = asyncio.create_task(redis.execute_command("SPUBLISH", "hangout-test:witness", b"") if where
+                                  else redis.publish("hangout-test:witness", b""))
     try:
         yield witness
     finally:
-        await redis.execute_command("CLIENT", "UNPAUSE")
+        await redis.execute_command("CLIENT", "UNPAUSE", **where)
         await witness
 
 

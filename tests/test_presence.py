@@ -15,7 +15,7 @@ import pytest
 from protocol.client import Client
 from server.config import Config, ConfigError
 from tests.chat_helpers import Party, open_room
-from tests.conftest import PASSWORD, ServerProcess, wait_subscriber_connected
+from tests.conftest import PASSWORD, PRESENCE_TAG, ServerProcess, wait_subscriber_connected
 
 OFFLINE_AFTER_S = Config.presence_offline_after_s
 # The change is made once the delay has passed, by a sweep (every second),
@@ -96,7 +96,7 @@ async def until_leaving(redis, user_id: str, timeout: float = 5.0) -> None:
     """Until the server has seen the user's last socket go (a bounded poll of
     Redis, where nothing can be awaited)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while await redis.zscore("presence:leaving", user_id) is None:
+    while await redis.zscore(f"{PRESENCE_TAG}presence:leaving", user_id) is None:
         assert asyncio.get_running_loop().time() < deadline, "the last socket's close was never seen"
         await asyncio.sleep(0.02)
 
@@ -175,7 +175,7 @@ async def test_a_killed_process_takes_its_users_offline(stack, server, server2, 
                 slack = dt.timedelta(seconds=0.5)  # Redis's clock against ours
                 assert killed_at - dt.timedelta(seconds=ttl_s) - slack <= event["last_seen_at"] <= killed_at + slack
             assert asyncio.get_running_loop().time() - started < 60  # the contract's bound
-            assert await redis.exists(f"online:{room.host.user_id}") == 0
+            assert await redis.exists(f"{PRESENCE_TAG}online:{room.host.user_id}") == 0
             assert await stored_last_seen(db, room.host.user_id, online=False) == event["last_seen_at"]
             # Exactly once: no second announcement from the other sweeper.
             with pytest.raises(asyncio.TimeoutError):
@@ -223,7 +223,7 @@ async def test_presence_rides_out_a_redis_restart(stack, server, redis):
             assert joined["presence"] == {"user_id": room.host.user_id, "online": True, "last_seen_at": None}
 
             deadline = asyncio.get_running_loop().time() + 10
-            while not await redis.exists(f"online:{room.host.user_id}"):  # a bounded poll of Redis
+            while not await redis.exists(f"{PRESENCE_TAG}online:{room.host.user_id}"):  # a bounded poll of Redis
                 assert asyncio.get_running_loop().time() < deadline, "the host's socket was never counted again"
                 await asyncio.sleep(0.05)
             assert (await join(room.booker.client, room.conversation_id))["presence"]["online"] is True

@@ -28,7 +28,7 @@ from server.presence import online_key
 from server.push_delivery import FAILED_RETENTION, retry_delay
 from tests.booking_support import book, booker, host, move_to_past, slot
 from tests.chat_helpers import open_room
-from tests.conftest import ROOT, ServerProcess, free_port, wait_subscriber_connected
+from tests.conftest import PRESENCE_TAG, ROOT, ServerProcess, free_port, wait_subscriber_connected
 
 SECRET = "push-hook-test-secret-" + "s" * 32
 RETRY_BASE_S = 0.2
@@ -159,7 +159,7 @@ async def until_presence(redis, user_id: str, online: bool, timeout: float = 15.
     """Presence (Redis) says what is expected: a bounded poll, as presence
     changes inside the server processes, out of this test's sight."""
     deadline = time.monotonic() + timeout
-    while bool(await redis.exists(online_key(uuid.UUID(user_id)))) != online:
+    while bool(await redis.exists(online_key(uuid.UUID(user_id), PRESENCE_TAG))) != online:
         assert time.monotonic() < deadline, f"presence never said {user_id} is {'online' if online else 'offline'}"
         await asyncio.sleep(0.05)
 

@@ -97,7 +97,7 @@ async def _recorded(recorded: Awaitable[Any]) -> None:
         await recorded
     except RedisUnavailable:
         pass  # logged once when Redis stopped answering (server/outbox.py)
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         log.warning("could not record write position in redis: %r", exc)
 
 
@@ -109,6 +109,9 @@ class WritePositions:
     def __init__(self, redis: aioredis.Redis, outbox: Outbox, ttl_s: int,
                  insert_head: Callable[..., Awaitable[str]]) -> None:
         self.redis = redis
+        # On a Redis Cluster the floor and the users' positions live in
+        # different slots: the cluster client reads them slot by slot.
+        self._mget = getattr(redis, "mget_nonatomic", redis.mget)
         self.outbox = outbox
         self.ttl_s = ttl_s
         self.insert_head = insert_head
@@ -228,7 +231,7 @@ class WritePositions:
             return -1  # Redis is not answering: other processes' writes are unknown
         try:
             remote = await self._lookups.get(key)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
             # Without Redis we cannot know what other processes wrote: be safe.
             if isinstance(exc, UNREACHABLE):
                 self.outbox.unreachable(exc)
@@ -236,7 +239,7 @@ class WritePositions:
         return max(local, int(remote) if remote else 0)
 
     async def _write_positions(self, users: list[uuid.UUID | str], _required: int) -> dict[uuid.UUID | str, Any]:
-        floor, *positions = await self.redis.mget([RYW_FLOOR_KEY, *(f"ryw:{u}" for u in users)])
+        floor, *positions = await self._mget([RYW_FLOOR_KEY, *(f"ryw:{u}" for u in users)])
         if floor is None:
             floor = await self._set_floor()
         floor = int(floor)

@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     st = stack.status()
     print(f"base dir     {stack.base_dir}")
-    ports = {"primary": stack.primary_port, "replica": stack.replica_port, "redis": stack.redis_port,
+    redis_port = stack.redis_cluster_ports[0] if stack.redis_cluster else stack.redis_port
+    ports = {"primary": stack.primary_port, "replica": stack.replica_port, "redis": redis_port,
              "pgbouncer": stack.pgbouncer_port}
     for name, running in st.items():
         print(f"{name:<12} {'running' if running else 'stopped':<8} 127.0.0.1:{ports[name]}")

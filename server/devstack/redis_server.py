@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.devstack.binaries import redis_server_bin
@@ -19,6 +19,7 @@ class RedisServer:
     port: int
     dir: Path  # working dir and pidfile
     logfile: Path
+    extra_args: list[str] = field(default_factory=list)  # e.g. a cluster node's settings
 
     @property
     def pidfile(self) -> Path:
@@ -98,6 +99,7 @@ class RedisServer:
             "--pidfile", str(self.pidfile),
             "--logfile", str(self.logfile),
             "--dir", str(self.dir),
+            *self.extra_args,
         ]
         proc = subprocess.run(
             args,

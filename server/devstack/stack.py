@@ -16,6 +16,7 @@ from server.devstack.osuser import PG_OS_USER, chown_pg, pg_ids, run_pg
 from server.devstack.pgbouncer import REPLICA_DATABASE, PgBouncer
 from server.devstack.postgres import SUPERUSER
 from server.devstack.primary import DATABASE, Primary
+from server.devstack.redis_cluster import NODES, RedisClusterNodes
 from server.devstack.redis_server import RedisServer
 from server.devstack.replica import REPLICA_APPLICATION_NAME, Replica
 
@@ -37,6 +38,9 @@ class DevStack:
     # Every commit on the primary waits until the replica has it
     # (``synchronous_standby_names``), so a failover loses no acknowledged write.
     sync_replication: bool = False
+    # A three-master Redis Cluster on ``primary_port`` + 10..12 (buses on
+    # +20..22) instead of the single Redis (server/devstack/redis_cluster.py).
+    redis_cluster: bool = False
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir).expanduser().absolute()
@@ -93,7 +97,13 @@ class DevStack:
 
     @property
     def redis_url(self) -> str:
+        if self.redis_cluster:
+            return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.redis_cluster_ports)
         return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def redis_cluster_ports(self) -> list[int]:
+        return [self.primary_port + 10 + i for i in range(NODES)]
 
     # ---- paths ----------------------------------------------------------- #
 
@@ -115,7 +125,7 @@ class DevStack:
 
     @property
     def redis_pidfile(self) -> Path:
-        return self.redis_server.pidfile
+        return self.single_redis.pidfile
 
     @property
     def socket_dir(self) -> Path:
@@ -141,8 +151,16 @@ class DevStack:
                        self.log_dir, self.base_dir, primary=self.primary)
 
     @property
-    def redis_server(self) -> RedisServer:
+    def redis_server(self) -> RedisServer | RedisClusterNodes:
+        return self.cluster_redis if self.redis_cluster else self.single_redis
+
+    @property
+    def single_redis(self) -> RedisServer:
         return RedisServer(self.redis_port, self.redis_dir, self.log_dir / "redis.log")
+
+    @property
+    def cluster_redis(self) -> RedisClusterNodes:
+        return RedisClusterNodes(self.redis_cluster_ports, self.base_dir / "redis-cluster", self.log_dir)
 
     @property
     def bouncer(self) -> PgBouncer:
@@ -175,12 +193,14 @@ class DevStack:
             self.start()
 
     def stop(self) -> None:
-        """Stop PgBouncer (if one runs), replica, primary and Redis. Idempotent."""
+        """Stop PgBouncer (if one runs), replica, primary and Redis (the
+        single one and the cluster's nodes, whichever run). Idempotent."""
         with self._lock():
             self.bouncer.stop()
             self.replica.stop()
             self.primary.stop()
-            self.redis_server.stop()
+            self.single_redis.stop()
+            self.cluster_redis.stop()
 
     def stop_replica(self) -> None:
         with self._lock():
@@ -253,9 +273,11 @@ def from_env() -> DevStack:
     """The stack at ``DEVSTACK_DIR`` (default ``<repo>/.devstack``) on
     ``DEVSTACK_PORT`` (default 25432), +1 and +2; with ``DEVSTACK_PGBOUNCER=1``,
     PgBouncer on +3 in front of the primary and the replica; synchronous
-    replication with ``DEVSTACK_SYNC_REPLICATION=1``."""
+    replication with ``DEVSTACK_SYNC_REPLICATION=1``; a three-node Redis
+    Cluster instead of the single Redis with ``DEVSTACK_REDIS_CLUSTER=1``."""
     base = Path(os.environ.get("DEVSTACK_DIR") or DEFAULT_DIR)
     port = int(os.environ.get("DEVSTACK_PORT") or DEFAULT_PORT)
     return DevStack(base_dir=base, primary_port=port, replica_port=port + 1, redis_port=port + 2,
                     pgbouncer=os.environ.get("DEVSTACK_PGBOUNCER") == "1", pgbouncer_port=port + 3,
-                    sync_replication=os.environ.get("DEVSTACK_SYNC_REPLICATION", "") not in ("", "0"))
+                    sync_replication=os.environ.get("DEVSTACK_SYNC_REPLICATION", "") not in ("", "0"),
+                    redis_cluster=os.environ.get("DEVSTACK_REDIS_CLUSTER", "") not in ("", "0"))

@@ -20,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Hashable
+from typing import Hashable, Iterable
 
 import redis.exceptions
 
 from server.outbox import Outbox, RedisUnavailable
+from server.redis_cluster import is_cluster
 from server.rooms.follower import Follower
 from server.rooms.membership import Membership
 from server.rooms.repair import Backfill, Repairs
+from server.rooms.sharded import ShardedSubscriber
 from server.rooms.subscriber import Subscriber
 
 log = logging.getLogger("hangout.rooms")
@@ -45,7 +47,8 @@ class Hub:
         self._followers: dict[str, dict[Follower, Membership | None]] = {}
         self._channels_of: dict[Follower, set[str]] = {}
         self._stale: set[str] = set()  # subscriptions that may have missed messages
-        self.subscriber = Subscriber(
+        kind = ShardedSubscriber if is_cluster(redis_url) else Subscriber
+        self.subscriber = kind(
             redis_url, self._followers.keys, self._deliver, self._subscription_confirmed, self._link_lost
         )
         self.connected = self.subscriber.connected  # set while linked to Redis
@@ -220,9 +223,10 @@ class Hub:
                 except Exception:  # never let it drop the link (and be called again)
                     log.exception("resubscribed() of a follower of %s failed", channel)
 
-    def _link_lost(self) -> None:
-        # Whatever was published while we are away is fetched back later.
-        self._stale.update(self._followers)
+    def _link_lost(self, channels: Iterable[str] | None = None) -> None:
+        # Whatever was published while we are away is fetched back later
+        # (on a cluster, only the channels of the master whose link was lost).
+        self._stale.update(self._followers if channels is None else channels)
 
     # ---- publishing ------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 It speaks RESP directly over one asyncio stream: subscribing is then a
 non-blocking write, and reconnecting (which subscribes every followed
-channel again) is entirely in our hands. What arrives goes to the hub
+channel again) is entirely in our hands. On a Redis Cluster one such
+connection goes to each master, speaking sharded pub/sub (``sharded``; see
+server/rooms/sharded.py). What arrives goes to the hub
 through three callbacks: a message, a channel whose subscriptions are all
 confirmed, and the link lost (whatever was published meanwhile is missed).
 """
@@ -37,9 +39,24 @@ class Subscriber:
         on_message: Callable[[str, bytes], None],
         on_confirmed: Callable[[str], None],
         on_lost: Callable[[], None],
+        *,
+        node: tuple[str, int, tuple | None] | None = None,
+        sharded: bool = False,
     ) -> None:
-        address = RedisAddress(redis_url)  # pub/sub ignores the database
-        self._host, self._port, self._auth = address.host, address.port, address.auth
+        if node is None:
+            address = RedisAddress(redis_url)  # pub/sub ignores the database
+            node = (address.host, address.port, address.auth)
+        self._host, self._port, self._auth = node
+        # Sharded pub/sub has commands and pushes of its own; one SSUBSCRIBE
+        # may name only channels of one slot, so each goes alone.
+        self._verbs = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        self._kinds = (b"smessage", b"ssubscribe", b"sunsubscribe") if sharded else (b"message", b"subscribe", None)
+        self._chunk = 1 if sharded else SUBSCRIBE_CHUNK
+        self.on_link: Callable[[], None] | None = None  # told when ``connected`` changes
+        # Sharded: told of a channel Redis unsubscribed (its slot moved to
+        # another master; ours too, once unfollowed), or None for an error
+        # reply (a subscription sent to a master that no longer owns it).
+        self.on_dropped: Callable[[str | None], None] | None = None
         self._channels = channels  # every channel to subscribe on (re)connecting
         self._on_message = on_message
         self._on_confirmed = on_confirmed
@@ -64,11 +81,11 @@ class Subscriber:
             return None
         fut = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, collections.deque()).append(fut)
-        self._write(_cmd(b"SUBSCRIBE", channel.encode()))
+        self._write(_cmd(self._verbs[0], channel.encode()))
         return fut
 
     def unsubscribe(self, channel: str) -> None:
-        self._write(_cmd(b"UNSUBSCRIBE", channel.encode()))
+        self._write(_cmd(self._verbs[1], channel.encode()))
 
     def pending(self, channel: str) -> asyncio.Future | None:
         """The future of the newest unconfirmed subscription of ``channel``."""
@@ -100,6 +117,8 @@ class Subscriber:
 
     def _drop_connection(self) -> None:
         self.connected.clear()
+        if self.on_link is not None:
+            self.on_link()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -153,9 +172,12 @@ class Subscriber:
         for channel in channels:
             fut = loop.create_future()
             self._pending.setdefault(channel, collections.deque()).append(fut)
-        for i in range(0, len(channels), SUBSCRIBE_CHUNK):
-            writer.write(_cmd(b"SUBSCRIBE", *(c.encode() for c in channels[i : i + SUBSCRIBE_CHUNK])))
+        verb, chunk = self._verbs[0], self._chunk
+        for i in range(0, len(channels), chunk):
+            writer.write(_cmd(verb, *(c.encode() for c in channels[i : i + chunk])))
         self.connected.set()
+        if self.on_link is not None:
+            self.on_link()
         log.info("redis subscriber connected, %d channels", len(channels))
         self._last_rx = loop.time()
         pinger = asyncio.create_task(self._keepalive(writer), name="rooms-subscriber-ping")
@@ -186,6 +208,8 @@ class Subscriber:
         read = reader.read
         deliver = self._on_message
         loop = asyncio.get_running_loop()
+        message, subscribed, unsubscribed = self._kinds
+        dropped = self.on_dropped
         while True:
             data = await read(65536)
             if not data:
@@ -196,12 +220,16 @@ class Subscriber:
                 if not isinstance(push, list):
                     if isinstance(push, hiredis.ReplyError):
                         log.error("redis subscriber error: %r", push)
+                        if dropped is not None:
+                            dropped(None)
                     continue
                 kind = push[0]
-                if kind == b"message":
+                if kind == message:
                     deliver(push[1].decode(), push[2])
-                elif kind == b"subscribe":
+                elif kind == subscribed:
                     self._confirmed(push[1].decode())
+                elif kind == unsubscribed and dropped is not None:
+                    dropped(push[1].decode())
 
     def _confirmed(self, channel: str) -> None:
         if self._held is not None:

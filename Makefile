@@ -134,6 +134,7 @@ test-topology: install
 
 # Mixed locust load (loadtests/locustfile.py) against a local WORKERS=2 server
 # on the dev stack: LOADTEST_USERS (500), LOADTEST_TIME (60s), LOADTEST_RATE (25);
+# LOADTEST_SHAPE=ramp|storm for a load shape instead of the flat load (loadtests/shapes.py);
 # LOADTEST_HOST=https://... targets a deployment instead. Reports: loadtests/reports/.
 loadtest: install
 	$(PY) -m loadtests.run_locust $(LOADTEST_ARGS)

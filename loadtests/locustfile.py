@@ -55,7 +55,7 @@ import requests
 from locust import User, between, events, task
 from locust.runners import WorkerRunner
 
-from loadtests import accounts
+from loadtests import accounts, shapes
 from loadtests.accounts import PASSWORD, http_url_for, kyc_signature, ws_url_for
 from loadtests.wsclient import CallError, WsClient
 from protocol.resume import Backoff, SeqWindow
@@ -205,6 +205,8 @@ class Session:
         self.retry_at = 0.0
         self.read_seq: dict[str, int] = {}  # joined conversation -> this user's read position
         self.sent_at: dict[str, float] = {}  # client_msg_id -> perf_counter at send
+        self.event_seq = 0  # user events seen on earlier sockets: events.resume starts after it
+        self.reconnecting = gevent.lock.Semaphore()  # one reopen at a time (a storm and a task)
 
     # reporting ---------------------------------------------------------------
 
@@ -329,14 +331,20 @@ class Session:
         """A socket the server closed (or the network lost) is reopened with
         the access token, as the app would on its next action."""
         if self.ws is None or self.ws.closed:
-            if time.monotonic() < self.retry_at:
-                raise RuntimeError("reconnecting: waiting out the backoff")
-            try:
-                self.reopen()
-            except Exception:
-                self.retry_at = time.monotonic() + self.backoff.next()
-                raise
-            self.backoff.reset()
+            with self.reconnecting:
+                if self.ws is not None and not self.ws.closed:
+                    return  # a storm's reopen got there first
+                self._reopen_with_backoff()
+
+    def _reopen_with_backoff(self) -> None:
+        if time.monotonic() < self.retry_at:
+            raise RuntimeError("reconnecting: waiting out the backoff")
+        try:
+            self.reopen()
+        except Exception:
+            self.retry_at = time.monotonic() + self.backoff.next()
+            raise
+        self.backoff.reset()
 
     def reopen(self) -> None:
         """A new socket, authenticated at the upgrade with the access token
@@ -348,6 +356,36 @@ class Session:
             self.connect()
             self.refresh()
         self.resume_rooms()
+
+    def resume_events(self) -> None:
+        """After a new socket: the user events missed while away, from the
+        last seq seen (the app's badge and wallet catch up from these)."""
+        if self.ws is None:
+            return
+        since = max(self.event_seq, self.ws.event_seq)
+        for _page in range(20):  # 500 a page: far more than a locust user ever has
+            got = self.call("events.resume", {"since_seq": since})
+            if got["events"]:
+                since = max(since, got["events"][-1]["seq"])
+            if not got["has_more"]:
+                break
+        self.event_seq = since
+
+    def storm_reconnect(self, started: float) -> None:
+        """The socket drops with everyone else's; come back at once: a new
+        socket with the access token, the missed user events, the rooms."""
+        if self.ws is None:
+            return
+        self.event_seq = max(self.event_seq, self.ws.event_seq)
+        self.ws.close()
+        err: Exception | None = None
+        with self.reconnecting:
+            try:
+                self.reopen()
+                self.resume_events()
+            except (CallError, OSError, RuntimeError, requests.RequestException) as exc:
+                err = exc
+        self.report("storm: back", (time.time() - started) * 1000.0, 0, err, "event")
 
     def refresh(self) -> None:
         tokens = self.call("auth.refresh", {"refresh_token": self.refresh_token})
@@ -694,3 +732,24 @@ class Booker(HangoutUser):
         else:
             self.s.call("users.me")
 
+
+# ---- load shapes (loadtests/shapes.py) ---------------------------------------------
+
+# The one shape class locust finds here, when LOADTEST_SHAPE names one.
+Shape = shapes.chosen(os.environ.get("LOADTEST_SHAPE", ""))
+if Shape is None:
+    del Shape
+
+
+def _storm_reconnect(user: HangoutUser, started: float) -> None:
+    if user.ready and user.s is not None:
+        user.s.storm_reconnect(started)
+
+
+@events.init.add_listener
+def _listen_for_storms(environment: Any, **_kw: Any) -> None:
+    # The master only sends the storm; the processes running users act on it.
+    from locust.runners import MasterRunner
+
+    if environment.runner is not None and not isinstance(environment.runner, MasterRunner):
+        environment.runner.register_message(shapes.STORM_MESSAGE, shapes.storm_listener(_storm_reconnect))

@@ -19,7 +19,9 @@ Settings (argument, then environment, then default):
   -u/--users LOADTEST_USERS 500, -r/--rate LOADTEST_RATE 25 (users started a
   second), -t/--time LOADTEST_TIME 60s, --host LOADTEST_HOST (none: local),
   --processes LOADTEST_PROCESSES 1 (locust worker processes; -1 = one per core),
-  --workers LOADTEST_SERVER_WORKERS 2 (local server processes).
+  --workers LOADTEST_SERVER_WORKERS 2 (local server processes),
+  --shape LOADTEST_SHAPE none (``ramp`` or ``storm``: loadtests/shapes.py; the
+  shape then sets the users over time, from -u and -r, instead of -t).
 Against another deployment also set KYC_WEBHOOK_SECRET to its webhook secret.
 
 Every locust user connects from this machine's one address, so the local
@@ -185,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="locust processes (-1: one per core); 1 = no forking")
     ap.add_argument("--workers", type=int, default=int(env("LOADTEST_SERVER_WORKERS", "2")),
                     help="server processes when running locally")
+    ap.add_argument("--shape", choices=["", "ramp", "storm"], default=env("LOADTEST_SHAPE", ""),
+                    help="a load shape (loadtests/shapes.py) instead of the flat load")
     ap.add_argument("--no-seed", action="store_true", help="do not fill the account pool before the run")
     ap.add_argument("locust_args", nargs="*", help="passed to locust as they are (after --)")
     args = ap.parse_args(argv)
+    # The shape is read by the locustfile, in every locust process.
+    os.environ["LOADTEST_SHAPE"] = args.shape
+    os.environ["LOADTEST_USERS"], os.environ["LOADTEST_RATE"] = str(args.users), str(args.rate)
 
     REPORTS.mkdir(parents=True, exist_ok=True)
     server = None
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     cmd = [
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
-        "--headless", "-u", str(args.users), "-r", str(args.rate), "-t", args.time,
+        "--headless", *([] if args.shape else ["-u", str(args.users), "-r", str(args.rate), "-t", args.time]),
         "--host", host, "--stop-timeout", "5",
         "--csv", str(REPORTS / "locust"), "--html", str(REPORTS / "locust.html"),
         "--only-summary",

@@ -85,6 +85,7 @@ class WsClient:
         # close a slow reader with 1013; a locust user is just forgetful).
         self.events: collections.deque[tuple[str, Any]] = collections.deque(maxlen=1000)
         self._event_ready = gevent.event.Event()
+        self.event_seq = 0  # the highest user-event seq received: where events.resume starts
         self.closed = False
         self.close_reason = ""
         self._reader = gevent.spawn(self._read_loop)
@@ -228,6 +229,8 @@ class WsClient:
     def _on_frame(self, data: bytes) -> None:
         frame = decode(data)
         if "event" in frame:
+            if isinstance(frame.get("seq"), int) and frame["seq"] > self.event_seq:
+                self.event_seq = frame["seq"]
             if self.on_event is not None:
                 self.on_event(frame["event"], frame.get("data"))
             self.events.append((frame["event"], frame.get("data")))

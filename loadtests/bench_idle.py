@@ -106,7 +106,8 @@ def check_sysctls(sockets: int, addresses: int) -> list[str]:
     return short
 
 
-async def open_from(address: str, port: int, tokens: list[str | None], concurrency: int, deadline: float) -> list[StampedSocket]:
+async def open_from(address: str, port: int, tokens: list[str | None], concurrency: int, deadline: float,
+                    factory: type[StampedSocket] = StampedSocket) -> list[StampedSocket]:
     """``open_sockets`` of bench_connections, from a given source address."""
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
@@ -122,7 +123,7 @@ async def open_from(address: str, port: int, tokens: list[str | None], concurren
                     sock.bind((address, 0))
                     sock.setblocking(False)
                     await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 30)
-                    _t, proto = await loop.create_connection(lambda: StampedSocket(_handshake(port, token)), sock=sock)
+                    _t, proto = await loop.create_connection(lambda: factory(_handshake(port, token)), sock=sock)
                     await asyncio.wait_for(proto.upgraded, 30)
                     return proto
                 except (OSError, asyncio.TimeoutError, ConnectionError) as exc:

@@ -260,9 +260,11 @@ async def bench_users(database_url: str, count: int, prefix: str) -> list[uuid.U
                ON CONFLICT (email) DO NOTHING""",
             prefix, password_hash, count,
         )
+        # In the order of their numbers, so that a run pairs the same users
+        # as the runs before it (the bench conversations are reused).
         rows = await conn.fetch(
-            """SELECT id FROM users WHERE email = ANY(
-                 SELECT $1 || i || '@bench.example' FROM generate_series(1, $2) AS i)""",
+            """SELECT u.id FROM generate_series(1, $2) AS g(i)
+               JOIN users u ON u.email = $1 || g.i || '@bench.example' ORDER BY g.i""",
             prefix, count,
         )
     finally:

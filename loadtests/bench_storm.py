@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import random
 import signal
 import sys
@@ -46,11 +47,41 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from loadtests.bench_chat import bench_conversations
+import asyncpg
+
 from loadtests.bench_connections import _mask
 from loadtests.bench_idle import StampedSocket, open_from, percentile, raise_nofile_to
 from loadtests.benchlib import Server, Stack, access_tokens, bench_users
 from protocol.codec import encode
+
+
+async def storm_conversations(database_url: str, bookers: list[uuid.UUID], hosts: list[uuid.UUID]) -> list[tuple[str, uuid.UUID]]:
+    """A conversation (and its host) for each booker: the one it has from an earlier run,
+    else a confirmed booking with host ``i % len(hosts)`` at hour ``i`` (the
+    booker's number), so no two bookings ever overlap whatever ``--hosts`` was."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("""SELECT DISTINCT ON (user_id) user_id, id FROM conversations
+                                   WHERE user_id = ANY($1::uuid[]) ORDER BY user_id, id""", bookers)
+        have = {r["user_id"]: r["id"] for r in rows}
+        base = dt.datetime(2098, 1, 1, tzinfo=dt.timezone.utc)  # far from real bookings and bench_chat's
+        for i, booker in enumerate(bookers):
+            if booker in have:
+                continue
+            async with conn.transaction():
+                start = base + dt.timedelta(hours=i)
+                booking = await conn.fetchval(
+                    """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
+                       VALUES ($1, $2, $3, $4, $5, 'confirmed', 10.00) RETURNING id""",
+                    booker, hosts[i % len(hosts)], start, start + dt.timedelta(hours=1), f"bench-storm-{uuid.uuid4()}")
+                have[booker] = await conn.fetchval(
+                    "INSERT INTO conversations (booking_id, user_id, host_id) VALUES ($1, $2, $3) RETURNING id",
+                    booking, booker, hosts[i % len(hosts)])
+        hosts_of = {r["id"]: r["host_id"] for r in await conn.fetch(
+            "SELECT id, host_id FROM conversations WHERE id = ANY($1::uuid[])", list(have.values()))}
+    finally:
+        await conn.close()
+    return [(str(have[b]), hosts_of[have[b]]) for b in bookers]
 
 
 class CallFailed(Exception):
@@ -259,10 +290,12 @@ async def amain(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     bookers = (await bench_users(stack.database_url, args.sockets, "bench-storm-booker-"))[: args.sockets]
     host_ids = (await bench_users(stack.database_url, args.hosts, "bench-storm-hosts-"))[: args.hosts]
-    pairs = [(b, host_ids[i % len(host_ids)]) for i, b in enumerate(bookers)]
-    conversations = [str(c) for c in await bench_conversations(stack.database_url, pairs)]
+    conv_hosts = await storm_conversations(stack.database_url, bookers, host_ids)
+    conversations = [c for c, _h in conv_hosts]
+    host_of = [h for _c, h in conv_hosts]
     tokens = await access_tokens(stack.database_url, bookers)
-    host_token = dict(zip(host_ids, await access_tokens(stack.database_url, host_ids)))
+    all_hosts = sorted(set(host_of))
+    host_token = dict(zip(all_hosts, await access_tokens(stack.database_url, all_hosts)))
     print(f"{len(bookers)} bookers with conversations ready in {time.monotonic() - t0:.0f}s", flush=True)
     addresses = [f"127.0.0.{2 + i}" for i in range(args.addresses)]
     devices = [Device(tok, conv, addresses[i % len(addresses)]) for i, (tok, conv) in enumerate(zip(tokens, conversations))]
@@ -275,7 +308,7 @@ async def amain(args: argparse.Namespace) -> int:
         await first_connect(devices, victim.port, args.concurrency, time.monotonic() + args.deadline * 10)
         sample = random.sample(range(len(devices)), min(args.sample, len(devices)))
         host_socks = await open_from("127.0.0.1", survivors[0].port,
-                                     [host_token[pairs[i][1]] for i in sample], 50, time.monotonic() + 60, factory=Client)
+                                     [host_token[host_of[i]] for i in sample], 50, time.monotonic() + 60, factory=Client)
         payer_socks = await open_from("127.0.0.1", survivors[-1].port, [devices[i].token for i in sample], 50,
                                       time.monotonic() + 60, factory=Client)
         helpers = host_socks + payer_socks  # type: ignore[operator]

@@ -58,7 +58,7 @@ from protocol.codec import encode
 async def storm_conversations(database_url: str, bookers: list[uuid.UUID], hosts: list[uuid.UUID]) -> list[tuple[str, uuid.UUID]]:
     """A conversation (and its host) for each booker: the one it has from an earlier run,
     else a confirmed booking with host ``i % len(hosts)`` at hour ``i`` (the
-    booker's number), so no two bookings ever overlap whatever ``--hosts`` was."""
+    booker's number), so that no two of them overlap whatever ``--hosts`` was."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch("""SELECT DISTINCT ON (user_id) user_id, id FROM conversations
@@ -69,11 +69,17 @@ async def storm_conversations(database_url: str, bookers: list[uuid.UUID], hosts
             if booker in have:
                 continue
             async with conn.transaction():
-                start = base + dt.timedelta(hours=i)
-                booking = await conn.fetchval(
-                    """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
-                       VALUES ($1, $2, $3, $4, $5, 'confirmed', 10.00) RETURNING id""",
-                    booker, hosts[i % len(hosts)], start, start + dt.timedelta(hours=1), f"bench-storm-{uuid.uuid4()}")
+                # A slot taken by a booking of another bench (or scheme) is skipped.
+                for attempt in range(10):
+                    start = base + dt.timedelta(hours=i + attempt * 200_000)
+                    booking = await conn.fetchval(
+                        """INSERT INTO bookings (user_id, host_id, start_at, end_at, idempotency_key, status, amount)
+                           VALUES ($1, $2, $3, $4, $5, 'confirmed', 10.00) ON CONFLICT DO NOTHING RETURNING id""",
+                        booker, hosts[i % len(hosts)], start, start + dt.timedelta(hours=1), f"bench-storm-{uuid.uuid4()}")
+                    if booking is not None:
+                        break
+                else:
+                    raise RuntimeError(f"no free hour for bench booker {i}")
                 have[booker] = await conn.fetchval(
                     "INSERT INTO conversations (booking_id, user_id, host_id) VALUES ($1, $2, $3) RETURNING id",
                     booking, booker, hosts[i % len(hosts)])

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import resource
 import socket
@@ -136,39 +137,171 @@ async def open_from(address: str, port: int, tokens: list[str | None], concurren
     return list(await asyncio.gather(*(one(t) for t in tokens)))
 
 
-async def event_latencies(targets: list[tuple[StampedSocket, str]], port: int, rate: float) -> tuple[list[float], int]:
-    """For each (idle socket, its user's token): a topup from a second socket
-    of that user, timed until ``wallet.updated`` reaches the idle socket.
-    Returns the latencies (ms) and how many never arrived (within 5 s)."""
-    drivers = await open_from("127.0.0.1", port, [t for _s, t in targets], 20, time.monotonic() + 120)
+class WatchSocket(IdleSocket):
+    """A client worker's idle socket: when it is watched, the arrival of each
+    ``wallet.updated`` is written to stdout with the monotonic clock, which
+    every process on the machine shares."""
+
+    watch: int | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.replies:
+            if self.watch is not None and any(f.get("event") == "wallet.updated" for f in self.replies):
+                print(json.dumps({"event": self.watch, "at": time.perf_counter()}), flush=True)
+            self.replies.clear()
+
+
+async def client_worker() -> int:
+    """``--client-worker``: opens the sockets of one JSON line on stdin
+    (``{"jobs": [[address, port, [token|null, ...], [watch id|null, ...]], ...],
+    "concurrency": n, "max_seconds": s}``), says ``{"opened": n}``, reports
+    watched events as they come, answers ``count`` with how many are still
+    open, and closes everything on ``quit`` (or end of input)."""
+    raise_nofile_to(1 << 20)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 30)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    spec = json.loads(await reader.readline())
+    deadline = time.monotonic() + spec["max_seconds"]
+    socks: list[IdleSocket] = []
+
+    async def job(address: str, port: int, tokens: list, watches: list) -> None:
+        opened = await open_from(address, port, tokens, spec["concurrency"], deadline, factory=WatchSocket)
+        for sk, w in zip(opened, watches):
+            sk.watch = w  # type: ignore[attr-defined]
+        socks.extend(opened)
+
+    await asyncio.gather(*(job(*j) for j in spec["jobs"]))
+    print(json.dumps({"opened": len(socks)}), flush=True)
+    while True:
+        line = (await reader.readline()).strip()
+        if line == b"count":
+            print(json.dumps({"open": sum(not sk.closed for sk in socks)}), flush=True)
+        else:
+            break
+    for sk in socks:
+        sk.close()
+    return 0
+
+
+class Clients:
+    """Client worker processes (each under the per-process descriptor limit),
+    holding the idle sockets; the arrivals of watched events are collected."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.arrivals: dict[int, float] = {}
+        self.arrived = asyncio.Event()
+        self.replies: list[asyncio.Queue] = []
+        self.readers: list[asyncio.Task] = []
+
+    async def start(self, jobs_per_worker: list[list], concurrency: int, max_seconds: float) -> int:
+        for jobs in jobs_per_worker:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loadtests.bench_idle", "--client-worker", cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 20)
+            proc.stdin.write(json.dumps({"jobs": jobs, "concurrency": concurrency, "max_seconds": max_seconds}).encode() + b"\n")  # type: ignore[union-attr]
+            queue: asyncio.Queue = asyncio.Queue()
+            self.procs.append(proc)
+            self.replies.append(queue)
+            self.readers.append(asyncio.create_task(self._read(proc, queue)))
+        opened = 0
+        for queue in self.replies:
+            got = await asyncio.wait_for(queue.get(), max_seconds + 60)
+            if "opened" not in got:
+                raise RuntimeError(f"a client worker failed: {got}")
+            opened += got["opened"]
+        return opened
+
+    async def _read(self, proc: asyncio.subprocess.Process, queue: asyncio.Queue) -> None:
+        async for line in proc.stdout:  # type: ignore[union-attr]
+            msg = json.loads(line)
+            if "event" in msg:
+                self.arrivals[msg["event"]] = msg["at"]
+                self.arrived.set()
+            else:
+                await queue.put(msg)
+        await queue.put({"exited": proc.returncode})
+
+    async def still_open(self) -> int:
+        for proc in self.procs:
+            proc.stdin.write(b"count\n")  # type: ignore[union-attr]
+        counts = [await asyncio.wait_for(q.get(), 60) for q in self.replies]
+        return sum(c.get("open", 0) for c in counts)
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                try:
+                    proc.stdin.write(b"quit\n")  # type: ignore[union-attr]
+                    proc.stdin.close()  # type: ignore[union-attr]
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for t in self.readers:
+            t.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+def plan(tokens: list, ports: list[int], addresses: list[str], per_worker: int, watch: dict[int, int]) -> tuple[list[list], list[int]]:
+    """Spread the sockets evenly over the server ports, each port's share
+    over every address, and cut the jobs into workers of ``per_worker``
+    sockets at most. Returns the jobs per worker and each port's count."""
+    per_port = -(-len(tokens) // len(ports))
+    pieces: list[tuple[str, int, list, list]] = []
+    counts = []
+    for i, port in enumerate(ports):
+        idx = list(range(i * per_port, min(len(tokens), (i + 1) * per_port)))
+        counts.append(len(idx))
+        for a, address in enumerate(addresses):
+            part = idx[a::len(addresses)]
+            for k in range(0, len(part), per_worker):
+                chunk = part[k:k + per_worker]
+                pieces.append((address, port, [tokens[j] for j in chunk], [watch.get(j) for j in chunk]))
+    workers: list[list] = [[]]
+    room = per_worker
+    for address, port, toks, watches in pieces:
+        while toks:
+            if room == 0:
+                workers.append([])
+                room = per_worker
+            take = min(room, len(toks))
+            workers[-1].append([address, port, toks[:take], watches[:take]])
+            toks, watches, room = toks[take:], watches[take:], room - take
+    return workers, counts
+
+
+async def event_latencies(clients: Clients, targets: list[tuple[int, str]], port: int, rate: float) -> tuple[list[float], int]:
+    """For each (watch id, its user's token): a topup from a second socket of
+    that user, timed until the worker holding the idle socket reports
+    ``wallet.updated``. Returns the latencies (ms) and how many never
+    arrived (within 5 s)."""
+    drivers = await open_from("127.0.0.1", port, [t for _w, t in targets], 20, time.monotonic() + 120)
     latencies, missed = [], 0
     try:
-        for (idle, _token), driver in zip(targets, drivers):
+        for (watch, _token), driver in zip(targets, drivers):
             await asyncio.sleep(1.0 / rate)
-            loop = asyncio.get_running_loop()
-            idle.replies.clear()
-            idle.reply_waiter = loop.create_future()
+            clients.arrivals.pop(watch, None)
             t0 = time.perf_counter()
             driver.transport.write(_mask(encode({"id": 1, "method": "wallet.topup", "params": {  # type: ignore[union-attr]
                 "amount": "1.00", "idempotency_key": uuid.uuid4().hex}}), 0x2))
-            got = None
             end = time.monotonic() + 5
-            while got is None and time.monotonic() < end:
+            while watch not in clients.arrivals and time.monotonic() < end:
+                clients.arrived.clear()
                 try:
-                    await asyncio.wait_for(asyncio.shield(idle.reply_waiter), end - time.monotonic())
+                    await asyncio.wait_for(clients.arrived.wait(), end - time.monotonic())
                 except asyncio.TimeoutError:
                     break
-                frames = [f for f in idle.replies if isinstance(f, dict) and f.get("event") == "wallet.updated"]
-                if frames:
-                    got = idle.frame_at
-                else:  # another push came first: wait on
-                    idle.replies.clear()
-                    idle.reply_waiter = loop.create_future()
-            idle.reply_waiter = None
-            if got is None:
-                missed += 1
+            if watch in clients.arrivals:
+                latencies.append((clients.arrivals[watch] - t0) * 1000.0)
             else:
-                latencies.append((got - t0) * 1000.0)
+                missed += 1
     finally:
         for d in drivers:
             d.close()
@@ -182,12 +315,36 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+async def hold(label: str, pids: list[int], ports: list[int], tokens: list, addresses: list[str], args: argparse.Namespace,
+               watch: dict[int, int]) -> tuple[Clients, list[int], list[int], list[int], float]:
+    """Warm each server up, take its baseline, open the sockets through the
+    client workers and let the memory settle: (clients, per-process counts,
+    baselines, settled RSS, seconds to open)."""
+    warm = Clients()
+    await warm.start([[[addresses[0], port, tokens[:20], [None] * 20] for port in ports]], 20, 60)
+    await asyncio.sleep(0.5)
+    await warm.stop()
+    await asyncio.sleep(1.0)
+    bases = [await settle(pid, 5) for pid in pids]
+    jobs, counts = plan(tokens, ports, addresses, args.per_worker, watch)
+    clients = Clients()
+    t0 = time.monotonic()
+    opened = await clients.start(jobs, args.concurrency, args.max_seconds)
+    took = time.monotonic() - t0
+    afters = [await settle(pid, args.settle) for pid in pids]
+    print(f"{label}: opened {opened} sockets in {took:.0f}s ({opened / max(took, 0.001):.0f}/s) from {len(addresses)} "
+          f"addresses by {len(jobs)} client processes onto {len(ports)} server processes", flush=True)
+    for n, (b, a, c) in enumerate(zip(bases, afters, counts)):
+        print(f"  process {n}: {b / 1024:.0f} -> {a / 1024:.0f} MiB for {c} sockets: {(a - b) / c:.2f} KiB a socket", flush=True)
+    return clients, counts, bases, afters, took
+
+
 async def amain(args: argparse.Namespace) -> int:
     per_process = -(-args.sockets // args.processes)
-    limit = raise_nofile_to(args.sockets + args.sample + 2_000)
-    if limit < args.sockets + args.sample + 500:
-        print(f"RLIMIT_NOFILE is {limit}: not enough for {args.sockets} sockets (run as root, or raise the hard limit)",
-              file=sys.stderr)
+    limit = raise_nofile_to(per_process + 1_000)
+    if limit < per_process + 500 or limit < args.per_worker + 500:
+        print(f"RLIMIT_NOFILE is {limit}: not enough for {per_process} sockets a server process; "
+              f"use more --processes (and a smaller --per-worker)", file=sys.stderr)
         return 2
     for line in check_sysctls(args.sockets, args.addresses):
         print(f"sysctl short of what this run needs: {line}", file=sys.stderr)
@@ -195,10 +352,11 @@ async def amain(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     stack = await asyncio.to_thread(Stack.dev)
-    users = await bench_users(stack.database_url, args.sockets + 50, "bench-conn-")
-    users = users[: args.sockets]
+    users = (await bench_users(stack.database_url, args.sockets, "bench-conn-"))[: args.sockets]
     tokens: list[str | None] = list(await access_tokens(stack.database_url, users))
     print(f"{len(tokens)} users and tokens ready in {time.monotonic() - started:.0f}s", flush=True)
+    sample = random.sample(range(len(tokens)), min(args.sample, len(tokens)))
+    watch = {j: w for w, j in enumerate(sample)}
 
     servers = [Server(stack, {"PING_INTERVAL_S": str(args.heartbeat)}) for _ in range(args.processes)]
     await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
@@ -206,78 +364,38 @@ async def amain(args: argparse.Namespace) -> int:
     bare = subprocess.Popen(
         [sys.executable, "-m", "loadtests.bench_connections", "--bare-server", str(bare_port),
          "--heartbeat", str(args.heartbeat), "--bare-loop", "uvloop"], cwd=ROOT)
-    socks: list[StampedSocket] = []
-    placed: list[tuple[StampedSocket, str, int]] = []  # socket, token, process index
+    clients: Clients | None = None
     try:
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{bare_port}/healthz", bare)
-        # Warm-up of every process, then its baseline (as bench_connections).
-        for i, s in enumerate(servers):
-            warm = await open_from(addresses[0], s.port, tokens[:20], 20, time.monotonic() + 60)
-            await asyncio.sleep(0.5)
-            for w in warm:
-                w.close()
-        await asyncio.sleep(1.0)
-        bases = [await settle(s.pid, 5) for s in servers]
-        deadline = time.monotonic() + args.max_seconds
-        t0 = time.monotonic()
-        jobs = []
-        for i, s in enumerate(servers):
-            share = tokens[i * per_process:(i + 1) * per_process]
-            for a, address in enumerate(addresses):  # each process's share from every address
-                part = share[a::len(addresses)]
-                jobs.append((i, part, open_from(address, s.port, part, args.concurrency, deadline)))
-        results = await asyncio.gather(*(j[2] for j in jobs))
-        for (i, part, _coro), opened in zip(jobs, results):
-            socks += opened
-            placed += [(sk, tk, i) for sk, tk in zip(opened, part)]  # type: ignore[misc]
-        took = time.monotonic() - t0
-        afters = [await settle(s.pid, args.settle) for s in servers]
-        counts = [sum(1 for _sk, _tk, i in placed if i == n) for n in range(len(servers))]
+        clients, counts, bases, afters, _took = await hold(
+            "hangout", [s.pid for s in servers], [s.port for s in servers], tokens, addresses, args, watch)
         pers = [(a - b) / c for a, b, c in zip(afters, bases, counts)]
         statuses = [process_status(s.metrics)["sockets"] for s in servers]
-        print(f"opened {len(socks)} sockets in {took:.0f}s ({len(socks) / took:.0f}/s) from {len(addresses)} addresses "
-              f"onto {len(servers)} processes; /status counts {statuses}", flush=True)
-        for n, (b, a, c, per) in enumerate(zip(bases, afters, counts, pers)):
-            print(f"  process {n}: {b / 1024:.0f} -> {a / 1024:.0f} MiB for {c} sockets: {per:.2f} KiB a socket", flush=True)
-
-        sample = random.sample(placed, min(args.sample, len(placed)))
-        latencies, missed = await event_latencies([(sk, tk) for sk, tk, _i in sample], servers[0].port, args.event_rate)
-        lost = sum(sk.closed for sk in socks)
+        print(f"  /status counts {statuses}", flush=True)
+        latencies, missed = await event_latencies(clients, [(watch[j], tokens[j]) for j in sample],  # type: ignore[misc]
+                                                  servers[0].port, args.event_rate)
+        still = await clients.still_open()
+        lost = args.sockets - still
         print(f"wallet.updated on {len(latencies)}/{len(sample)} sampled idle sockets: p50 {percentile(latencies, 0.5):.1f} ms, "
               f"p99 {percentile(latencies, 0.99):.1f} ms, max {max(latencies or [0]):.1f} ms; {missed} missed; "
               f"{lost} sockets closed since opening", flush=True)
-        for sk in socks:
-            sk.close()
-        socks = []
-        placed = []
+        await clients.stop()
         # The reference: one bare process with as many sockets as one hangout process.
-        bare_socks = []
-        warm = await open_from(addresses[0], bare_port, [None] * 20, 20, time.monotonic() + 60)
-        await asyncio.sleep(0.5)
-        for w in warm:
-            w.close()
-        await asyncio.sleep(1.0)
-        bare_base = await settle(bare.pid, 5)
-        bare_n = max(counts)
-        for a, address in enumerate(addresses):
-            bare_socks += await open_from(address, bare_port, [None] * len(range(a, bare_n, len(addresses))),
-                                          args.concurrency, time.monotonic() + args.max_seconds)
-        bare_after = await settle(bare.pid, args.settle)
-        bare_per = (bare_after - bare_base) / len(bare_socks)
-        print(f"  bare aiohttp: {bare_base / 1024:.0f} -> {bare_after / 1024:.0f} MiB for {len(bare_socks)} sockets: "
-              f"{bare_per:.2f} KiB a socket", flush=True)
-        for sk in bare_socks:
-            sk.close()
+        clients, bare_counts, bare_bases, bare_afters, _took = await hold(
+            "bare aiohttp", [bare.pid], [bare_port], [None] * max(counts), addresses, args, {})
+        bare_per = (bare_afters[0] - bare_bases[0]) / bare_counts[0]
+        await clients.stop()
+        clients = None
     finally:
-        for sk in socks:
-            sk.close()
+        if clients is not None:
+            await clients.stop()
         stop_process(bare)
         await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
     hangout_per = statistics.mean(pers)
     ratio = hangout_per / bare_per if bare_per > 0 else float("inf")
     p99 = percentile(latencies, 0.99)
     print(f"\n{args.sockets} idle sockets on {args.processes} processes: hangout {hangout_per:.2f} KiB a socket, "
-          f"bare aiohttp {bare_per:.2f} KiB, ratio {ratio:.2f} (target <= 1.5); "
+          f"bare aiohttp {bare_per:.2f} KiB ({max(counts)} sockets), ratio {ratio:.2f} (target <= 1.5); "
           f"user event p99 {p99:.1f} ms on {len(latencies)} sampled sockets (target < 100 ms); "
           f"run took {time.monotonic() - started:.0f}s")
     if missed or lost or min(statuses) < min(counts):
@@ -290,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.bench_idle", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sockets", type=int, default=100_000)
-    ap.add_argument("--processes", type=int, default=4, help="hangout server processes")
+    ap.add_argument("--processes", type=int, default=6, help="hangout server processes")
     ap.add_argument("--addresses", type=int, default=4, help="client source addresses (127.0.0.2 on)")
     ap.add_argument("--sample", type=int, default=200, help="idle sockets that each get one user event")
     ap.add_argument("--event-rate", type=float, default=50.0, help="sampled events a second")
@@ -298,10 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float, default=900.0, help="deadline for opening all the sockets")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds to wait for each RSS to settle")
     ap.add_argument("--heartbeat", type=float, default=20.0, help="ping interval of every server")
+    ap.add_argument("--per-worker", type=int, default=15_000, help="sockets a client process holds at most")
+    ap.add_argument("--client-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from loadtests.benchlib import run
 
-    return run(amain(args))
+    return run(client_worker() if args.client_worker else amain(args))
 
 
 if __name__ == "__main__":

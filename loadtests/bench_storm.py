@@ -51,7 +51,7 @@ import asyncpg
 
 from loadtests.bench_connections import _mask
 from loadtests.bench_idle import StampedSocket, open_from, percentile, raise_nofile_to
-from loadtests.benchlib import Server, Stack, access_tokens, bench_users
+from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_by_role, cpu_seconds, machine_busy
 from protocol.codec import encode
 
 
@@ -282,6 +282,17 @@ def lost_items(devices: list[Device], sent: Sent) -> tuple[int, int]:
     return lost_msgs, lost_events
 
 
+def cpu_now(servers: list[Server], redis_url: str) -> dict[str, float]:
+    """CPU seconds so far: the surviving servers, PostgreSQL, Redis, this
+    load generator, and the whole machine (busy, of all its cores)."""
+    from urllib.parse import urlparse
+
+    roles = cpu_by_role(None, urlparse(redis_url).port)
+    roles["server"] = sum(cpu_seconds(s.pid) for s in servers)
+    roles["machine"] = machine_busy()[0]
+    return roles
+
+
 def _restart(server: Server) -> None:
     server.proc.wait()  # type: ignore[union-attr]
     server.start()
@@ -323,6 +334,7 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"{len(devices)} clients joined on process 0 (pid {victim.pid}); killing it", flush=True)
 
         stop, sent = asyncio.Event(), Sent()
+        cpu0 = cpu_now(survivors, stack.redis_url)
         killed_at = time.monotonic()
         victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         traffic_task = asyncio.create_task(traffic(hosts, payers, devices, args.rate, stop, sent))
@@ -334,6 +346,9 @@ async def amain(args: argparse.Namespace) -> int:
         await asyncio.gather(*(come_back(d, ports, args.jitter, killed_at, deadline) for d in devices))
         await restart
         back = sorted(d.back_after for d in devices if d.back_after is not None)
+        cpu1 = cpu_now(survivors, stack.redis_url)
+        storm_s = max(back or [1.0])
+        cpu = {k: (cpu1[k] - cpu0[k]) / storm_s for k in cpu0}
         await asyncio.sleep(args.after)  # live traffic after every re-join
         stop.set()
         await traffic_task
@@ -359,6 +374,9 @@ async def amain(args: argparse.Namespace) -> int:
           f"{messages} messages and {events} user events sent meanwhile ({sent.failed} sends failed): "
           f"{lost_msgs} messages and {lost_events} events lost; "
           f"{sum(d.attempts for d in devices) - len(back)} retried attempts")
+    print(f"CPU during the storm ({storm_s:.1f}s; cores busy): surviving servers {cpu['server']:.2f}, "
+          f"PostgreSQL {cpu['postgres']:.2f}, Redis {cpu['redis']:.2f}, load generator {cpu['load']:.2f}, "
+          f"whole machine {cpu['machine']:.2f}")
     errors = sorted({d.error for d in devices if d.back_after is None})[:5]
     if errors:
         print(f"never back, e.g.: {errors}", file=sys.stderr)

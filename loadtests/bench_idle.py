@@ -2,7 +2,7 @@
 addresses, their memory against bare aiohttp, and user events reaching a
 sample of them.
 
-    python -m loadtests.bench_idle                       # 100,000 sockets, 4 processes, 4 addresses
+    python -m loadtests.bench_idle                       # 100,000 sockets, 6 processes, 4 addresses
     python -m loadtests.bench_idle --sockets 5000 --processes 2 --addresses 2
 
 In one run: the dev stack, ``--processes`` hangout server processes
@@ -12,7 +12,11 @@ loadtests/benchlib.py ``LOCAL_LIMITS``) and a bare aiohttp WebSocket server
 evenly over the processes; each comes from one of ``--addresses`` client
 source addresses (127.0.0.2, 127.0.0.3, ...: one address has about 28,000
 ephemeral ports), and authenticates at the upgrade as a user of its own, so
-it follows its user channel.
+it follows its user channel. The sockets are held by client worker
+processes (this file with ``--client-worker``, at most ``--per-worker``
+sockets each), so that no process needs more open files than the hard
+limit allows (20,000 here, and raising it needs ``CAP_SYS_RESOURCE``); a
+server process likewise holds sockets / processes, which must stay under it.
 
 Memory per socket is measured as bench_connections does it, per process: the
 VmRSS delta of each hangout process over its warmed-up baseline, divided by
@@ -30,9 +34,10 @@ Bounds: every phase has a deadline (``--max-seconds`` for opening the
 sockets), and the run refuses counts its file descriptors cannot hold.
 
 What the machine needs (the script checks and says what is short):
-- RLIMIT_NOFILE above the socket count for this process and each server:
-  raised here (``resource.setrlimit``, which needs root or a hard limit
-  already high enough; ``fs.nr_open`` caps it);
+- RLIMIT_NOFILE above the sockets of each server process and each client
+  worker: the soft limit is raised here to the hard one (``resource.setrlimit``;
+  the hard one too where the process has ``CAP_SYS_RESOURCE``, up to
+  ``fs.nr_open``); otherwise use more ``--processes``;
 - ``fs.file-max`` above twice the socket count (both ends are on this machine);
 - ``net.ipv4.ip_local_port_range`` wide enough that sockets / addresses fit
   in it (default 32768-60999: 28,231 ports a source address);

@@ -380,10 +380,10 @@ class Session:
         socket with the access token, the missed user events, the rooms."""
         if self.ws is None:
             return
-        self.event_seq = max(self.event_seq, self.ws.event_seq)
-        self.ws.close()
         err: Exception | None = None
         with self.reconnecting:
+            self.event_seq = max(self.event_seq, self.ws.event_seq)
+            self.ws.close()
             try:
                 self.reopen()
                 self.resume_events()
@@ -716,8 +716,9 @@ class Booker(HangoutUser):
         """The phone loses its network: reconnect with the access token at the
         upgrade and resume every room with since_seq."""
         assert self.s.ws is not None
-        self.s.ws.close()
-        self.s.reopen()
+        with self.s.reconnecting:  # never beside a storm's reopen
+            self.s.ws.close()
+            self.s.reopen()
         self.s.call("users.me")
 
     @task(1)

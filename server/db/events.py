@@ -28,22 +28,21 @@ async def add(conn: asyncpg.Connection, events: Sequence[NewEvent]) -> list[int]
                                     users, names, datas))
 
 
-async def last_seq(conn: asyncpg.Connection, user_id: uuid.UUID) -> int:
-    return await conn.fetchval("SELECT last_seq FROM user_event_seqs WHERE user_id = $1", user_id) or 0
-
-
 async def since(
     conn: asyncpg.Connection, user_id: uuid.UUID, since_seq: int, limit: int
 ) -> tuple[list[asyncpg.Record], int]:
     """Up to ``limit`` of the user's stored events after ``since_seq``, oldest
-    first, and the user's latest seq, read in one snapshot."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(
-            """SELECT seq, event, data FROM user_events WHERE user_id = $1 AND seq > $2
-               ORDER BY seq LIMIT $3""",
-            user_id, since_seq, limit,
-        )
-        return rows, await last_seq(conn, user_id)
+    first, and the user's latest seq, read in one snapshot: one statement,
+    so one round trip (a reconnect storm makes one call per socket)."""
+    rows = await conn.fetch(
+        """SELECT s.last_seq, e.seq, e.event, e.data
+             FROM (SELECT coalesce((SELECT last_seq FROM user_event_seqs WHERE user_id = $1), 0) AS last_seq) s
+             LEFT JOIN LATERAL (SELECT seq, event, data FROM user_events WHERE user_id = $1 AND seq > $2
+                                 ORDER BY seq LIMIT $3) e ON true
+            ORDER BY e.seq""",
+        user_id, since_seq, limit,
+    )
+    return [r for r in rows if r["seq"] is not None], rows[0]["last_seq"]
 
 
 async def mark_published(

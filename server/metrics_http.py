@@ -71,7 +71,7 @@ def process_status(services: Services, health: RedisHealth) -> dict:
         "ready": ready,
         "checks": checks,
         # waiting: calls waiting for a primary connection (the pool, DB_POOL_MAX, is all in use).
-        # merged_writes: bookings.create calls made together (sql/009).
+        # merged_writes: bookings.create and chat.send calls made together (sql/009, sql/016).
         "primary": {"ok": db.primary_answers, "error": db.primary_error,
                     "waiting": db.primary.waiting if db.primary is not None else 0,
                     "reads": db.primary_reads,  # reads it answered (no replica could, or must see all)

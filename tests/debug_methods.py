@@ -60,32 +60,50 @@ async def fail_position_lookups(call: Call, p: FailParams) -> dict:
     return {}
 
 
-@test_only("test.fail_merged_writes", FailParams)
-async def fail_merged_writes(call: Call, p: FailParams) -> dict:
-    """Fault injection: while on, every merged batch of bookings.create calls
-    (two or more) fails in the database, as a deadlock would end it."""
+class MergedWrite(Params):
+    """Which merged write a test method acts on."""
+    write: str = "bookings.create"  # or "chat.send"
+
+
+def _merged_writes(call: Call, write: str):
+    """(batcher, its query_many) of ``write``'s merged calls."""
     from server.db import bookings as bookings_db
+    from server.db import chat as chat_db
+
+    query, query_many = {
+        "bookings.create": (bookings_db.create, bookings_db.create_many),
+        "chat.send": (chat_db.send_committed, chat_db.send_many),
+    }[write]
+    return call.services.db.write_batcher(query, query_many), query_many
+
+
+class FailMergedParams(MergedWrite):
+    fail: bool
+
+
+@test_only("test.fail_merged_writes", FailMergedParams)
+async def fail_merged_writes(call: Call, p: FailMergedParams) -> dict:
+    """Fault injection: while on, every merged batch (two calls or more) of
+    ``write`` fails in the database, as a deadlock would end it."""
 
     async def failing(conn, _calls: list) -> None:
         await conn.execute("SELECT 1 / 0")
 
-    batcher = call.services.db.write_batcher(bookings_db.create, bookings_db.create_many)
-    batcher.query_many = failing if p.fail else bookings_db.create_many
+    batcher, query_many = _merged_writes(call, p.write)
+    batcher.query_many = failing if p.fail else query_many
     return {}
 
 
-class HoldMergedParams(Params):
+class HoldMergedParams(MergedWrite):
     hold: bool
 
 
 @test_only("test.hold_merged_writes", HoldMergedParams)
 async def hold_merged_writes(call: Call, p: HoldMergedParams) -> dict:
-    """While on, bookings.create calls wait for a batch and none is sent;
+    """While on, calls of ``write`` wait for a batch and none is sent;
     turned off, those waiting go, as one batch (at most
     ``WriteBatcher.MAX_BATCH``)."""
-    from server.db import bookings as bookings_db
-
-    batcher = call.services.db.write_batcher(bookings_db.create, bookings_db.create_many)
+    batcher, _ = _merged_writes(call, p.write)
     if p.hold:
         batcher.hold()
     else:

@@ -18,6 +18,8 @@ import uuid
 
 import asyncpg
 
+from server.db.positions import Committed
+
 MESSAGE_COLUMNS = "id, conversation_id, seq, sender_id, content, created_at, client_msg_id"
 _PARTY = "(user_id = $2 OR host_id = $2)"
 
@@ -95,6 +97,43 @@ async def send_message(
         if stored is not None:
             return stored, False
     return None
+
+
+_BATCH_COLUMNS = ("m_id", "m_seq", "m_content", "m_created_at", "m_client_msg_id", "stored_now")
+
+
+def send_locks(conversation_id: uuid.UUID) -> frozenset:
+    """What a send locks: its conversation's row. Batches of sends that
+    share none run side by side (``Database.write_merged``)."""
+    return frozenset([conversation_id])
+
+
+async def send_many(conn: asyncpg.Connection, calls: list[tuple]) -> Committed:
+    """``send_message`` for several calls (each the arguments after ``conn``),
+    committed together in one round trip (sql/016): ``Committed`` with each
+    call's result in the order of the calls and the WAL position after the
+    commit."""
+    row = await conn.fetchrow("CALL chat_send_batch($1, $2, $3, $4)", *(list(column) for column in zip(*calls)))
+    results: list[tuple[dict, bool] | None] = []
+    for (conversation_id, sender_id, _, _), (mid, seq, content, created_at, client_msg_id, stored_now) in zip(
+        calls, zip(*(row[name] for name in _BATCH_COLUMNS))
+    ):
+        if mid is None:
+            results.append(None)
+            continue
+        message = {"id": mid, "conversation_id": conversation_id, "seq": seq, "sender_id": sender_id,
+                   "content": content, "created_at": created_at, "client_msg_id": client_msg_id}
+        results.append((message, stored_now))
+    return Committed(results, row["wal_lsn"])
+
+
+async def send_committed(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, sender_id: uuid.UUID, content: str, client_msg_id: uuid.UUID | None
+) -> Committed:
+    """``send_message`` committed by itself, with the WAL position after the
+    commit, in one round trip (a batch of one of ``send_many``)."""
+    committed = await send_many(conn, [(conversation_id, sender_id, content, client_msg_id)])
+    return Committed(committed.value[0], committed.wal_lsn)
 
 
 async def join_snapshot(

@@ -162,35 +162,31 @@ async def _offline_recipient(services: Services, sender: uuid.UUID, conversation
 
 @rpc("chat.send")
 async def send(call: Call, p: m.SendParams) -> m.SendResult:
-    services = call.services
-    channel = services.hub.conversation_channel(p.conversation_id)
-    published: list[asyncio.Task] = []
-    push_to = await _offline_recipient(services, call.user_id, p.conversation_id)
-
-    async def store(conn: asyncpg.Connection) -> m.Message | None:
-        if push_to is None:
-            stored = await chat_db.send_message(conn, p.conversation_id, call.user_id, p.content, p.client_msg_id)
-        else:
-            stored = await push_db.send_message(conn, p.conversation_id, call.user_id, p.content, p.client_msg_id,
-                                                push_to)
-        if stored is None:
-            return None
-        message = _message(stored[0])
-        # The one statement has committed: publish now, while db.write still
-        # records the write position for read-your-writes (two round trips
-        # the publish need not wait for). Published again on a client_msg_id
-        # replay too: if the first publish was lost the room gets it now, and
-        # sockets that had it drop it by seq.
-        published.append(services.spawn(services.hub.publish(channel, messages.message_frame(message), seq=message.seq)))
-        return message
-
-    message = await services.db.write(call.user_id, store)
-    if message is None:
+    services, user = call.services, call.user_id
+    push_to = await _offline_recipient(services, user, p.conversation_id)
+    if push_to is None:
+        # Sends made at the same moment share one transaction (sql/016).
+        stored = await services.db.write_merged(
+            user, chat_db.send_committed, chat_db.send_many, chat_db.send_locks(p.conversation_id),
+            p.conversation_id, user, p.content, p.client_msg_id,
+        )
+    else:
+        stored = await services.db.write(
+            user, push_db.send_message, p.conversation_id, user, p.content, p.client_msg_id, push_to
+        )
+    if stored is None:
         raise _not_found()
+    message = _message(stored[0])
     if push_to is not None:
         services.push.queued()
-    # Shielded: a sender that goes away must not take the publish with it.
-    await asyncio.shield(published[0])
+    # Published again on a client_msg_id replay too: if the first publish was
+    # lost the room gets it now, and sockets that had it drop it by seq. The
+    # write position was queued for Redis before it. Shielded: a sender that
+    # goes away must not take the publish with it.
+    channel = services.hub.conversation_channel(p.conversation_id)
+    await asyncio.shield(services.spawn(
+        services.hub.publish(channel, messages.message_frame(message), seq=message.seq)
+    ))
     return m.SendResult(message=message)
 
 

@@ -27,7 +27,6 @@ it reports, delivered later by any process (server/push_delivery.py).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import uuid
 from typing import Callable, Collection, Iterable
@@ -40,10 +39,6 @@ from server.presence import Presence
 
 log = logging.getLogger("hangout.push")
 
-# Conversations whose parties are remembered (they never change).
-PARTIES_KEPT = 10000
-
-
 class PushHook:
     """What the rest of the server asks of the push hook: whether it is on,
     who of some users is offline, and to deliver what it just queued."""
@@ -52,7 +47,6 @@ class PushHook:
         self.enabled = config.push_webhook_url is not None
         self.presence = presence
         self.outbox = outbox
-        self._parties: collections.OrderedDict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]] = collections.OrderedDict()
         self.on_queued: Callable[[], None] = lambda: None
 
     async def online_among(self, users: Iterable[uuid.UUID]) -> set[uuid.UUID]:
@@ -68,17 +62,6 @@ class PushHook:
     async def online_if_enabled(self, users: list[uuid.UUID]) -> Collection[uuid.UUID] | None:
         """``online_among`` when the hook is on; None (push nothing) when off."""
         return await self.online_among(users) if self.enabled else None
-
-    def parties(self, conversation_id: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID] | None:
-        found = self._parties.get(conversation_id)
-        if found is not None:
-            self._parties.move_to_end(conversation_id)
-        return found
-
-    def remember_parties(self, conversation_id: uuid.UUID, parties: tuple[uuid.UUID, uuid.UUID]) -> None:
-        self._parties[conversation_id] = parties
-        while len(self._parties) > PARTIES_KEPT:
-            self._parties.popitem(last=False)
 
     def queued(self) -> None:
         """Some push was just committed: deliver without waiting for the poll."""

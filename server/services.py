@@ -21,6 +21,7 @@ from server.edge import SocketCounts
 from server.limits import WindowLimit
 from server.outbox import Outbox
 from server.outbox_cluster import ClusterOutbox
+from server.parties import Parties
 from server.presence import Presence
 from server.push import PushHook
 from server.rooms import Hub
@@ -60,6 +61,7 @@ class Services:
     # relay (server/relay.py) is to mark published.
     published_events: list[tuple[uuid.UUID, int]] = field(default_factory=list)
     connections: set[ServedSocket] = field(default_factory=set)
+    parties: Parties = field(default_factory=Parties)
     # Sockets from their admission (server/http.py) to their teardown.
     sockets: SocketCounts = field(default_factory=SocketCounts)
     _tasks: set[asyncio.Task] = field(default_factory=set)

@@ -21,6 +21,7 @@ import asyncpg
 from server.db.positions import Committed
 
 MESSAGE_COLUMNS = "id, conversation_id, seq, sender_id, content, created_at, client_msg_id"
+_MESSAGE_NAMES = MESSAGE_COLUMNS.split(", ")
 _PARTY = "(user_id = $2 OR host_id = $2)"
 
 
@@ -136,30 +137,45 @@ async def send_committed(
     return Committed(committed.value[0], committed.wal_lsn)
 
 
+_SNAPSHOT_MESSAGE = ", ".join(f"m.{c} AS m_{c}" for c in _MESSAGE_NAMES)
+
+# The conversation, and the messages in (low, last_seq] as the same snapshot
+# has them: one row a message (the conversation's columns repeated), or one
+# row with NULL messages columns when there are none; no row for a non-party.
+_JOIN_SNAPSHOT = f"""
+WITH c AS (
+  SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND {_PARTY}
+)
+SELECT c.*, {_SNAPSHOT_MESSAGE}
+FROM c LEFT JOIN LATERAL (
+  SELECT {MESSAGE_COLUMNS} FROM messages
+   WHERE conversation_id = $1 AND seq <= c.last_seq
+     AND seq > CASE WHEN $3::bigint IS NULL THEN greatest(0, c.last_seq - $4::bigint)
+                    ELSE greatest($3::bigint, c.last_seq - $5::bigint) END
+   ORDER BY seq
+) m ON true
+ORDER BY m.seq
+"""
+
+
 async def join_snapshot(
     conn: asyncpg.Connection, conversation_id: uuid.UUID, user_id: uuid.UUID, since_seq: int | None, latest: int, max_missed: int
-) -> tuple[asyncpg.Record, list[asyncpg.Record], bool] | None:
-    """(conversation, messages oldest first, truncated) as of now.
+) -> tuple[asyncpg.Record, list[dict], bool] | None:
+    """(conversation, messages oldest first, truncated) as of now, in one
+    statement: without ``since_seq`` the ``latest`` messages, else those
+    after it, at most ``max_missed`` (the newest; ``truncated`` then).
 
     Every message up to the ``last_seq`` read here is committed (each seq's
-    transaction held the row lock until it committed), so the second read
+    transaction held the row lock until it committed), so the one snapshot
     sees all of them; the upper bound keeps out anything newer, which the
     caller's live subscription will carry instead."""
-    conv = await get_conversation(conn, conversation_id, user_id)
-    if conv is None:
+    rows = await conn.fetch(_JOIN_SNAPSHOT, conversation_id, user_id, since_seq, latest, max_missed)
+    if not rows:
         return None
-    last = conv["last_seq"]
-    if since_seq is None:
-        low, truncated = max(0, last - latest), False
-    else:
-        low, truncated = max(since_seq, last - max_missed), last - since_seq > max_missed
-    if low >= last:
-        return conv, [], truncated
-    rows = await conn.fetch(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
-        conversation_id, low, last,
-    )
-    return conv, rows, truncated
+    conv = rows[0]
+    truncated = since_seq is not None and conv["last_seq"] - since_seq > max_missed
+    messages = [{c: r[f"m_{c}"] for c in _MESSAGE_NAMES} for r in rows if r["m_id"] is not None]
+    return conv, messages, truncated
 
 
 async def history(

@@ -44,6 +44,12 @@ async def _on_primary(services: Services, query: Any, *args: Any) -> Any:
     return await services.db.read_primary(query, *args)
 
 
+def _remember_parties(services: Services, row: Any) -> tuple[uuid.UUID, uuid.UUID]:
+    parties = (row["user_id"], row["host_id"])
+    services.parties.remember(row["id"], parties)
+    return parties
+
+
 async def _party_conversation(services: Services, user_id: uuid.UUID, conversation_id: uuid.UUID) -> asyncpg.Record:
     """The conversation if ``user_id`` is a party. A replica that has not
     replayed the booking yet (the host did not write it) falls back to the
@@ -53,7 +59,27 @@ async def _party_conversation(services: Services, user_id: uuid.UUID, conversati
         row = await _on_primary(services, chat_db.get_conversation, conversation_id, user_id)
     if row is None:
         raise _not_found()
+    _remember_parties(services, row)
     return row
+
+
+async def _parties(services: Services, user_id: uuid.UUID, conversation_id: uuid.UUID,
+                   on_primary: bool = False) -> tuple[uuid.UUID, uuid.UUID]:
+    """The conversation's (booker, host) if ``user_id`` is one of them, else
+    not_found; from memory once this process has read them."""
+    parties = services.parties.get(conversation_id)
+    if parties is None:
+        if on_primary:
+            row = await _on_primary(services, chat_db.get_conversation, conversation_id, user_id)
+            if row is None:
+                raise _not_found()
+            parties = _remember_parties(services, row)
+        else:
+            row = await _party_conversation(services, user_id, conversation_id)
+            parties = (row["user_id"], row["host_id"])
+    if user_id not in parties:
+        raise _not_found()
+    return parties
 
 
 @rpc("chat.conversations")
@@ -90,8 +116,7 @@ def _require_still_bound(call: Call) -> None:
 @rpc("chat.join")
 async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
     services, hub, user = call.services, call.services.hub, call.user_id
-    if await _on_primary(services, chat_db.get_conversation, p.conversation_id, user) is None:
-        raise _not_found()  # checked before subscribing: only parties ever follow a room
+    await _parties(services, user, p.conversation_id, on_primary=True)  # before subscribing: only parties follow a room
 
     channel = hub.conversation_channel(p.conversation_id)
     _require_still_bound(call)  # the socket may have changed hands during the check
@@ -112,8 +137,8 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
         conv, rows, truncated = snap
         other = conv["host_id"] if conv["user_id"] == user else conv["user_id"]
         result = m.JoinResult(
-            conversation=m.Conversation.model_validate(dict(conv)),
-            messages=[_message(r) for r in rows],
+            conversation=m.Conversation.model_validate({k: conv[k] for k in m.Conversation.model_fields}),
+            messages=[m.Message.model_validate(r) for r in rows],
             last_seq=conv["last_seq"],
             truncated=truncated,
             presence=await party_presence(services, user, other),
@@ -144,19 +169,12 @@ async def leave(call: Call, p: m.LeaveParams) -> dict:
 
 async def _offline_recipient(services: Services, sender: uuid.UUID, conversation_id: uuid.UUID) -> uuid.UUID | None:
     """The other party when the push hook is on and they are offline now
-    (server/push.py); None otherwise. A conversation's parties never
-    change, so the process remembers them."""
+    (server/push.py); None otherwise."""
     push = services.push
     if not push.enabled:
         return None
-    parties = push.parties(conversation_id)
-    if parties is None:
-        row = await _party_conversation(services, sender, conversation_id)
-        parties = (row["user_id"], row["host_id"])
-        push.remember_parties(conversation_id, parties)
-    if sender not in parties:
-        raise _not_found()
-    other = parties[1] if sender == parties[0] else parties[0]
+    booker, host = await _parties(services, sender, conversation_id)
+    other = host if sender == booker else booker
     return None if other in await push.online_among([other]) else other
 
 

@@ -117,6 +117,11 @@ class WritePositions:
         self.insert_head = insert_head
         self.local: dict[uuid.UUID, int] = {}  # this process's writes
         self.newest = 0  # the highest of them, of any user
+        # The highest ``ryw:newest`` this process has sent to Redis: a write
+        # at or below it (the rest of a merged batch, which shares one
+        # position) need not send it again. Should Redis lose it, the floor
+        # (``_set_floor``, ``raise_floor``) is at least as high.
+        self._newest_sent = 0
         # Any position read after a commit covers it, so writes that
         # committed meanwhile share one look-up (and free their connection
         # before it).
@@ -186,7 +191,10 @@ class WritePositions:
         # Keep the highest position; a plain SET could move it back.
         # An unknown position stays the writers' own: it would send every
         # miss of everyone to the primary (server/db/database.py).
-        newest = [("EVAL", SET_MAX_LUA, 1, f"ryw:{NEWEST}", lsn)] if lsn_text != UNKNOWN_POSITION else []
+        newest = []
+        if lsn_text != UNKNOWN_POSITION and lsn > self._newest_sent:
+            newest = [("EVAL", SET_MAX_LUA, 1, f"ryw:{NEWEST}", lsn)]
+            self._newest_sent = lsn
         recorded = self.outbox.submit([("EVAL", SET_MAX_LUA, 1, f"ryw:{u}", lsn, self.ttl_s) for u in users]
                                       + newest)
         deferred = _DEFERRED_RECORDS.get()
@@ -260,4 +268,5 @@ class WritePositions:
         write positions it did not record meanwhile are lost, so the floor
         of every user's position becomes the primary's current one (as in
         ``_set_floor``). Run before the outbox opens again."""
+        self._newest_sent = 0  # what was sent meanwhile may not have arrived
         await self.redis.eval(SET_MAX_LUA, 1, RYW_FLOOR_KEY, parse_lsn(await self.insert_head()))

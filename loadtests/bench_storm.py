@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import random
 import signal
@@ -151,6 +152,7 @@ class Device:
     event_seqs: set[int] = field(default_factory=set)
     back_after: float | None = None  # seconds from the kill
     attempts: int = 0
+    failures: list[str] = field(default_factory=list)  # why each failed attempt failed
     error: str = ""
 
     def take_live(self) -> None:
@@ -222,6 +224,7 @@ async def come_back(d: Device, ports: list[int], jitter: float, killed_at: float
             return
         except (OSError, ConnectionError, RuntimeError, asyncio.TimeoutError, CallFailed) as exc:
             d.error = repr(exc)
+            d.failures.append(str(exc)[:60] if isinstance(exc, CallFailed) else type(exc).__name__)
             await asyncio.sleep(min(2.0, 0.2 * d.attempts) * random.uniform(0.5, 1.0))
 
 
@@ -374,6 +377,9 @@ async def amain(args: argparse.Namespace) -> int:
           f"{messages} messages and {events} user events sent meanwhile ({sent.failed} sends failed): "
           f"{lost_msgs} messages and {lost_events} events lost; "
           f"{sum(d.attempts for d in devices) - len(back)} retried attempts")
+    why = collections.Counter(f for d in devices for f in d.failures)
+    if why:
+        print("  failed attempts: " + ", ".join(f"{n} {what}" for what, n in why.most_common()))
     print(f"CPU during the storm ({storm_s:.1f}s; cores busy): surviving servers {cpu['server']:.2f}, "
           f"PostgreSQL {cpu['postgres']:.2f}, Redis {cpu['redis']:.2f}, load generator {cpu['load']:.2f}, "
           f"whole machine {cpu['machine']:.2f}")

@@ -12,13 +12,14 @@ test-only ``test.hold_merged_writes``.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 
 from protocol.errors import ErrorCode, RpcError
 from tests.chat_helpers import collect_messages, messages_until, open_room
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, ops_status
 from tests.test_merged_bookings import merged, until_waiting
 
 
@@ -152,3 +153,32 @@ async def test_batches_of_two_processes_over_the_same_rooms_do_not_deadlock(test
     finally:
         for r in rooms:
             await r.close()
+
+
+async def test_a_send_whose_sender_goes_away_is_still_published(test_server, server2):
+    """The sender's socket closes while its send waits for a batch: the call
+    is cancelled with the socket, but the message it sent is stored and
+    published all the same, so the other party's live room gets it."""
+    room = await open_room(test_server, server2)
+    try:
+        controller = await room.booker.socket(test_server)
+        await room.host.client.call("chat.join", {"conversation_id": room.conversation_id})
+        await controller.call("test.hold_merged_writes", {"hold": True, "write": "chat.send"})
+        try:
+            sockets = (await ops_status(test_server))["sockets"]
+            sent = asyncio.ensure_future(
+                room.booker.client.call("chat.send", {"conversation_id": room.conversation_id, "content": "bye"})
+            )
+            await until_waiting(test_server, 1)
+            await room.booker.client.close()
+            deadline = time.monotonic() + 10
+            while (await ops_status(test_server))["sockets"] >= sockets:  # bounded: until the server let it go
+                assert time.monotonic() < deadline, "the server never noticed the closed socket"
+                await asyncio.sleep(0.02)
+        finally:
+            await controller.call("test.hold_merged_writes", {"hold": False, "write": "chat.send"})
+        with pytest.raises(Exception):
+            await sent  # the socket went away before the reply
+        assert await collect_messages(room.host.client, 1, timeout=10) == [1]
+    finally:
+        await room.close()

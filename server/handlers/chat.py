@@ -178,10 +178,8 @@ async def _offline_recipient(services: Services, sender: uuid.UUID, conversation
     return None if other in await push.online_among([other]) else other
 
 
-@rpc("chat.send")
-async def send(call: Call, p: m.SendParams) -> m.SendResult:
-    services, user = call.services, call.user_id
-    push_to = await _offline_recipient(services, user, p.conversation_id)
+async def _store_and_publish(services: Services, user: uuid.UUID, p: m.SendParams,
+                             push_to: uuid.UUID | None) -> m.Message | None:
     if push_to is None:
         # Sends made at the same moment share one transaction (sql/016).
         stored = await services.db.write_merged(
@@ -193,18 +191,27 @@ async def send(call: Call, p: m.SendParams) -> m.SendResult:
             user, push_db.send_message, p.conversation_id, user, p.content, p.client_msg_id, push_to
         )
     if stored is None:
-        raise _not_found()
+        return None
     message = _message(stored[0])
     if push_to is not None:
         services.push.queued()
     # Published again on a client_msg_id replay too: if the first publish was
     # lost the room gets it now, and sockets that had it drop it by seq. The
-    # write position was queued for Redis before it. Shielded: a sender that
-    # goes away must not take the publish with it.
+    # write position was queued for Redis before it.
     channel = services.hub.conversation_channel(p.conversation_id)
-    await asyncio.shield(services.spawn(
-        services.hub.publish(channel, messages.message_frame(message), seq=message.seq)
-    ))
+    await services.hub.publish(channel, messages.message_frame(message), seq=message.seq)
+    return message
+
+
+@rpc("chat.send")
+async def send(call: Call, p: m.SendParams) -> m.SendResult:
+    services, user = call.services, call.user_id
+    push_to = await _offline_recipient(services, user, p.conversation_id)
+    # A task of its own, shielded: a sender that goes away (its calls are
+    # cancelled) must not leave a message committed and not published.
+    message = await asyncio.shield(services.spawn(_store_and_publish(services, user, p, push_to)))
+    if message is None:
+        raise _not_found()
     return m.SendResult(message=message)
 
 

@@ -33,6 +33,7 @@ import asyncio
 import datetime as dt
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,7 @@ import aiohttp
 import asyncpg
 
 from loadtests import benchlib
-from loadtests.benchlib import OPS_TOKEN, Server, Stack, access_tokens, bench_users, cpu_seconds
+from loadtests.benchlib import OPS_TOKEN, Server, Stack, access_tokens, bench_users, cpu_by_role, cpu_seconds
 from protocol.codec import decode, encode
 
 PGBENCH_DB = "pgbench_chat"
@@ -57,8 +58,30 @@ async def ensure_pgbench_db(stack: Stack) -> None:
     await benchlib.ensure_pgbench_db(stack.database_url, PGBENCH_DB)
 
 
-def pgbench_tpcb(stack: Stack, clients: int, seconds: int) -> float:
-    return benchlib.run_pgbench(stack.database_url, PGBENCH_DB, clients, seconds)[0]  # vacuumed first, as by default
+def pgbench_tpcb(stack: Stack, clients: int, seconds: int) -> tuple[float, float]:
+    """(tps, PostgreSQL CPU ms a transaction) of pgbench's TPC-B-like run,
+    its tables vacuumed first (as by default). pgbench's backends end with
+    it, so PostgreSQL's share is the whole machine's CPU over the run less
+    pgbench's own (the idle server processes' little counts too)."""
+    busy0, child0 = benchlib.machine_busy()[0], _children_cpu()
+    tps = benchlib.run_pgbench(stack.database_url, PGBENCH_DB, clients, seconds)[0]
+    used = benchlib.machine_busy()[0] - busy0 - (_children_cpu() - child0)
+    # Over the transactions of its measured seconds; the vacuum and the
+    # connecting before them count too (a little high).
+    return tps, 1000 * used / (tps * seconds) if tps else float("nan")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def postgres_cpu(stack: Stack) -> float:
+    """CPU seconds so far of this stack's PostgreSQL (primary and replica)."""
+    from urllib.parse import urlparse
+
+    ports = [urlparse(u).port for u in (stack.database_url, *stack.replica_urls)]
+    return cpu_by_role(None, None, [p for p in ports if p])["postgres"]
 
 
 # ---- conversations -------------------------------------------------------------------
@@ -215,11 +238,11 @@ async def amain(args: argparse.Namespace) -> int:
     tally = Tally()
     socks: list[Sock] = []
     try:
-        pg_before = pg_after = float("nan")
+        pg_before = pg_after = pg_ms_before = pg_ms_after = float("nan")
         if not args.skip_pgbench:
             print(f"pgbench (TPC-B-like), {args.concurrency} clients, {args.seconds}s ...", flush=True)
-            pg_before = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
-            print(f"  {pg_before:,.0f} tps", flush=True)
+            pg_before, pg_ms_before = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
+            print(f"  {pg_before:,.0f} tps, PostgreSQL {pg_ms_before:.2f} ms CPU a transaction", flush=True)
 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:  # no cap on sockets
             sides: list[tuple[Sock, str]] = []
@@ -247,6 +270,7 @@ async def amain(args: argparse.Namespace) -> int:
                                             stdout=subprocess.DEVNULL)
             merged0 = [await merged_writes(session, s) for s in servers]
             cpu0 = [cpu_seconds(s.pid) for s in servers]
+            pg_cpu0 = postgres_cpu(stack)
             own0 = time.process_time()
             t0 = time.perf_counter()
             tally.counting = True
@@ -256,6 +280,7 @@ async def amain(args: argparse.Namespace) -> int:
             tally.counting = False
             cpu = [(cpu_seconds(s.pid) - c) / elapsed for s, c in zip(servers, cpu0)]
             own = (time.process_time() - own0) / elapsed
+            pg_ms_send = 1000 * (postgres_cpu(stack) - pg_cpu0) / max(committed, 1)
             merged = [await merged_writes(session, s) for s in servers]
             batches = sum(b[0] for b in merged) - sum(b[0] for b in merged0)
             batched = sum(b[1] for b in merged) - sum(b[1] for b in merged0)
@@ -269,6 +294,8 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"max rate, {args.concurrency} in flight: {max_committed:,.0f} committed/s, "
                   f"{max_delivered:,.0f} delivered/s, p50 {pct(latencies, 0.5):.1f} ms p99 {pct(latencies, 0.99):.1f} ms, "
                   f"server CPU {cpu[0]:.0%} + {cpu[1]:.0%}, load generator {own:.0%}", flush=True)
+            print(f"  CPU a send: servers {1000 * sum(cpu) / max(max_committed, 1):.2f} ms, "
+                  f"PostgreSQL {pg_ms_send:.2f} ms", flush=True)
             print(f"  merged: {batched:,} sends in {batches:,} batches of two or more "
                   f"({batched / max(batches, 1):.1f} a batch), {committed - batched:,} alone", flush=True)
 
@@ -291,8 +318,8 @@ async def amain(args: argparse.Namespace) -> int:
 
         if not args.skip_pgbench:
             print("pgbench again ...", flush=True)
-            pg_after = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
-            print(f"  {pg_after:,.0f} tps", flush=True)
+            pg_after, pg_ms_after = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
+            print(f"  {pg_after:,.0f} tps, PostgreSQL {pg_ms_after:.2f} ms CPU a transaction", flush=True)
     finally:
         for s in servers:
             await asyncio.to_thread(s.stop)
@@ -303,6 +330,8 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"pgbench TPC-B-like ({args.concurrency} clients): {pg_before:,.0f} / {pg_after:,.0f} tps, mean {pg:,.0f}")
     print(f"chat.send committed  {max_committed:8,.0f}/s   ratio {max_committed / pg:.2f}  (target >= 1.0)")
     print(f"chat.send delivered  {max_delivered:8,.0f}/s   ratio {max_delivered / pg:.2f}  (target >= 1.0)")
+    print(f"PostgreSQL CPU: {pg_ms_send:.2f} ms a send, {statistics.mean([pg_ms_before, pg_ms_after]):.2f} ms "
+          f"a pgbench transaction")
     print(f"send-to-receive at max rate     p50 {pct(latencies, 0.5):6.1f} ms  p99 {pct(latencies, 0.99):6.1f} ms")
     print(f"send-to-receive at half ({half:,.0f}/s) p50 {pct(half_latencies, 0.5):6.1f} ms  p99 {p99_half:6.1f} ms  (target p99 < 50)")
     if errors:

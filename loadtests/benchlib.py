@@ -25,7 +25,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Coroutine, Iterable, TypeVar
 
 import asyncpg
 
@@ -98,14 +98,19 @@ def machine_busy() -> tuple[float, float]:
     return (sum(values) - idle) / ticks, sum(values) / ticks
 
 
-def cpu_by_role(server_pid: int | None, redis_port: int | None) -> dict[str, float]:
+def cpu_by_role(server_pid: int | None, redis_port: int | None,
+                pg_ports: Iterable[int] | None = None) -> dict[str, float]:
     """CPU seconds used so far by each part of the benchmark on this machine:
     the dev stack's PostgreSQL (primary and replica: backends, WAL sender,
     receiver and replay), its Redis (``redis_port``), the hangout server
     (``server_pid`` and its worker processes) and this process, the load
     generator. Processes that ended in between are not counted; the ones
-    measured here live for the whole run."""
+    measured here live for the whole run. With ``pg_ports``, only the dev
+    stacks' servers on those ports count as PostgreSQL (not other checkouts'
+    stacks on the machine)."""
     roles = {"postgres": 0.0, "redis": 0.0, "server": 0.0, "load": 0.0}
+    pg_titles = tuple(f"postgres: devstack-{kind}-{port}:" for port in pg_ports or ()
+                      for kind in ("primary", "replica"))
     me = os.getpid()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -116,7 +121,7 @@ def cpu_by_role(server_pid: int | None, redis_port: int | None) -> dict[str, flo
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             with open(f"/proc/{pid}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            role = ("postgres" if cmd.startswith("postgres: devstack-")
+            role = ("postgres" if cmd.startswith(pg_titles or "postgres: devstack-")
                     else "redis" if "redis-server" in cmd and f":{redis_port}" in cmd
                     else "server" if server_pid is not None and server_pid in (pid, ppid)
                     else "load" if pid == me else None)

@@ -22,6 +22,8 @@ from server.transport import Transport
 class Connection:
     """A client socket. ``services.connections`` holds those being served."""
 
+    __slots__ = ("_hub", "transport", "binding", "dispatcher")
+
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, services: Services, address: str) -> None:
         self._hub = services.hub
         self.transport = Transport(ws, request, services.config, spawn=services.spawn, on_stop=self._leave_channels)

@@ -19,6 +19,7 @@ from typing import Callable
 from protocol.errors import ErrorCode, RpcError
 from server import events
 from server.db import events as events_db
+from server.deadlines import Deadline
 from server.frames import event_frame
 from server.rooms.delivered import Delivered
 
@@ -64,8 +65,10 @@ class AuthBinding:
         # The bound user's numbered events given; made with the first one.
         self._delivered: Delivered | None = None
         self._bound_at = dt.datetime.now(dt.timezone.utc)
-        self._expiry_timer: asyncio.TimerHandle | None = None
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        # On the process's deadlines: ``auth.expiring``, then the expiry
+        # itself, while bound; the sign-in deadline while not.
+        self._expiry_timer: Deadline | None = None
+        self._deadline_timer: Deadline | None = None
         self._on_deadline: Callable[[], None] | None = None  # set while the socket is served
         self._counted_for: uuid.UUID | None = None  # the user presence counts this socket for
         self._ended = False
@@ -150,12 +153,10 @@ class AuthBinding:
         self.token_expires_at = expires_at
         self._count_for(user_id)
         self._cancel_deadline()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-        loop = asyncio.get_running_loop()
+        self._cancel_expiry()
         lead_s = services.config.auth_expiring_lead_s
         delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - lead_s)
-        self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
+        self._expiry_timer = services.deadlines.call_later(delay, self._warn_expiring)
 
     def session_ended(self, family: uuid.UUID) -> None:
         """Another socket or process ended this socket's session
@@ -172,9 +173,7 @@ class AuthBinding:
         self.token_expires_at = None
         self.events_suspended = False
         self._count_for(None)
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._cancel_expiry()
         self._start_deadline()
 
     def watch_sign_in(self, on_deadline: Callable[[], None]) -> None:
@@ -188,13 +187,18 @@ class AuthBinding:
     def _start_deadline(self) -> None:
         self._cancel_deadline()
         if self._on_deadline is not None:
-            self._deadline_timer = asyncio.get_running_loop().call_later(self._services.config.auth_deadline_s,
-                                                                           self._deadline_passed)
+            services = self._services
+            self._deadline_timer = services.deadlines.call_later(services.config.auth_deadline_s, self._deadline_passed)
 
     def _cancel_deadline(self) -> None:
         if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
+            self._services.deadlines.cancel(self._deadline_timer)
             self._deadline_timer = None
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._services.deadlines.cancel(self._expiry_timer)
+            self._expiry_timer = None
 
     def _deadline_passed(self) -> None:
         self._deadline_timer = None
@@ -207,19 +211,21 @@ class AuthBinding:
         self._ended = True
         self._on_deadline = None
         self._cancel_deadline()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._cancel_expiry()
 
-    def _warn_expiring(self, expires_at: dt.datetime) -> None:
-        if self.token_expires_at != expires_at:
+    # The expiry timer is cancelled whenever the token changes (``bind``,
+    # ``unbind``, ``end``): when it runs, it is about the token bound now.
+
+    def _warn_expiring(self) -> None:
+        expires_at = self.token_expires_at
+        if expires_at is None:
             return
         self.send_event(event_frame("auth.expiring", {"expires_at": expires_at}))
         left = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        self._expiry_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expired, expires_at)
+        self._expiry_timer = self._services.deadlines.call_later(max(0.0, left), self._expired)
 
-    def _expired(self, expires_at: dt.datetime) -> None:
-        if self.token_expires_at == expires_at:
+    def _expired(self) -> None:
+        if self.token_expires_at is not None:
             self._suspend_events()
 
     def _suspend_events(self) -> None:

@@ -23,6 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol.codec import SUBPROTOCOL
 from server.config import Config
+from server.deadlines import Deadline, Deadlines
 from server.metrics import TALLY
 
 log = logging.getLogger("hangout.socket")
@@ -58,13 +59,13 @@ class Transport:
     # Slots: a process holds one per socket, tens of thousands of them idle.
     __slots__ = (
         "ws", "request", "id", "_max_replies", "_max_event_bytes", "_ping_interval", "_heard", "_pinged",
-        "_ping_due", "_ping_timer", "_spawn", "_on_stop", "closing", "_out", "_out_event_bytes", "_out_replies",
+        "_ping_due", "_ping_timer", "_deadlines", "_spawn", "_on_stop", "closing", "_out", "_out_event_bytes", "_out_replies",
         "replies", "_room", "_writer", "_writing", "_peer_gone", "_close_code", "_flushed", "_close_task",
         "_serve_task", "_sending",
     )
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, config: Config, *,
-                 spawn: Spawn, on_stop: Callable[[], None]) -> None:
+                 deadlines: Deadlines, spawn: Spawn, on_stop: Callable[[], None]) -> None:
         self.ws = ws
         self.request = request
         self.id = next(_SOCKET_NUMBERS)
@@ -74,7 +75,8 @@ class Transport:
         self._heard = False  # the peer sent something since the last ping check
         self._pinged = False  # a ping went out and nothing came back since
         self._ping_due = False  # the writer sends a ping before its queue
-        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: Deadline | None = None
+        self._deadlines = deadlines  # the process's, for the ping checks
         self._spawn = spawn  # runs a close frame's send when the caller cannot wait
         self._on_stop = on_stop  # nothing more is queued from now on (see _stop_output)
         self.closing = False
@@ -103,7 +105,7 @@ class Transport:
         self._serve_task = asyncio.current_task()
         self._writing = True
         self._start_writer()
-        self._ping_timer = asyncio.get_running_loop().call_later(self._ping_interval, self._check_peer)
+        self._ping_timer = self._deadlines.call_later(self._ping_interval, self._check_peer)
         ws = self.ws
         async for msg in ws:
             self._heard = True  # any frame counts as an answer to a ping
@@ -149,7 +151,7 @@ class Transport:
             if self.request.transport is not None:
                 self.request.transport.abort()
             return
-        self._ping_timer = asyncio.get_running_loop().call_later(self._ping_interval, self._check_peer)
+        self._ping_timer = self._deadlines.call_later(self._ping_interval, self._check_peer)
 
     @property
     def reading_paused(self) -> bool:
@@ -311,7 +313,7 @@ class Transport:
         with a code) after the queued replies, then the writer, stopped."""
         self.closing = True
         if self._ping_timer is not None:
-            self._ping_timer.cancel()
+            self._deadlines.cancel(self._ping_timer)
         if self._close_task is not None:
             await asyncio.gather(self._close_task, return_exceptions=True)
         self._writing = False

@@ -301,8 +301,9 @@ async def amain(args: argparse.Namespace) -> int:
         if label == "hangout":
             ratio = ratio_of
         where = "" if label == "hangout" else f" ({roots[label]})"
-        print(f"memory per idle socket: {label}{where} {per:.2f} KiB, bare aiohttp ({args.bare_loop}) {bare_per:.2f} KiB, "
-              f"ratio {ratio_of:.2f} (target <= 1.5)" + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else ""))
+        rounds = f"; medians of {args.rounds} rounds" if args.rounds > 1 else ""
+        print(f"memory per idle socket: {label}{where} {per:.2f} KiB, "
+              f"bare aiohttp ({args.bare_loop}) {bare_per:.2f} KiB, ratio {ratio_of:.2f} (target <= 1.5){rounds}")
     if not valid:
         print("some hangout sockets were not open and authenticated: the figure is not valid", file=sys.stderr)
         return 1

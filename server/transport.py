@@ -59,9 +59,9 @@ class Transport:
     # Slots: a process holds one per socket, tens of thousands of them idle.
     __slots__ = (
         "ws", "request", "id", "_max_replies", "_max_event_bytes", "_ping_interval", "_heard", "_pinged",
-        "_ping_due", "_ping_timer", "_deadlines", "_spawn", "_on_stop", "closing", "_out", "_out_event_bytes", "_out_replies",
-        "replies", "_room", "_writer", "_writing", "_peer_gone", "_close_code", "_flushed", "_close_task",
-        "_serve_task", "_sending",
+        "_ping_due", "_ping_timer", "_deadlines", "_spawn", "_on_stop", "closing", "_out", "_out_event_bytes",
+        "_out_replies", "replies", "_room", "_writer", "_writing", "_peer_gone", "_close_code", "_flushed",
+        "_close_task", "_serve_task", "_sending",
     )
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, config: Config, *,

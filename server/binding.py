@@ -19,6 +19,7 @@ from typing import Callable
 from protocol.errors import ErrorCode, RpcError
 from server import events
 from server.db import events as events_db
+from server.deadlines import Deadline
 from server.frames import event_frame
 from server.rooms.delivered import Delivered
 
@@ -46,26 +47,29 @@ class _Placeholder:
 
 
 class AuthBinding:
+    # Slots: a process holds one per socket, tens of thousands of them idle.
+    __slots__ = (
+        "address", "_services", "_queue_event", "user_id", "token_family", "token_expires_at",
+        "events_suspended", "_delivered", "_bound_at", "_expiry_timer", "_deadline_timer", "_on_deadline",
+        "_counted_for", "_ended",
+    )
+
     def __init__(self, services: Services, queue_event: Callable[[bytes], None], address: str) -> None:
         self.address = address  # the client's address (server.edge), for per-address limits
-        self._hub = services.hub
-        self._sessions = services.sessions
-        self._expiring_lead_s = services.config.auth_expiring_lead_s
-        self._subscribe_wait_s = services.config.subscribe_wait_s
+        self._services = services
         self._queue_event = queue_event  # the socket's outgoing queue
         self.user_id: uuid.UUID | None = None
         self.token_family: uuid.UUID | None = None
         self.token_expires_at: dt.datetime | None = None
         self.events_suspended = False  # the token expired (``_suspend_events``)
-        self._delivered = Delivered()  # the bound user's numbered events given
+        # The bound user's numbered events given; made with the first one.
+        self._delivered: Delivered | None = None
         self._bound_at = dt.datetime.now(dt.timezone.utc)
-        self._spawn = services.spawn
-        self._db = services.db
-        self._expiry_timer: asyncio.TimerHandle | None = None
-        self._deadline_s = services.config.auth_deadline_s
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        # On the process's deadlines: ``auth.expiring``, then the expiry
+        # itself, while bound; the sign-in deadline while not.
+        self._expiry_timer: Deadline | None = None
+        self._deadline_timer: Deadline | None = None
         self._on_deadline: Callable[[], None] | None = None  # set while the socket is served
-        self._presence = services.presence
         self._counted_for: uuid.UUID | None = None  # the user presence counts this socket for
         self._ended = False
 
@@ -76,19 +80,23 @@ class AuthBinding:
 
     def send_numbered(self, seq: int, frame: bytes) -> None:
         """A durable user event: given once per seq, however often published."""
-        if not self.events_suspended and self._delivered.take(seq):
+        if self.events_suspended:
+            return
+        if self._delivered is None:
+            self._delivered = Delivered()
+        if self._delivered.take(seq):
             self._queue_event(frame)
 
     def resubscribed(self) -> None:
         """The user's channel is subscribed again after the link to Redis
         was lost: what was published meanwhile is read from PostgreSQL."""
         if self.user_id is not None:
-            self._spawn(self._catch_up(self.user_id))
+            self._services.spawn(self._catch_up(self.user_id))
 
     async def _catch_up(self, user_id: uuid.UUID) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         since = max(self._bound_at, now - CATCH_UP_WINDOW) - CATCH_UP_MARGIN
-        rows = await self._db.read_primary(events_db.created_since, user_id, since, CATCH_UP_MAX)
+        rows = await self._services.db.read_primary(events_db.created_since, user_id, since, CATCH_UP_MAX)
         for r in rows:
             if self.user_id != user_id:
                 return  # re-bound meanwhile
@@ -109,7 +117,8 @@ class AuthBinding:
         Returns once the user's channel is subscribed, so that no event about
         the user published after the reply can be missed (unless Redis is
         down, in which case the subscription is made when it is back)."""
-        sessions, hub = self._sessions, self._hub
+        services = self._services
+        sessions, hub = services.sessions, services.hub
         if family is not None and sessions.ended(family):
             # The session ended after it was checked, before this: the call
             # fails, and the earlier binding stays as it was.
@@ -125,12 +134,12 @@ class AuthBinding:
             subscribed = hub.follow(placeholder, channel)
             try:
                 if subscribed is not None:
-                    await asyncio.wait({subscribed}, timeout=self._subscribe_wait_s)
+                    await asyncio.wait({subscribed}, timeout=services.config.subscribe_wait_s)
                 if family is not None and sessions.ended(family):
                     raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
                 # Another user's events and rooms must never reach this socket.
                 hub.unfollow_all(self)
-                self._delivered = Delivered()
+                self._delivered = None
                 self._bound_at = dt.datetime.now(dt.timezone.utc)
                 hub.follow(self, channel)  # subscribed already (or made when Redis is back)
             finally:
@@ -144,11 +153,10 @@ class AuthBinding:
         self.token_expires_at = expires_at
         self._count_for(user_id)
         self._cancel_deadline()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - self._expiring_lead_s)
-        self._expiry_timer = loop.call_later(delay, self._warn_expiring, expires_at)
+        self._cancel_expiry()
+        lead_s = services.config.auth_expiring_lead_s
+        delay = max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() - lead_s)
+        self._expiry_timer = services.deadlines.call_later(delay, self._warn_expiring)
 
     def session_ended(self, family: uuid.UUID) -> None:
         """Another socket or process ended this socket's session
@@ -159,15 +167,13 @@ class AuthBinding:
 
     def unbind(self) -> None:
         if self.user_id is not None:
-            self._hub.unfollow_all(self)
+            self._services.hub.unfollow_all(self)
         self.user_id = None
         self.token_family = None
         self.token_expires_at = None
         self.events_suspended = False
         self._count_for(None)
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._cancel_expiry()
         self._start_deadline()
 
     def watch_sign_in(self, on_deadline: Callable[[], None]) -> None:
@@ -181,12 +187,18 @@ class AuthBinding:
     def _start_deadline(self) -> None:
         self._cancel_deadline()
         if self._on_deadline is not None:
-            self._deadline_timer = asyncio.get_running_loop().call_later(self._deadline_s, self._deadline_passed)
+            services = self._services
+            self._deadline_timer = services.deadlines.call_later(services.config.auth_deadline_s, self._deadline_passed)
 
     def _cancel_deadline(self) -> None:
         if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
+            self._services.deadlines.cancel(self._deadline_timer)
             self._deadline_timer = None
+
+    def _cancel_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._services.deadlines.cancel(self._expiry_timer)
+            self._expiry_timer = None
 
     def _deadline_passed(self) -> None:
         self._deadline_timer = None
@@ -199,19 +211,21 @@ class AuthBinding:
         self._ended = True
         self._on_deadline = None
         self._cancel_deadline()
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
+        self._cancel_expiry()
 
-    def _warn_expiring(self, expires_at: dt.datetime) -> None:
-        if self.token_expires_at != expires_at:
+    # The expiry timer is cancelled whenever the token changes (``bind``,
+    # ``unbind``, ``end``): when it runs, it is about the token bound now.
+
+    def _warn_expiring(self) -> None:
+        expires_at = self.token_expires_at
+        if expires_at is None:
             return
         self.send_event(event_frame("auth.expiring", {"expires_at": expires_at}))
         left = (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        self._expiry_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._expired, expires_at)
+        self._expiry_timer = self._services.deadlines.call_later(max(0.0, left), self._expired)
 
-    def _expired(self, expires_at: dt.datetime) -> None:
-        if self.token_expires_at == expires_at:
+    def _expired(self) -> None:
+        if self.token_expires_at is not None:
             self._suspend_events()
 
     def _suspend_events(self) -> None:
@@ -235,7 +249,7 @@ class AuthBinding:
         if self._ended or self._counted_for == user_id:
             return
         if self._counted_for is not None:
-            self._presence.release(self._counted_for)
+            self._services.presence.release(self._counted_for)
         if user_id is not None:
-            self._presence.acquire(user_id)
+            self._services.presence.acquire(user_id)
         self._counted_for = user_id

@@ -102,22 +102,22 @@ def nul_errors(model: type[BaseModel], raw: dict[Any, Any], named: set[str]) -> 
 
 
 class Dispatcher:
+    __slots__ = ("services", "_transport", "_binding", "_config", "_calls", "bad_frames", "draining")
+
     def __init__(self, services: Services, transport: Transport, binding: AuthBinding) -> None:
         self.services = services
         self._transport = transport
-        self._send_reply = transport.send_reply
         self._binding = binding
-        self._max_in_flight = services.config.max_in_flight
-        self._max_bad_frames = services.config.max_bad_frames
-        self._max_values = services.config.max_frame_values
-        self._max_depth = services.config.max_frame_depth
-        self._calls: set[asyncio.Task] = set()
+        self._config = services.config
+        # The calls in flight; made for the first, dropped with the last (an
+        # idle socket holds no set).
+        self._calls: set[asyncio.Task] | None = None
         self.bad_frames = 0
         self.draining = False  # shutting down: no new calls
 
     @property
     def calls_in_flight(self) -> int:
-        return len(self._calls)
+        return len(self._calls) if self._calls is not None else 0
 
     async def wait_calls(self, timeout: float) -> None:
         """Until the calls in flight finish, at most ``timeout`` seconds."""
@@ -125,18 +125,27 @@ class Dispatcher:
             await asyncio.wait(list(self._calls), timeout=timeout)
 
     async def cancel_calls(self) -> None:
-        for task in list(self._calls):
+        calls = list(self._calls or ())
+        for task in calls:
             task.cancel()
-        if self._calls:
-            await asyncio.gather(*self._calls, return_exceptions=True)
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        calls = self._calls
+        if calls is not None:
+            calls.discard(task)
+            if not calls:
+                self._calls = None
 
     # ---- frames in -------------------------------------------------------
 
     def on_frame(self, data: bytes) -> None:
         if self._transport.closing:
             return
+        config = self._config
         try:
-            frame = decode(data, self._max_values, self._max_depth)
+            frame = decode(data, config.max_frame_values, config.max_frame_depth)
         except OverLimits as exc:
             return self._bad_frame(None, str(exc))
         except DecodeError:
@@ -154,7 +163,7 @@ class Dispatcher:
             # Shutting down: tell the client to retry elsewhere rather than
             # leave the call unanswered.
             return self._refuse(req_id, name, RpcError(ErrorCode.UNAVAILABLE, "server shutting down, retry"), started)
-        if len(self._calls) >= self._max_in_flight:
+        if self.calls_in_flight >= config.max_in_flight:
             return self._refuse(req_id, name, RpcError(ErrorCode.TOO_MANY_REQUESTS), started)
         try:
             method, params = self._checked(name, frame.get("params", {}))
@@ -163,16 +172,18 @@ class Dispatcher:
         del frame  # from here the call holds its params model alone
         # The caller is who the socket was bound to when its auth was checked.
         task = asyncio.create_task(self._call(req_id, method, params, self._binding.user_id, started))
+        if self._calls is None:
+            self._calls = set()
         self._calls.add(task)
-        task.add_done_callback(self._calls.discard)
+        task.add_done_callback(self._call_done)
 
     def _bad_frame(self, req_id: int | None, reason: str) -> None:
         self.bad_frames += 1
-        if self.bad_frames >= self._max_bad_frames:
+        if self.bad_frames >= self._config.max_bad_frames:
             # Frames that came in the same read as this one must not run.
             self._transport.close_soon(WSCloseCode.POLICY_VIOLATION, "too many bad frames")
             return
-        self._send_reply(error_frame(req_id, RpcError(ErrorCode.BAD_FRAME, reason)))
+        self._transport.send_reply(error_frame(req_id, RpcError(ErrorCode.BAD_FRAME, reason)))
 
     # ---- calls -----------------------------------------------------------
 
@@ -205,7 +216,7 @@ class Dispatcher:
 
     def _refuse(self, req_id: int, name: str, err: RpcError, started: float) -> None:
         """Answer a call that never ran."""
-        self._send_reply(error_frame(req_id, err))
+        self._transport.send_reply(error_frame(req_id, err))
         observe_call(name if name in METHODS else UNKNOWN_METHOD, err.code.value, started)
 
     async def _call(self, req_id: int, method: Method, params: BaseModel, caller: uuid.UUID | None,
@@ -227,7 +238,7 @@ class Dispatcher:
         except Exception as exc:
             err = self._error(name, exc, call_id)
             frame, outcome = error_frame(req_id, err), err.code.value
-        self._send_reply(frame)
+        self._transport.send_reply(frame)
         observe_call(name, outcome, started)
 
     def _error(self, name: str, exc: Exception, ref: str) -> RpcError:

@@ -52,12 +52,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": ErrorCode.UNAVAILABLE.value}, status=503)
     sockets.add(address)
     try:
-        return await _websocket(request, services, address)
+        conn = await _admit(request, services, address)
+        if not isinstance(conn, Connection):
+            return conn  # refused
+        # Served from this frame, not ``_admit``'s: what admitting the socket
+        # held (the token, the session check) is gone for the socket's life.
+        try:
+            await conn.serve()
+        finally:
+            services.connections.discard(conn)
+        return conn.transport.ws
     finally:
         sockets.remove(address)
 
 
-async def _websocket(request: web.Request, services: Services, address: str) -> web.StreamResponse:
+async def _admit(request: web.Request, services: Services, address: str) -> Connection | web.Response:
+    """The socket upgraded (bound if its token is good) and among the
+    process's connections, or the response that refuses it."""
     cfg = services.config
     # From the session check until the socket is among the process's
     # connections, a catch-up of ended sessions (server/sessions.py) counts it.
@@ -94,11 +105,7 @@ async def _websocket(request: web.Request, services: Services, address: str) -> 
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
         services.connections.add(conn)
-    try:
-        await conn.serve()
-    finally:
-        services.connections.discard(conn)
-    return ws
+    return conn
 
 
 async def healthz(request: web.Request) -> web.Response:

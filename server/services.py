@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from server import messages, redis_cluster
 from server.config import Config
 from server.credentials import PasswordHashing
+from server.deadlines import Deadlines
 from server.db import auth as auth_db
 from server.db.database import Database
 from server.edge import SocketCounts
@@ -64,6 +65,8 @@ class Services:
     parties: Parties = field(default_factory=Parties)
     # Sockets from their admission (server/http.py) to their teardown.
     sockets: SocketCounts = field(default_factory=SocketCounts)
+    # The sockets' timers: ping checks, token expiries, sign-in deadlines.
+    deadlines: Deadlines = field(default_factory=Deadlines)
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _workers: list[Any] = field(default_factory=list)
 
@@ -123,6 +126,7 @@ class Services:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.deadlines.close()
         await self.hashing.close()
         await self.sessions.stop()
         await self.hub.stop()

@@ -22,9 +22,12 @@ from server.transport import Transport
 class Connection:
     """A client socket. ``services.connections`` holds those being served."""
 
+    __slots__ = ("_hub", "transport", "binding", "dispatcher")
+
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, services: Services, address: str) -> None:
         self._hub = services.hub
-        self.transport = Transport(ws, request, services.config, spawn=services.spawn, on_stop=self._leave_channels)
+        self.transport = Transport(ws, request, services.config, deadlines=services.deadlines, spawn=services.spawn,
+                                   on_stop=self._leave_channels)
         self.binding = AuthBinding(services, self.transport.send_event, address)
         self.dispatcher = Dispatcher(services, self.transport, self.binding)
 

@@ -1,27 +1,29 @@
 """A WebSocket's transport: the aiohttp socket set up as the contract wants
 (``websocket_response``), then reading frames, writing them, closing with a code.
 
-The transport owns one task, the writer, for the life of the socket; it is
-cancelled and awaited in ``finish``. Replies and events share one outgoing
-queue drained by the writer; only event bytes count toward
-``OUTGOING_QUEUE_MAX_BYTES``, since replies are bounded by the in-flight
-limit instead: with that many replies queued, the socket's frames are not
-read until the peer takes some (a client that sends without reading cannot
-queue replies without bound, and replies are never dropped).
+Replies and events share one outgoing queue, drained by the writer: a task
+that runs while frames are queued and ends once the queue is empty (an idle
+socket holds neither a task nor a queue). It is cancelled and awaited in
+``finish``. Only event bytes count toward ``OUTGOING_QUEUE_MAX_BYTES``,
+since replies are bounded by the in-flight limit instead: with that many
+replies queued, the socket's frames are not read until the peer takes some
+(a client that sends without reading cannot queue replies without bound,
+and replies are never dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
-import uuid
 from typing import Any, Callable, Coroutine
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol.codec import SUBPROTOCOL
 from server.config import Config
+from server.deadlines import Deadline, Deadlines
 from server.metrics import TALLY
 
 log = logging.getLogger("hangout.socket")
@@ -50,30 +52,43 @@ def websocket_response(config: Config) -> web.WebSocketResponse:
     return ws
 
 
+_SOCKET_NUMBERS = itertools.count(1)  # a socket's number in the process's log lines
+
+
 class Transport:
+    # Slots: a process holds one per socket, tens of thousands of them idle.
+    __slots__ = (
+        "ws", "request", "id", "_max_replies", "_max_event_bytes", "_ping_interval", "_heard", "_pinged",
+        "_ping_due", "_ping_timer", "_deadlines", "_spawn", "_on_stop", "closing", "_out", "_out_event_bytes",
+        "_out_replies", "replies", "_room", "_writer", "_writing", "_peer_gone", "_close_code", "_flushed",
+        "_close_task", "_serve_task", "_sending",
+    )
+
     def __init__(self, ws: web.WebSocketResponse, request: web.Request, config: Config, *,
-                 spawn: Spawn, on_stop: Callable[[], None]) -> None:
+                 deadlines: Deadlines, spawn: Spawn, on_stop: Callable[[], None]) -> None:
         self.ws = ws
         self.request = request
-        self.id = uuid.uuid4()
+        self.id = next(_SOCKET_NUMBERS)
         self._max_replies = config.max_in_flight
         self._max_event_bytes = config.outgoing_queue_max_bytes
         self._ping_interval = config.ping_interval_s
         self._heard = False  # the peer sent something since the last ping check
         self._pinged = False  # a ping went out and nothing came back since
         self._ping_due = False  # the writer sends a ping before its queue
-        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: Deadline | None = None
+        self._deadlines = deadlines  # the process's, for the ping checks
         self._spawn = spawn  # runs a close frame's send when the caller cannot wait
         self._on_stop = on_stop  # nothing more is queued from now on (see _stop_output)
         self.closing = False
-        self._out: collections.deque[tuple[bytes, bool]] = collections.deque()  # (frame, is_event)
+        # (frame, is_event); made when a frame is queued, dropped once drained
+        self._out: collections.deque[tuple[bytes, bool]] | None = None
         self._out_event_bytes = 0
         self._out_replies = 0  # replies queued and not yet handed to the transport
         self.replies = 0  # replies queued over the socket's life
-        self._replies_room = asyncio.Event()
-        self._replies_room.set()
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
+        self._room: asyncio.Future | None = None  # the reader waits on it while reading is paused
+        self._writer: asyncio.Task | None = None  # while frames are queued (``_write_loop``)
+        self._writing = False  # from ``serve`` to ``finish``: a writer may run
+        self._peer_gone = False  # a send failed: nothing more can be written
         self._close_code: int | None = None
         self._flushed: asyncio.Future | None = None  # see flush
         self._close_task: asyncio.Task | None = None  # sends the close frame, after the queued replies
@@ -83,12 +98,14 @@ class Transport:
     # ---- reading ---------------------------------------------------------
 
     async def serve(self, on_frame: Callable[[bytes], None]) -> None:
-        """Start the writer and hand every binary frame to ``on_frame`` until
-        the peer goes or the socket closes. The caller then tears the socket
-        down, ending with ``finish``."""
+        """Hand every binary frame to ``on_frame`` until the peer goes or the
+        socket closes (frames queued before, while the socket was being set
+        up, go out now). The caller then tears the socket down, ending with
+        ``finish``."""
         self._serve_task = asyncio.current_task()
-        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
-        self._ping_timer = asyncio.get_running_loop().call_later(self._ping_interval, self._check_peer)
+        self._writing = True
+        self._start_writer()
+        self._ping_timer = self._deadlines.call_later(self._ping_interval, self._check_peer)
         ws = self.ws
         async for msg in ws:
             self._heard = True  # any frame counts as an answer to a ping
@@ -111,10 +128,12 @@ class Transport:
                 return
             if self.closing:
                 return
-            if not self._replies_room.is_set():
-                await self._replies_room.wait()
-            if self.closing or self._writer_stopped:
-                return  # (a writer that stopped means the peer is gone)
+            if self.reading_paused:
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
+                self._room = None
+            if self.closing or self._peer_gone:
+                return
 
     def _check_peer(self) -> None:
         """Every ping interval: a peer silent for a whole interval is pinged,
@@ -126,25 +145,27 @@ class Transport:
             self._heard = self._pinged = False
         elif not self._pinged:
             self._pinged = self._ping_due = True
-            self._wake.set()
+            self._start_writer()
         else:
             log.info("socket %s: no answer to a ping within %.0fs, dropping it", self.id, self._ping_interval)
             if self.request.transport is not None:
                 self.request.transport.abort()
             return
-        self._ping_timer = asyncio.get_running_loop().call_later(self._ping_interval, self._check_peer)
+        self._ping_timer = self._deadlines.call_later(self._ping_interval, self._check_peer)
 
     @property
     def reading_paused(self) -> bool:
-        """The socket's frames are not read until the peer takes replies."""
-        return not self._replies_room.is_set()
+        """The socket's frames are not read until the peer takes replies:
+        as many are queued as calls may be in flight, and the peer can
+        still take them."""
+        return self._out_replies >= self._max_replies and not (self.closing or self._peer_gone)
+
+    def _resume_reading(self) -> None:
+        room = self._room
+        if room is not None and not room.done() and not self.reading_paused:
+            room.set_result(None)
 
     # ---- writing ---------------------------------------------------------
-
-    @property
-    def _writer_stopped(self) -> bool:
-        """Nothing more can be written (the peer is gone): nobody may wait for the writer."""
-        return self._writer is not None and self._writer.done()
 
     @property
     def queued_replies(self) -> int:
@@ -154,12 +175,9 @@ class Transport:
     def send_reply(self, frame: bytes) -> None:
         if self.closing:
             return
-        self._out.append((frame, False))
+        self._queue(frame, False)
         self.replies += 1
         self._out_replies += 1
-        if self._out_replies >= self._max_replies and not self._writer_stopped:
-            self._replies_room.clear()
-        self._wake.set()
 
     def send_event(self, frame: bytes) -> None:
         """Queue an encoded event; never waits. Overflow closes with 1013."""
@@ -174,54 +192,68 @@ class Transport:
             TALLY.slow_closes += 1
             self.close_soon(WSCloseCode.TRY_AGAIN_LATER, "outgoing queue full")  # a burst must not queue more
             return
-        self._out.append((frame, True))
+        self._queue(frame, True)
         TALLY.events_out += 1
-        self._wake.set()
+
+    def _queue(self, frame: bytes, is_event: bool) -> None:
+        out = self._out
+        if out is None:
+            out = self._out = collections.deque()
+        out.append((frame, is_event))
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        """A writer for what is queued (and a due ping), unless one runs
+        already, the socket is not served (yet, or any more), or the peer
+        is gone."""
+        if self._writer is None and self._writing and not self._peer_gone and (self._out or self._ping_due):
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
-        out = self._out
         ws = self.ws
         try:
             while True:
-                await self._wake.wait()
-                self._wake.clear()
                 if self._ping_due:
                     self._ping_due = False
                     try:
                         await ws.ping()
                     except (ConnectionError, RuntimeError):
+                        self._peer_gone = True
                         return
-                while out:
-                    frame, is_event = out.popleft()
-                    if is_event:
-                        self._out_event_bytes -= len(frame)
-                    # Only observable by others while send_bytes is suspended,
-                    # i.e. waiting for the transport to drain.
-                    self._sending = True
-                    try:
-                        await ws.send_bytes(frame)
-                    except (ConnectionError, RuntimeError):
-                        return
-                    finally:
-                        self._sending = False
-                    if not is_event:
-                        self._out_replies -= 1
-                        if self._out_replies < self._max_replies:
-                            self._replies_room.set()
-                if self._flushed is not None and not self._flushed.done():
-                    self._flushed.set_result(None)
+                out = self._out
+                if not out:
+                    break
+                frame, is_event = out.popleft()
+                if is_event:
+                    self._out_event_bytes -= len(frame)
+                # Only observable by others while send_bytes is suspended,
+                # i.e. waiting for the transport to drain.
+                self._sending = True
+                try:
+                    await ws.send_bytes(frame)
+                except (ConnectionError, RuntimeError):
+                    self._peer_gone = True
+                    return
+                finally:
+                    self._sending = False
+                if not is_event:
+                    self._out_replies -= 1
+                    self._resume_reading()
+            self._out = None  # drained: an idle socket holds no queue
         finally:
-            # Stopped (the peer is gone): nothing more will be written, so
-            # neither the reader nor a flush may wait for it.
-            self._replies_room.set()
+            # Ended with nothing queued, or stopped (the peer is gone: nothing
+            # more will be written, so neither the reader nor a flush may
+            # wait for it).
+            self._writer = None
+            self._resume_reading()
             if self._flushed is not None and not self._flushed.done():
                 self._flushed.set_result(None)
 
     async def flush(self, timeout: float) -> None:
         """Until the writer has handed every queued frame to the transport
         (or has stopped), at most ``timeout`` seconds."""
-        if not (self._out or self._sending) or self._writer is None or self._writer_stopped:
-            return
+        if self._writer is None:
+            return  # nothing queued, not served yet, or the peer is gone
         if self._flushed is None or self._flushed.done():
             self._flushed = asyncio.get_running_loop().create_future()
         await asyncio.wait({self._flushed}, timeout=timeout)
@@ -252,11 +284,12 @@ class Transport:
         before the close frame (a reply may tell of a committed change)."""
         self._close_code = code
         self.closing = True
-        replies = [item for item in self._out if not item[1]]
-        self._out.clear()
-        self._out.extend(replies)
+        if self._out:
+            replies = [item for item in self._out if not item[1]]
+            self._out.clear()
+            self._out.extend(replies)
         self._out_event_bytes = 0
-        self._replies_room.set()  # the reader stops now, whatever is queued
+        self._resume_reading()  # the reader stops now, whatever is queued
         self._on_stop()
 
     async def _send_close(self, code: int, message: str) -> None:
@@ -280,12 +313,14 @@ class Transport:
         with a code) after the queued replies, then the writer, stopped."""
         self.closing = True
         if self._ping_timer is not None:
-            self._ping_timer.cancel()
+            self._deadlines.cancel(self._ping_timer)
         if self._close_task is not None:
             await asyncio.gather(self._close_task, return_exceptions=True)
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        self._writing = False
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
         if not self.ws.closed:
             try:
                 await asyncio.wait_for(self.ws.close(code=self._close_code or WSCloseCode.OK), 1.0)

@@ -45,7 +45,9 @@ class Hub:
         self.outbox = outbox
         # channel -> its local followers; a room member maps to its Membership
         self._followers: dict[str, dict[Follower, Membership | None]] = {}
-        self._channels_of: dict[Follower, set[str]] = {}
+        # follower -> the channels it follows: the name alone while it is one
+        # (most sockets follow only their user's), a set from the second on
+        self._channels_of: dict[Follower, str | set[str]] = {}
         self._stale: set[str] = set()  # subscriptions that may have missed messages
         kind = ShardedSubscriber if is_cluster(redis_url) else Subscriber
         self.subscriber = kind(
@@ -101,7 +103,13 @@ class Hub:
         return member, self._add(follower, channel, member)
 
     def _add(self, follower: Follower, channel: str, member: Membership | None) -> asyncio.Future | None:
-        self._channels_of.setdefault(follower, set()).add(channel)
+        chans = self._channels_of.get(follower)
+        if chans is None:
+            self._channels_of[follower] = channel
+        elif isinstance(chans, set):
+            chans.add(channel)
+        elif chans != channel:
+            self._channels_of[follower] = {chans, channel}
         followers = self._followers.get(channel)
         if followers is not None:
             followers[follower] = member
@@ -135,10 +143,12 @@ class Hub:
 
     def unfollow(self, follower: Follower, channel: str) -> None:
         chans = self._channels_of.get(follower)
-        if chans is not None:
+        if chans == channel:
+            del self._channels_of[follower]
+        elif isinstance(chans, set):
             chans.discard(channel)
-            if not chans:
-                del self._channels_of[follower]
+            if len(chans) == 1:
+                self._channels_of[follower] = chans.pop()
         followers = self._followers.get(channel)
         if followers is None:
             return
@@ -159,8 +169,14 @@ class Hub:
         """``member`` is still its socket's entry in its room."""
         return self._followers.get(member.channel, {}).get(member.follower) is member
 
+    def _channels(self, follower: Follower) -> list[str]:
+        chans = self._channels_of.get(follower)
+        if chans is None:
+            return []
+        return [chans] if isinstance(chans, str) else list(chans)
+
     def unfollow_all(self, follower: Follower) -> None:
-        for channel in list(self._channels_of.get(follower, ())):
+        for channel in self._channels(follower):
             self.unfollow(follower, channel)
 
     def followers(self, channel: str) -> list[Follower]:
@@ -175,7 +191,7 @@ class Hub:
     def resume(self, follower: Follower) -> None:
         """``follower`` authenticated again after its token expired: each of
         its rooms gives it, from PostgreSQL, what it missed while paused."""
-        for channel in self._channels_of.get(follower, ()):
+        for channel in self._channels(follower):
             member = self._followers.get(channel, {}).get(follower)
             if member is not None and member.done is not None:
                 self._repairs.schedule(channel, 0)

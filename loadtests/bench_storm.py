@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from loadtests.bench_connections import _mask
+from loadtests.bench_connections import _mask, process_status
 from loadtests.bench_idle import StampedSocket, open_from, percentile, raise_nofile_to
 from loadtests.benchlib import Server, Stack, access_tokens, bench_users, cpu_by_role, cpu_seconds, machine_busy
 from protocol.codec import encode
@@ -296,6 +296,16 @@ def cpu_now(servers: list[Server], redis_url: str) -> dict[str, float]:
     return roles
 
 
+def reads_now(servers: list[Server]) -> dict[str, int]:
+    """Reads the servers have sent so far: to the primary, to the replicas."""
+    reads = {"primary": 0, "replicas": 0}
+    for server in servers:
+        status = process_status(server.metrics)
+        reads["primary"] += status["primary"]["reads"]
+        reads["replicas"] += sum(r["reads_served"] for r in status["replicas"])
+    return reads
+
+
 def _restart(server: Server) -> None:
     server.proc.wait()  # type: ignore[union-attr]
     server.start()
@@ -338,6 +348,7 @@ async def amain(args: argparse.Namespace) -> int:
 
         stop, sent = asyncio.Event(), Sent()
         cpu0 = cpu_now(survivors, stack.redis_url)
+        reads0 = await asyncio.to_thread(reads_now, survivors)
         killed_at = time.monotonic()
         victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         traffic_task = asyncio.create_task(traffic(hosts, payers, devices, args.rate, stop, sent))
@@ -350,6 +361,7 @@ async def amain(args: argparse.Namespace) -> int:
         await restart
         back = sorted(d.back_after for d in devices if d.back_after is not None)
         cpu1 = cpu_now(survivors, stack.redis_url)
+        reads = {k: v - reads0[k] for k, v in (await asyncio.to_thread(reads_now, survivors)).items()}
         storm_s = max(back or [1.0])
         cpu = {k: (cpu1[k] - cpu0[k]) / storm_s for k in cpu0}
         await asyncio.sleep(args.after)  # live traffic after every re-join
@@ -383,6 +395,7 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"CPU during the storm ({storm_s:.1f}s; cores busy): surviving servers {cpu['server']:.2f}, "
           f"PostgreSQL {cpu['postgres']:.2f}, Redis {cpu['redis']:.2f}, load generator {cpu['load']:.2f}, "
           f"whole machine {cpu['machine']:.2f}")
+    print(f"reads meanwhile: {reads['primary']:,} on the primary, {reads['replicas']:,} on replicas")
     errors = sorted({d.error for d in devices if d.back_after is None})[:5]
     if errors:
         print(f"never back, e.g.: {errors}", file=sys.stderr)

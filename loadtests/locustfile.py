@@ -57,7 +57,7 @@ from locust.runners import WorkerRunner
 
 from loadtests import accounts, shapes
 from loadtests.accounts import PASSWORD, http_url_for, kyc_signature, ws_url_for
-from loadtests.wsclient import CallError, WsClient
+from loadtests.wsclient import CLOSED_BY_CLIENT, CallError, WsClient
 from protocol.resume import Backoff, SeqWindow
 
 log = logging.getLogger("loadtest")
@@ -325,7 +325,7 @@ class Session:
         except CallError as err:
             # A socket this user dropped itself (a storm, from another
             # greenlet) could not receive it: not the server's failure.
-            if not (ws.closed and ws.close_reason == "closed by client"):
+            if not (ws.closed and ws.close_reason == CLOSED_BY_CLIENT):
                 self.report(name, (time.perf_counter() - since) * 1000.0, 0, err, "event")
             raise
         self.report(name, (time.perf_counter() - since) * 1000.0, 0, None, "event")

@@ -28,6 +28,8 @@ import websocket
 from protocol.codec import decode, encode
 
 SUBPROTOCOL = "hangout.v1"
+# The close reason of a socket its own user closed (a storm's drop, locust stopping).
+CLOSED_BY_CLIENT = "closed by client"
 
 # (method, response_time_ms, response_length, error) reported for each reply.
 Reporter = Callable[[str, float, int, "CallError | None"], None]
@@ -114,7 +116,8 @@ class WsClient:
         pending = Pending(req_id, method, expected)
         if self.closed:
             pending._finish(None, CallError("closed", self.close_reason), 0)
-            self._report(pending)
+            if self.close_reason != CLOSED_BY_CLIENT:  # the user's own drop is not the server's failure
+                self._report(pending)
             return pending
         self._pending[req_id] = pending
         frame = {"id": req_id, "method": method, "params": params if params is not None else {}}
@@ -179,7 +182,7 @@ class WsClient:
                 pass
         # Calls still in flight were given up by the user (locust stopping
         # it, or a deliberate drop): not the server's failures.
-        self._shutdown("closed by client", report=False)
+        self._shutdown(CLOSED_BY_CLIENT, report=False)
         self._reader.join(timeout=2)
 
     def _shutdown(self, reason: str, report: bool = True) -> None:

@@ -82,17 +82,23 @@ async def revoked_among(conn: asyncpg.Connection, families: list[uuid.UUID]) -> 
     )
 
 
-async def session_user(conn: asyncpg.Connection, user_id: uuid.UUID, family_id: uuid.UUID | None) -> asyncpg.Record | None:
-    """The user of an access token, or None when the user is gone or the
-    token's family (its session) has ended: revoked by logout or by a reused
-    refresh token, or past its maximum age."""
-    return await conn.fetchrow(
-        f"""SELECT {USER_COLUMNS} FROM users u WHERE u.id = $1
-            AND ($2::uuid IS NULL OR EXISTS (
-              SELECT 1 FROM refresh_token_families f WHERE f.id = $2 AND f.user_id = $1 AND f.revoked_at IS NULL
-                AND f.ends_at > now()))""",
-        user_id, family_id,
+async def session_users(conn: asyncpg.Connection, keys: list[tuple[uuid.UUID, uuid.UUID | None]]) -> dict:
+    """The users of access tokens, each key a token's ``(user_id,
+    family_id)``, in one statement: ``{key: user row}`` for the keys whose
+    user exists and whose family (session) has not ended, by logout, by a
+    reused refresh token or by its maximum age. Several sockets' upgrades
+    share it (``Database.read_one``)."""
+    users, families = zip(*keys)
+    rows = await conn.fetch(
+        f"""SELECT k.i, {USER_COLUMNS}
+              FROM unnest($1::uuid[], $2::uuid[]) WITH ORDINALITY AS k(k_user, k_family, i)
+              JOIN users u ON u.id = k.k_user
+             WHERE k.k_family IS NULL OR EXISTS (
+                   SELECT 1 FROM refresh_token_families f WHERE f.id = k.k_family AND f.user_id = k.k_user
+                      AND f.revoked_at IS NULL AND f.ends_at > now())""",
+        users, families,
     )
+    return {keys[r["i"] - 1]: r for r in rows}
 
 
 # ---- cleanup (server/cleanup.py) ------------------------------------------

@@ -139,43 +139,61 @@ async def send_committed(
 
 _SNAPSHOT_MESSAGE = ", ".join(f"m.{c} AS m_{c}" for c in _MESSAGE_NAMES)
 
-# The conversation, and the messages in (low, last_seq] as the same snapshot
-# has them: one row a message (the conversation's columns repeated), or one
-# row with NULL messages columns when there are none; no row for a non-party.
-_JOIN_SNAPSHOT = f"""
-WITH c AS (
-  SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND {_PARTY}
+# For each join (k_i: its place among the keys) the conversation, and the
+# messages in (low, last_seq] as the same snapshot has them: one row a
+# message (the conversation's columns repeated), or one row with NULL
+# messages columns when there are none; no row for a non-party.
+_JOIN_SNAPSHOTS = f"""
+WITH k AS (
+  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[])
+           WITH ORDINALITY AS k(k_conversation, k_user, k_since, k_latest, k_max_missed, k_i)
+), c AS (
+  SELECT k.k_i, k.k_since, k.k_latest, k.k_max_missed,
+         id, booking_id, user_id, host_id, created_at, last_seq, {read_columns('k.k_user')}
+    FROM k JOIN conversations ON id = k.k_conversation AND (user_id = k.k_user OR host_id = k.k_user)
 )
 SELECT c.*, {_SNAPSHOT_MESSAGE}
 FROM c LEFT JOIN LATERAL (
   SELECT {MESSAGE_COLUMNS} FROM messages
-   WHERE conversation_id = $1 AND seq <= c.last_seq
-     AND seq > CASE WHEN $3::bigint IS NULL THEN greatest(0, c.last_seq - $4::bigint)
-                    ELSE greatest($3::bigint, c.last_seq - $5::bigint) END
+   WHERE conversation_id = c.id AND seq <= c.last_seq
+     AND seq > CASE WHEN c.k_since IS NULL THEN greatest(0, c.last_seq - c.k_latest)
+                    ELSE greatest(c.k_since, c.last_seq - c.k_max_missed) END
    ORDER BY seq
 ) m ON true
-ORDER BY m.seq
+ORDER BY c.k_i, m.seq
 """
 
 
-async def join_snapshot(
-    conn: asyncpg.Connection, conversation_id: uuid.UUID, user_id: uuid.UUID, since_seq: int | None, latest: int, max_missed: int
-) -> tuple[asyncpg.Record, list[dict], bool] | None:
-    """(conversation, messages oldest first, truncated) as of now, in one
-    statement: without ``since_seq`` the ``latest`` messages, else those
-    after it, at most ``max_missed`` (the newest; ``truncated`` then).
+async def join_snapshots(conn: asyncpg.Connection, keys: list[tuple]) -> dict:
+    """What ``chat.join`` reads, for several joins in one statement, so in one
+    snapshot. Each key is ``(conversation_id, user_id, since_seq, latest,
+    max_missed)``; its value is (conversation, messages oldest first,
+    truncated): without ``since_seq`` the ``latest`` messages, else those
+    after it, at most ``max_missed`` (the newest; ``truncated`` then). A key
+    whose user is not a party has none.
 
     Every message up to the ``last_seq`` read here is committed (each seq's
-    transaction held the row lock until it committed), so the one snapshot
-    sees all of them; the upper bound keeps out anything newer, which the
-    caller's live subscription will carry instead."""
-    rows = await conn.fetch(_JOIN_SNAPSHOT, conversation_id, user_id, since_seq, latest, max_missed)
-    if not rows:
-        return None
-    conv = rows[0]
-    truncated = since_seq is not None and conv["last_seq"] - since_seq > max_missed
-    messages = [{c: r[f"m_{c}"] for c in _MESSAGE_NAMES} for r in rows if r["m_id"] is not None]
-    return conv, messages, truncated
+    transaction held the row lock until it committed), so the snapshot sees
+    all of them; the upper bound keeps out anything newer, which the
+    caller's live subscription carries instead."""
+    rows = await conn.fetch(_JOIN_SNAPSHOTS, *(list(column) for column in zip(*keys)))
+    found: dict = {}
+    for r in rows:
+        key = keys[r["k_i"] - 1]
+        if key not in found:
+            since_seq, max_missed = key[2], key[4]
+            truncated = since_seq is not None and r["last_seq"] - since_seq > max_missed
+            found[key] = (r, [], truncated)
+        if r["m_id"] is not None:
+            found[key][1].append({c: r[f"m_{c}"] for c in _MESSAGE_NAMES})
+    return found
+
+
+async def conversation_parties(conn: asyncpg.Connection, conversation_ids: list[uuid.UUID]) -> dict:
+    """``{id: (id, user_id, host_id)}`` of the conversations among
+    ``conversation_ids`` (whoever asks: the caller checks the parties)."""
+    rows = await conn.fetch("SELECT id, user_id, host_id FROM conversations WHERE id = ANY($1::uuid[])", conversation_ids)
+    return {r["id"]: r for r in rows}
 
 
 async def history(

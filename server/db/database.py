@@ -193,14 +193,29 @@ class Database:
         do one round trip's work for a whole batch of them. ``checked_miss``
         as in ``read``: a key the replica lacks is absent unless it may be behind."""
         required = await self.positions.required(user) if self.replicas.members else 0
-        merged = self._merged_reads.get((query_many, checked_miss))
+        return await self._merged_read(query_many, checked_miss).get(key, required)
+
+    async def read_one_primary(self, query_many: Callable[..., Awaitable[dict]], key: Any) -> Any:
+        """``read_one`` of a read that must see everything committed (as
+        ``read_primary``): calls that overlap in time share one statement on
+        the primary, so it sees everything committed before any of them
+        asked. What a reconnect storm reads per client goes this way."""
+        self.primary_reads += 1
+        return await self._merged_read(query_many, False, primary=True).get(key, -1)
+
+    def _merged_read(self, query_many: Callable[..., Awaitable[dict]], checked_miss: bool,
+                     primary: bool = False) -> Batcher:
+        merged = self._merged_reads.get((query_many, checked_miss, primary))
         if merged is None:
             async def fetch(keys: list[Any], required: int) -> dict:
+                if primary:
+                    async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
+                        return await query_many(conn, keys)
                 missed = (lambda found: len(found) < len(keys)) if checked_miss else None
                 return await self._read_after(required, missed, query_many, keys)
 
-            merged = self._merged_reads[(query_many, checked_miss)] = Batcher(fetch, max_running=4)
-        return await merged.get(key, required)
+            merged = self._merged_reads[(query_many, checked_miss, primary)] = Batcher(fetch, max_running=4)
+        return merged
 
     async def _read_after(self, required: int, missed: Callable[[Any], bool] | None, query: Query[T],
                           *args: Any) -> T:

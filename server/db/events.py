@@ -28,21 +28,29 @@ async def add(conn: asyncpg.Connection, events: Sequence[NewEvent]) -> list[int]
                                     users, names, datas))
 
 
-async def since(
-    conn: asyncpg.Connection, user_id: uuid.UUID, since_seq: int, limit: int
-) -> tuple[list[asyncpg.Record], int]:
-    """Up to ``limit`` of the user's stored events after ``since_seq``, oldest
-    first, and the user's latest seq, read in one snapshot: one statement,
-    so one round trip (a reconnect storm makes one call per socket)."""
+async def since_many(conn: asyncpg.Connection, keys: list[tuple[uuid.UUID, int, int]]) -> dict:
+    """For each key ``(user_id, since_seq, limit)``: up to ``limit`` of the
+    user's stored events after ``since_seq``, oldest first, and the user's
+    latest seq, as ``{key: (events, last_seq)}``. One statement, so one
+    snapshot and one round trip for the resumes of many sockets at once
+    (``Database.read_one_primary``)."""
     rows = await conn.fetch(
-        """SELECT s.last_seq, e.seq, e.event, e.data
-             FROM (SELECT coalesce((SELECT last_seq FROM user_event_seqs WHERE user_id = $1), 0) AS last_seq) s
-             LEFT JOIN LATERAL (SELECT seq, event, data FROM user_events WHERE user_id = $1 AND seq > $2
-                                 ORDER BY seq LIMIT $3) e ON true
-            ORDER BY e.seq""",
-        user_id, since_seq, limit,
+        """SELECT k.k_i, coalesce(s.last_seq, 0) AS last_seq, e.seq, e.event, e.data
+             FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS k(k_user, k_since, k_limit, k_i)
+             LEFT JOIN user_event_seqs s ON s.user_id = k.k_user
+             LEFT JOIN LATERAL (SELECT seq, event, data FROM user_events WHERE user_id = k.k_user AND seq > k.k_since
+                                 ORDER BY seq LIMIT k.k_limit) e ON true
+            ORDER BY k.k_i, e.seq""",
+        *(list(column) for column in zip(*keys)),
     )
-    return [r for r in rows if r["seq"] is not None], rows[0]["last_seq"]
+    found: dict = {}
+    for r in rows:
+        key = keys[r["k_i"] - 1]
+        if key not in found:
+            found[key] = ([], r["last_seq"])
+        if r["seq"] is not None:
+            found[key][0].append(r)
+    return found
 
 
 async def mark_published(

@@ -78,12 +78,14 @@ async def session_user(services: Services, claims: credentials.AccessClaims) -> 
     the user's reads go; a "no" from a replica is confirmed on the primary,
     since a session made outside this server's writes (or whose write
     position Redis lost) may not have reached the replica yet."""
-    args = (claims.user_id, claims.family_id)
+    key = (claims.user_id, claims.family_id)
     row = None
+    # Merged with the checks of other sockets at the same moment (an upgrade
+    # storm after a process died): one statement for many.
     if services.sessions.caught_up.is_set():  # else news of ended sessions may be missing (server/sessions.py)
-        row = await services.db.read(claims.user_id, auth_db.session_user, *args)
+        row = await services.db.read_one(claims.user_id, auth_db.session_users, key)
     if row is None:
-        row = await services.db.read_primary(auth_db.session_user, *args)
+        row = await services.db.read_one_primary(auth_db.session_users, key)
     if row is None:
         raise RpcError(ErrorCode.UNAUTHENTICATED, "session ended")
     return row

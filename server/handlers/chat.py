@@ -70,7 +70,8 @@ async def _parties(services: Services, user_id: uuid.UUID, conversation_id: uuid
     parties = services.parties.get(conversation_id)
     if parties is None:
         if on_primary:
-            row = await _on_primary(services, chat_db.get_conversation, conversation_id, user_id)
+            # Merged with other joins at the same moment (a reconnect storm).
+            row = await services.db.read_one_primary(chat_db.conversation_parties, conversation_id)
             if row is None:
                 raise _not_found()
             parties = _remember_parties(services, row)
@@ -129,8 +130,8 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
             done, _ = await asyncio.wait({subscribed}, timeout=services.config.subscribe_wait_s)
             if not done or not subscribed.result():
                 hub.mark_stale(channel)  # Redis away or slow: repaired once subscribed
-        snap = await _on_primary(
-            services, chat_db.join_snapshot, p.conversation_id, user, p.since_seq, m.JOIN_DEFAULT, m.JOIN_MAX_MISSED
+        snap = await services.db.read_one_primary(
+            chat_db.join_snapshots, (p.conversation_id, user, p.since_seq, m.JOIN_DEFAULT, m.JOIN_MAX_MISSED)
         )
         if snap is None:
             raise _not_found()

@@ -12,8 +12,10 @@ from server.rpc import Call, rpc
 async def resume(call: Call, p: m.ResumeParams) -> m.ResumeResult:
     # The socket follows its user's channel since it authenticated: whatever
     # commits after this read arrives live. Read from the primary, so that
-    # no event committed before the read is missing from it.
-    rows, last_seq = await call.services.db.read_primary(events_db.since, call.user_id, p.since_seq, m.RESUME_MAX + 1)
+    # no event committed before the read is missing from it. Resumes at the
+    # same moment (a reconnect storm) share one statement.
+    rows, last_seq = await call.services.db.read_one_primary(
+        events_db.since_many, (call.user_id, p.since_seq, m.RESUME_MAX + 1))
     if p.since_seq > last_seq:
         return m.ResumeResult(events=[], last_seq=last_seq, has_more=False, truncated=True)
     page = rows[: m.RESUME_MAX]

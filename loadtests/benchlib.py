@@ -14,6 +14,7 @@ limits (docs/security.md). ``OPS_TOKEN`` lets them read the counters on the metr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -80,12 +81,14 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """User + system CPU time a process has used so far; with ``reaped``,
+    only that of its children that have ended (and been waited for)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    first = 13 if reaped else 11
+    return (int(fields[first]) + int(fields[first + 1])) / ticks
 
 
 def machine_busy() -> tuple[float, float]:
@@ -104,11 +107,13 @@ def cpu_by_role(server_pid: int | None, redis_port: int | None,
     the dev stack's PostgreSQL (primary and replica: backends, WAL sender,
     receiver and replay), its Redis (``redis_port``), the hangout server
     (``server_pid`` and its worker processes) and this process, the load
-    generator. Processes that ended in between are not counted; the ones
-    measured here live for the whole run. With ``pg_ports``, only the dev
-    stacks' servers on those ports count as PostgreSQL (not other checkouts'
-    stacks on the machine)."""
+    generator. PostgreSQL's backends that ended count through their
+    postmaster (which waits for them); other processes that ended in
+    between are not counted, as the ones measured here live for the whole
+    run. With ``pg_ports``, only the dev stacks' servers on those ports
+    count as PostgreSQL (not other checkouts' stacks on the machine)."""
     roles = {"postgres": 0.0, "redis": 0.0, "server": 0.0, "load": 0.0}
+    postmasters: set[int] = set()
     pg_titles = tuple(f"postgres: devstack-{kind}-{port}:" for port in pg_ports or ()
                       for kind in ("primary", "replica"))
     me = os.getpid()
@@ -127,8 +132,13 @@ def cpu_by_role(server_pid: int | None, redis_port: int | None,
                     else "load" if pid == me else None)
             if role is not None:
                 roles[role] += cpu_seconds(pid)
+            if role == "postgres":
+                postmasters.add(ppid)
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
+    for pid in postmasters:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            roles["postgres"] += cpu_seconds(pid) + cpu_seconds(pid, reaped=True)
     return roles
 
 

@@ -1,7 +1,9 @@
 """A WebSocket's transport: the aiohttp socket set up as the contract wants
 (``websocket_response``), then reading frames, writing them, closing with a code.
 
-Replies and events share one outgoing queue, drained by the writer: a task
+A reply or event is handed to the transport at once when nothing is queued
+and the transport has taken everything before it (``_write_now``). Else
+replies and events share one outgoing queue, drained by the writer: a task
 that runs while frames are queued and ends once the queue is empty (an idle
 socket holds neither a task nor a queue). It is cancelled and awaited in
 ``finish``. Only event bytes count toward ``OUTGOING_QUEUE_MAX_BYTES``,
@@ -175,13 +177,18 @@ class Transport:
     def send_reply(self, frame: bytes) -> None:
         if self.closing:
             return
-        self._queue(frame, False)
         self.replies += 1
+        if self._write_now(frame):
+            return
+        self._queue(frame, False)
         self._out_replies += 1
 
     def send_event(self, frame: bytes) -> None:
         """Queue an encoded event; never waits. Overflow closes with 1013."""
         if self.closing:
+            return
+        if self._write_now(frame):
+            TALLY.events_out += 1
             return
         self._out_event_bytes += len(frame)
         # Over the bound while the writer waits for the peer to take bytes: the
@@ -194,6 +201,30 @@ class Transport:
             return
         self._queue(frame, True)
         TALLY.events_out += 1
+
+    def _write_now(self, frame: bytes) -> bool:
+        """Hand ``frame`` to the transport at once, as a binary WebSocket
+        frame, when nothing waits before it and the transport has taken
+        everything written so far: the usual case, which so costs no task.
+        False otherwise (nothing written): the frame then goes through the
+        queue and the writer, which waits for the peer."""
+        if self._writer is not None or self._out or self._ping_due or not self._writing or self._peer_gone:
+            return False
+        transport = self.request.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size() or self.ws.closed:
+            return False
+        size = len(frame)
+        if size < 126:
+            header = bytes((0x82, size))
+        elif size < 65536:
+            header = b"\x82\x7e" + size.to_bytes(2, "big")
+        else:
+            header = b"\x82\x7f" + size.to_bytes(8, "big")
+        if size < 16384:
+            transport.write(header + frame)
+        else:
+            transport.writelines((header, frame))
+        return True
 
     def _queue(self, frame: bytes, is_event: bool) -> None:
         out = self._out

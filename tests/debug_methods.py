@@ -69,12 +69,13 @@ def _merged_writes(call: Call, write: str):
     """(batcher, its query_many) of ``write``'s merged calls."""
     from server.db import bookings as bookings_db
     from server.db import chat as chat_db
+    from server.db.batching import WriteBatcher
 
-    query, query_many = {
-        "bookings.create": (bookings_db.create, bookings_db.create_many),
-        "chat.send": (chat_db.send_committed, chat_db.send_many),
+    query, query_many, batches = {
+        "bookings.create": (bookings_db.create, bookings_db.create_many, WriteBatcher.MAX_RUNNING),
+        "chat.send": (chat_db.send_committed, chat_db.send_many, chat_db.SEND_BATCHES),
     }[write]
-    return call.services.db.write_batcher(query, query_many), query_many
+    return call.services.db.write_batcher(query, query_many, batches), query_many
 
 
 class FailMergedParams(MergedWrite):

@@ -136,6 +136,8 @@ class WriteBatcher(Merging):
     single ``query``; a batch of more, ``query_many``, which answers
     ``Committed([result, ...], position)``."""
 
+    # Batches of one write running at once, unless the write says otherwise
+    # (``Database.write_merged``'s ``batches``).
     MAX_RUNNING = 2
     # Bounds how long one batch holds its locks, and how long its calls wait
     # for the slowest of them: what a batch costs beyond its calls is spread
@@ -146,8 +148,9 @@ class WriteBatcher(Merging):
     # 24 hour locks. (One call more than this still goes, alone.)
     MAX_LOCKS = 256
 
-    def __init__(self, acquire_primary: Callable[..., Acquire], query: Query, query_many: Query) -> None:
-        super().__init__(self.MAX_RUNNING)
+    def __init__(self, acquire_primary: Callable[..., Acquire], query: Query, query_many: Query,
+                 max_running: int = MAX_RUNNING) -> None:
+        super().__init__(max_running)
         self.acquire_primary = acquire_primary
         self.query = query
         # Replaceable: a test seam (``test.fail_merged_writes``) puts in one

@@ -103,6 +103,13 @@ async def send_message(
 _BATCH_COLUMNS = ("m_id", "m_seq", "m_content", "m_created_at", "m_client_msg_id", "stored_now")
 
 
+# Batches of sends in the database at once, per process: sends that come
+# while one is there go together in the next, so a commit and a round trip
+# are shared by more of them. (Bookings keep two, since theirs wait on
+# locks; docs/benchmarks.md has both measured.)
+SEND_BATCHES = 1
+
+
 def send_locks(conversation_id: uuid.UUID) -> frozenset:
     """What a send locks: its conversation's row. Batches of sends that
     share none run side by side (``Database.write_merged``)."""

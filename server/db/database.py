@@ -132,7 +132,7 @@ class Database:
         return await self.positions.record(users, result)
 
     async def write_merged(self, users: Writers, query: Query[Any], query_many: Query[Committed],
-                           locks: frozenset, *args: Any) -> Any:
+                           locks: frozenset, *args: Any, batches: int = WriteBatcher.MAX_RUNNING) -> Any:
         """``write(users, query, *args)``, except that calls which overlap in
         time are merged: ``query_many(conn, [args, ...])`` makes several in
         one transaction and answers ``Committed([result, ...], position)``.
@@ -142,20 +142,23 @@ class Database:
         runs beside another that shares one of them (it would only wait for
         it), so calls that could collide run one batch after another.
         If a batch of several fails with a database error, each of its calls
-        is made alone, so that each gets its own answer."""
+        is made alone, so that each gets its own answer. ``batches``: how
+        many of this write's batches may be in the database at once (set on
+        first use); calls that come meanwhile wait and go together."""
         try:
-            result, lsn = await self.write_batcher(query, query_many).submit(args, locks)
+            result, lsn = await self.write_batcher(query, query_many, batches).submit(args, locks)
         except BatchFailed:
             return await self.write(users, query, *args)
         return await self.positions.record(users, result, lsn)
 
-    def write_batcher(self, query: Query[Any], query_many: Query[Committed]) -> WriteBatcher:
+    def write_batcher(self, query: Query[Any], query_many: Query[Committed],
+                      batches: int = WriteBatcher.MAX_RUNNING) -> WriteBatcher:
         """The batcher of ``write_merged``'s calls of ``query_many``, made on
         first use. Its ``hold``/``release`` and ``query_many`` are the test
         seams of tests/debug_methods.py."""
         merged = self._merged_writes.get(query_many)
         if merged is None:
-            merged = self._merged_writes[query_many] = WriteBatcher(self.acquire_primary, query, query_many)
+            merged = self._merged_writes[query_many] = WriteBatcher(self.acquire_primary, query, query_many, batches)
         return merged
 
     def merged_write_stats(self) -> dict[str, int]:

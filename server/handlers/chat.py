@@ -185,7 +185,7 @@ async def _store_and_publish(services: Services, user: uuid.UUID, p: m.SendParam
         # Sends made at the same moment share one transaction (sql/016).
         stored = await services.db.write_merged(
             user, chat_db.send_committed, chat_db.send_many, chat_db.send_locks(p.conversation_id),
-            p.conversation_id, user, p.content, p.client_msg_id,
+            p.conversation_id, user, p.content, p.client_msg_id, batches=chat_db.SEND_BATCHES,
         )
     else:
         stored = await services.db.write(

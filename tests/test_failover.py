@@ -159,7 +159,10 @@ async def replicated(stack: devstack.DevStack) -> None:
     primary = await asyncpg.connect(stack.database_url)
     replica = await asyncpg.connect(stack.replica_urls[0])
     try:
-        target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+        # The insert position: with the dev stack's asynchronous commits, a
+        # commit already answered may lie past the written one, and an
+        # immediate stop would lose it with the WAL buffers.
+        target = await primary.fetchval("SELECT pg_current_wal_insert_lsn()")
         for _ in range(200):  # another process's progress: polled, 10 s at most
             if await replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", target):
                 return

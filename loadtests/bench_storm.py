@@ -395,7 +395,8 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"CPU during the storm ({storm_s:.1f}s; cores busy): surviving servers {cpu['server']:.2f}, "
           f"PostgreSQL {cpu['postgres']:.2f}, Redis {cpu['redis']:.2f}, load generator {cpu['load']:.2f}, "
           f"whole machine {cpu['machine']:.2f}")
-    print(f"reads meanwhile: {reads['primary']:,} on the primary, {reads['replicas']:,} on replicas")
+    # Merged reads (many clients' in one statement) count once.
+    print(f"read statements meanwhile: {reads['primary']:,} on the primary, {reads['replicas']:,} on replicas")
     errors = sorted({d.error for d in devices if d.back_after is None})[:5]
     if errors:
         print(f"never back, e.g.: {errors}", file=sys.stderr)

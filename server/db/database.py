@@ -203,17 +203,16 @@ class Database:
         ``read_primary``): calls that overlap in time share one statement on
         the primary, so it sees everything committed before any of them
         asked. What a reconnect storm reads per client goes this way."""
-        self.primary_reads += 1
         return await self._merged_read(query_many, False, primary=True).get(key, -1)
 
     def _merged_read(self, query_many: Callable[..., Awaitable[dict]], checked_miss: bool,
                      primary: bool = False) -> Batcher:
+        """The batcher of ``query_many``'s reads; ``primary``: of those that
+        must run there (position -1), kept apart so that they never send
+        other callers' reads to the primary too."""
         merged = self._merged_reads.get((query_many, checked_miss, primary))
         if merged is None:
             async def fetch(keys: list[Any], required: int) -> dict:
-                if primary:
-                    async with self.acquire_primary(deadline=PRIMARY_DEADLINE_S) as conn:
-                        return await query_many(conn, keys)
                 missed = (lambda found: len(found) < len(keys)) if checked_miss else None
                 return await self._read_after(required, missed, query_many, keys)
 

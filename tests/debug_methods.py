@@ -69,13 +69,9 @@ def _merged_writes(call: Call, write: str):
     """(batcher, its query_many) of ``write``'s merged calls."""
     from server.db import bookings as bookings_db
     from server.db import chat as chat_db
-    from server.db.batching import WriteBatcher
 
-    query, query_many, batches = {
-        "bookings.create": (bookings_db.create, bookings_db.create_many, WriteBatcher.MAX_RUNNING),
-        "chat.send": (chat_db.send_committed, chat_db.send_many, chat_db.SEND_BATCHES),
-    }[write]
-    return call.services.db.write_batcher(query, query_many, batches), query_many
+    merged = {"bookings.create": bookings_db.CREATE, "chat.send": chat_db.SEND}[write]
+    return call.services.db.write_batcher(merged), merged.query_many
 
 
 class FailMergedParams(MergedWrite):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine, NamedTuple
 
 import asyncpg
 
@@ -128,6 +128,18 @@ class BatchFailed(Exception):
     committed, and each caller makes its own call alone."""
 
 
+class MergedWrite(NamedTuple):
+    """A write whose calls ``Database.write_merged`` merges: ``query(conn,
+    *args)`` makes one call alone, ``query_many(conn, [args, ...])`` several
+    in one transaction and answers ``Committed([result, ...], position)``.
+    At most ``running`` of its batches are in the database at once (per
+    process); calls that come meanwhile wait and go together."""
+
+    query: Query
+    query_many: Query
+    running: int = 2
+
+
 class WriteBatcher(Merging):
     """Merges concurrent calls of one write (``Database.write_merged``; see
     ``Merging``), at most ``MAX_BATCH`` a batch, on connections from
@@ -136,9 +148,6 @@ class WriteBatcher(Merging):
     single ``query``; a batch of more, ``query_many``, which answers
     ``Committed([result, ...], position)``."""
 
-    # Batches of one write running at once, unless the write says otherwise
-    # (``Database.write_merged``'s ``batches``).
-    MAX_RUNNING = 2
     # Bounds how long one batch holds its locks, and how long its calls wait
     # for the slowest of them: what a batch costs beyond its calls is spread
     # over fewer of them, for a lower p99 at the same throughput.
@@ -148,14 +157,13 @@ class WriteBatcher(Merging):
     # 24 hour locks. (One call more than this still goes, alone.)
     MAX_LOCKS = 256
 
-    def __init__(self, acquire_primary: Callable[..., Acquire], query: Query, query_many: Query,
-                 max_running: int = MAX_RUNNING) -> None:
-        super().__init__(max_running)
+    def __init__(self, acquire_primary: Callable[..., Acquire], write: MergedWrite) -> None:
+        super().__init__(write.running)
         self.acquire_primary = acquire_primary
-        self.query = query
+        self.query = write.query
         # Replaceable: a test seam (``test.fail_merged_writes``) puts in one
         # that fails in the database, as a deadlock would.
-        self.query_many = query_many
+        self.query_many = write.query_many
         self.waiting: list[tuple[tuple, frozenset, asyncio.Future]] = []
         # Batches of two calls or more, the calls in them, and those that
         # failed (their calls were then made alone): /readyz shows them.

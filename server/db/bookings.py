@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from server.db import events as events_db
+from server.db.batching import MergedWrite
 from server.db.positions import Committed
 from server.db.wallet import BALANCE_MAX
 
@@ -111,6 +112,11 @@ async def create_many(conn: asyncpg.Connection, calls: list[tuple]) -> Committed
     for i, values in zip(made, zip(*(row[name] for name in _BATCH_COLUMNS))):
         results[i] = dict(zip(_BATCH_COLUMNS, values))
     return Committed(results, row["wal_lsn"])
+
+
+# bookings.create, merged (``Database.write_merged``); two batches at once,
+# since a batch waits on its bookers' and hosts' locks.
+CREATE = MergedWrite(create, create_many)
 
 
 async def get_for(conn: asyncpg.Connection, booking_id: uuid.UUID, party: uuid.UUID) -> asyncpg.Record | None:

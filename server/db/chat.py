@@ -18,6 +18,7 @@ import uuid
 
 import asyncpg
 
+from server.db.batching import MergedWrite
 from server.db.positions import Committed
 
 MESSAGE_COLUMNS = "id, conversation_id, seq, sender_id, content, created_at, client_msg_id"
@@ -103,13 +104,6 @@ async def send_message(
 _BATCH_COLUMNS = ("m_id", "m_seq", "m_content", "m_created_at", "m_client_msg_id", "stored_now")
 
 
-# Batches of sends in the database at once, per process: sends that come
-# while one is there go together in the next, so a commit and a round trip
-# are shared by more of them. (Bookings keep two, since theirs wait on
-# locks; docs/benchmarks.md has both measured.)
-SEND_BATCHES = 1
-
-
 def send_locks(conversation_id: uuid.UUID) -> frozenset:
     """What a send locks: its conversation's row. Batches of sends that
     share none run side by side (``Database.write_merged``)."""
@@ -142,6 +136,13 @@ async def send_committed(
     commit, in one round trip (a batch of one of ``send_many``)."""
     committed = await send_many(conn, [(conversation_id, sender_id, content, client_msg_id)])
     return Committed(committed.value[0], committed.wal_lsn)
+
+
+# chat.send, merged (``Database.write_merged``). One batch in the database at
+# a time: sends that come while it is there go together in the next, so a
+# commit and a round trip serve more of them (bookings keep two, since
+# theirs wait on locks; docs/benchmarks.md has both measured).
+SEND = MergedWrite(send_committed, send_many, running=1)
 
 
 _SNAPSHOT_MESSAGE = ", ".join(f"m.{c} AS m_{c}" for c in _MESSAGE_NAMES)

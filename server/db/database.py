@@ -21,9 +21,9 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from server.config import Config
-from server.db.batching import Batcher, BatchFailed, WriteBatcher
+from server.db.batching import Batcher, BatchFailed, MergedWrite, WriteBatcher
 from server.db.pool import PRIMARY_DEADLINE_S, REPLICA_DEADLINE_S, Acquire, FairPool, create_pool, pool_args
-from server.db.positions import Committed, WritePositions, Writers, parse_lsn
+from server.db.positions import WritePositions, Writers, parse_lsn
 from server.db.replicas import REPLAYED_SQL, REPLICA_FAILURES, Replicas
 from server.outbox import Outbox
 
@@ -131,34 +131,31 @@ class Database:
             result = await query(conn, *args)
         return await self.positions.record(users, result)
 
-    async def write_merged(self, users: Writers, query: Query[Any], query_many: Query[Committed],
-                           locks: frozenset, *args: Any, batches: int = WriteBatcher.MAX_RUNNING) -> Any:
-        """``write(users, query, *args)``, except that calls which overlap in
-        time are merged: ``query_many(conn, [args, ...])`` makes several in
-        one transaction and answers ``Committed([result, ...], position)``.
-        At low load a call runs ``query`` alone, as ``write`` would.
+    async def write_merged(self, users: Writers, write: MergedWrite, locks: frozenset, *args: Any) -> Any:
+        """``write(users, write.query, *args)``, except that calls which
+        overlap in time are merged: ``write.query_many(conn, [args, ...])``
+        makes several in one transaction and answers ``Committed([result,
+        ...], position)``. At low load a call runs ``write.query`` alone, as
+        ``write`` would.
 
         ``locks`` name what the call locks in the database: a batch never
         runs beside another that shares one of them (it would only wait for
         it), so calls that could collide run one batch after another.
         If a batch of several fails with a database error, each of its calls
-        is made alone, so that each gets its own answer. ``batches``: how
-        many of this write's batches may be in the database at once (set on
-        first use); calls that come meanwhile wait and go together."""
+        is made alone, so that each gets its own answer."""
         try:
-            result, lsn = await self.write_batcher(query, query_many, batches).submit(args, locks)
+            result, lsn = await self.write_batcher(write).submit(args, locks)
         except BatchFailed:
-            return await self.write(users, query, *args)
+            return await self.write(users, write.query, *args)
         return await self.positions.record(users, result, lsn)
 
-    def write_batcher(self, query: Query[Any], query_many: Query[Committed],
-                      batches: int = WriteBatcher.MAX_RUNNING) -> WriteBatcher:
-        """The batcher of ``write_merged``'s calls of ``query_many``, made on
-        first use. Its ``hold``/``release`` and ``query_many`` are the test
-        seams of tests/debug_methods.py."""
-        merged = self._merged_writes.get(query_many)
+    def write_batcher(self, write: MergedWrite) -> WriteBatcher:
+        """The batcher of ``write_merged``'s calls of ``write``, made on first
+        use. Its ``hold``/``release`` and ``query_many`` are the test seams
+        of tests/debug_methods.py."""
+        merged = self._merged_writes.get(write)
         if merged is None:
-            merged = self._merged_writes[query_many] = WriteBatcher(self.acquire_primary, query, query_many, batches)
+            merged = self._merged_writes[write] = WriteBatcher(self.acquire_primary, write)
         return merged
 
     def merged_write_stats(self) -> dict[str, int]:

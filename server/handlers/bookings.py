@@ -53,7 +53,7 @@ async def create(call: Call, p: m.CreateParams) -> m.CreateResult:
     services = call.services
     # Calls made at the same moment share one transaction (sql/009).
     row = await services.db.write_merged(
-        _parties_written, bookings_db.create, bookings_db.create_many,
+        _parties_written, bookings_db.CREATE,
         bookings_db.create_locks(call.user_id, p.host_id, p.start_at, p.end_at),
         call.user_id, p.host_id, p.start_at, p.end_at, p.idempotency_key, request_hash(p),
     )

@@ -138,7 +138,7 @@ async def join(call: Call, p: m.JoinParams) -> m.JoinResult:
         conv, rows, truncated = snap
         other = conv["host_id"] if conv["user_id"] == user else conv["user_id"]
         result = m.JoinResult(
-            conversation=m.Conversation.model_validate({k: conv[k] for k in m.Conversation.model_fields}),
+            conversation=m.Conversation.model_validate(dict(conv)),  # the batch's own columns are ignored
             messages=[m.Message.model_validate(r) for r in rows],
             last_seq=conv["last_seq"],
             truncated=truncated,
@@ -184,8 +184,8 @@ async def _store_and_publish(services: Services, user: uuid.UUID, p: m.SendParam
     if push_to is None:
         # Sends made at the same moment share one transaction (sql/016).
         stored = await services.db.write_merged(
-            user, chat_db.send_committed, chat_db.send_many, chat_db.send_locks(p.conversation_id),
-            p.conversation_id, user, p.content, p.client_msg_id, batches=chat_db.SEND_BATCHES,
+            user, chat_db.SEND, chat_db.send_locks(p.conversation_id),
+            p.conversation_id, user, p.content, p.client_msg_id,
         )
     else:
         stored = await services.db.write(

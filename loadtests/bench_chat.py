@@ -43,10 +43,12 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import asyncpg
+import msgpack
 
 from loadtests import benchlib
+from loadtests.bench_connections import IdleSocket, _handshake, _mask
 from loadtests.benchlib import OPS_TOKEN, Server, Stack, access_tokens, bench_users, cpu_by_role, cpu_seconds
-from protocol.codec import decode, encode
+from protocol.codec import encode
 
 PGBENCH_DB = "pgbench_chat"
 
@@ -133,48 +135,58 @@ class Tally:
     counting: bool = False
 
 
-class Sock:
+class Sock(IdleSocket):
     """One authenticated socket: calls matched by id, chat.message events
-    timed against the send time carried in their content."""
+    timed against the send time carried in their content.
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, tally: Tally) -> None:
-        self.ws = ws
+    A raw asyncio protocol (bench_connections.IdleSocket), frames handled in
+    the callback that reads them and decoded without protocol.codec's
+    timestamp conversion: the load generator shares the two cores with what
+    it measures, so the less CPU it takes a send, the less it weighs on the
+    figures (pgbench's C client takes almost none)."""
+
+    def __init__(self, request: bytes, tally: Tally, user: str) -> None:
+        super().__init__(request)
         self.tally = tally
-        self.user: str = ""
+        self.user = user
         self._ids = 0
         self._pending: dict[int, asyncio.Future] = {}
-        self._reader = asyncio.create_task(self._read())
 
-    async def call(self, method: str, params: dict) -> dict:
+    def call(self, method: str, params: dict) -> "asyncio.Future[dict]":
         self._ids += 1
         fut = asyncio.get_running_loop().create_future()
         self._pending[self._ids] = fut
-        await self.ws.send_bytes(encode({"id": self._ids, "method": method, "params": params}))
-        return await fut
+        self.transport.write(_mask(encode({"id": self._ids, "method": method, "params": params}), 0x2))  # type: ignore[union-attr]
+        return fut
 
-    async def _read(self) -> None:
-        clock = time.perf_counter
-        tally = self.tally
-        async for msg in self.ws:
-            if msg.type is not aiohttp.WSMsgType.BINARY:
-                break
-            frame = decode(msg.data)
-            if "event" in frame:
-                if frame["event"] == "chat.message" and tally.counting:
-                    message = frame["data"]["message"]
-                    if message["sender_id"] != self.user:
-                        tally.delivered += 1
-                        sent = float(message["content"].split(" ", 1)[0])
-                        tally.latencies_ms.append((clock() - sent) * 1000.0)
-                continue
-            fut = self._pending.pop(frame["id"], None)
-            if fut is not None and not fut.done():
-                fut.set_result(frame)
+    def on_frame(self, payload: bytes) -> None:
+        frame = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        if "event" in frame:
+            tally = self.tally
+            if frame["event"] == "chat.message" and tally.counting:
+                message = frame["data"]["message"]
+                if message["sender_id"] != self.user:
+                    tally.delivered += 1
+                    sent = float(message["content"].split(" ", 1)[0])
+                    tally.latencies_ms.append((time.perf_counter() - sent) * 1000.0)
+            return
+        fut = self._pending.pop(frame["id"], None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
 
-    async def close(self) -> None:
-        await self.ws.close()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"socket lost: {exc!r}"))
+        self._pending.clear()
+
+
+async def open_sock(server: Server, token: str, tally: Tally, user: str) -> Sock:
+    _t, sock = await asyncio.get_running_loop().create_connection(
+        lambda: Sock(_handshake(server.port, token), tally, user), "127.0.0.1", server.port)
+    await asyncio.wait_for(sock.upgraded, 30)
+    return sock
 
 
 async def send(sock: Sock, conversation: str, tally: Tally) -> None:
@@ -244,14 +256,11 @@ async def amain(args: argparse.Namespace) -> int:
             pg_before, pg_ms_before = await asyncio.to_thread(pgbench_tpcb, stack, args.concurrency, args.seconds)
             print(f"  {pg_before:,.0f} tps, PostgreSQL {pg_ms_before:.2f} ms CPU a transaction", flush=True)
 
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:  # no cap on sockets
+        async with aiohttp.ClientSession() as session:  # the /status requests
             sides: list[tuple[Sock, str]] = []
             for (booker, host), conversation in zip(pairs, conversations):
                 for user, server in ((booker, servers[0]), (host, servers[1])):
-                    ws = await session.ws_connect(server.ws_url, protocols=("hangout.v1",), max_msg_size=0,
-                                                  headers={"Authorization": f"Bearer {token_of[user]}"})
-                    sock = Sock(ws, tally)
-                    sock.user = str(user)
+                    sock = await open_sock(server, token_of[user], tally, str(user))
                     socks.append(sock)
                     reply = await sock.call("chat.join", {"conversation_id": conversation})
                     assert "result" in reply, reply
@@ -314,7 +323,7 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"half rate {half:,.0f}/s: {tally.committed:,} committed, {tally.delivered:,} delivered, "
                   f"p50 {pct(half_latencies, 0.5):.1f} ms p99 {pct(half_latencies, 0.99):.1f} ms", flush=True)
             for sock in socks:
-                await sock.close()
+                sock.close()
 
         if not args.skip_pgbench:
             print("pgbench again ...", flush=True)

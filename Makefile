@@ -123,11 +123,13 @@ test-browser: devstack demo chromium
 # nginx in front of 3 hosts x 2 server processes, PgBouncer, a primary with
 # 2 replicas, Redis; server hosts lost under load. Root only (it makes
 # namespaces, links and a bridge on 10.77.0.0/24, all removed at the end);
-# apt-installs iproute2 and Debian's nginx when missing. Logs of the last
-# run: /tmp/hangout-topology-logs. Not part of `make test`.
+# apt-installs iproute2, Debian's nginx and openssl (nginx's self-signed
+# certificate) when missing. Logs of the last run:
+# /tmp/hangout-topology-logs. Not part of `make test`.
 test-topology: install
 	@[ "$$(id -u)" = 0 ] || { echo "test-topology needs root (ip netns)" >&2; exit 1; }
 	@command -v ip >/dev/null || { $(APT) update && $(APT) install -y iproute2; }
+	@command -v openssl >/dev/null || { $(APT) update && $(APT) install -y openssl; }
 	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 \
 		|| { echo ">> installing nginx"; $(APT) update && $(APT) install -y nginx; }
 	trap '$(PY) -m deploy.topology down' EXIT; HANGOUT_TOPOLOGY=1 $(PY) -m pytest -q -s tests/test_topology.py $(PYTEST_ARGS)

@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import ssl
 import sys
 import uuid
 from collections import Counter
@@ -341,6 +342,30 @@ async def test_the_servers_count_each_client_address_that_nginx_passes_and_no_cl
     finally:
         await forging.close()
         await elsewhere.close()
+
+
+async def test_apps_reach_the_servers_over_tls_through_nginx(topology):
+    """The shipped site ends TLS for the apps (wss://, https://) with the
+    certificate at its paths, here a self-signed one for nginx's address.
+    A client that trusts it registers and calls on a wss:// socket and reads
+    /healthz over https://; one that does not trust it gets no socket."""
+    address = CLIENT_ADDRESSES[-4]
+    trusted = ssl.create_default_context(cafile=str(topology.tls_certificate))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0), ssl=trusted)) as http:
+        async with http.get(f"{topology.https_url}/healthz") as r:
+            assert r.status == 200, await r.text()
+        client = Client(http, await http.ws_connect(topology.wss_url, protocols=(SUBPROTOCOL,)), False)
+        try:
+            assert client.ws.protocol == SUBPROTOCOL
+            session = await client.call("auth.register", {"email": f"tls-{uuid.uuid4().hex[:16]}@example.com",
+                                                          "password": PASSWORD, "name": "Tls", "gender": "female"})
+            me = await client.call("users.me")
+            assert me["id"] == session["user"]["id"]
+        finally:
+            await client.close()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0))) as http:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await http.ws_connect(topology.wss_url, protocols=(SUBPROTOCOL,))
 
 
 # Holds an advisory lock in an open transaction through PgBouncer, as a

@@ -1,7 +1,7 @@
 """The production topology on this machine (docs/operations.md, "Deploying
 on N hosts"), one network namespace per host:
 
-    lb         10.77.0.2      nginx (deploy/nginx/), port 80
+    lb         10.77.0.2      nginx (deploy/nginx/), ports 80 and 443 (a self-signed certificate)
     pgbouncer  10.77.0.5      PgBouncer :6432 (deploy/pgbouncer/)
     redis      10.77.0.6      Redis :6379
     app1-3     10.77.0.11-13  a server with WORKERS=2 on :8080 each
@@ -83,6 +83,19 @@ class Topology:
     @property
     def http_url(self) -> str:
         return f"http://{LB}"
+
+    @property
+    def wss_url(self) -> str:
+        return f"wss://{LB}/ws"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{LB}"
+
+    @property
+    def tls_certificate(self) -> Path:
+        """nginx's certificate, self-signed: what a client of ``wss_url`` trusts."""
+        return self.base / "nginx" / "tls" / "hangout.crt"
 
     @property
     def primary_url(self) -> str:
@@ -180,7 +193,16 @@ class Topology:
         (run / "hangout-upstreams.conf").write_text(
             upstreams_config([f"{a}:{SERVER_PORT}" for a in APP_HOSTS.values()]))
         # The site and the upstream settings are deploy/nginx/'s as shipped;
-        # only the main context and the servers' addresses are this machine's.
+        # only the main context, the servers' addresses and the certificate
+        # (self-signed, for nginx's address) are this machine's.
+        tls = run / "tls"
+        tls.mkdir()
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-days", "2", "-subj", "/CN=hangout-topology", "-addext", f"subjectAltName=IP:{LB}",
+             "-keyout", str(tls / "hangout.key"), "-out", str(tls / "hangout.crt")],
+            check=True, capture_output=True, timeout=30)
+        (run / "hangout.conf").write_text(site_config(tls))
         (run / "nginx.conf").write_text(f"""
 worker_processes 1;
 pid {run}/nginx.pid;
@@ -194,7 +216,7 @@ http {{
     uwsgi_temp_path {run}/uwsgi;
     scgi_temp_path {run}/scgi;
     include {run}/hangout-upstreams.conf;
-    include {NGINX_SITE};
+    include {run}/hangout.conf;
 }}
 """)
         self._in("lb", [nginx_bin(), "-t", "-p", str(run), "-c", str(run / "nginx.conf")], timeout=30)
@@ -256,6 +278,15 @@ http {{
             if self.lock_fd is not None:
                 os.close(self.lock_fd)  # releases the flock
                 self.lock_fd = None
+
+
+def site_config(tls: Path) -> str:
+    """deploy/nginx/hangout.conf with its certificate and key in ``tls``."""
+    shipped = "/etc/nginx/tls/"
+    site = NGINX_SITE.read_text()
+    if site.count(shipped) != 2:
+        raise RuntimeError(f"{NGINX_SITE} no longer names its certificate and key in {shipped}")
+    return site.replace(shipped, f"{tls}/")
 
 
 def upstreams_config(servers: list[str]) -> str:

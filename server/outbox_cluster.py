@@ -11,7 +11,9 @@ see the event (a read on it must find the write). So a pipeline that spans
 more than one master sends its other commands first and its publishes once
 those are answered; one that stays on one master is sent as one, in order.
 A command answered ``MOVED`` (its slot moved to another master) is sent
-there once more at once, and the slot map is read again meanwhile.
+there once more at once, and the slot map is read again meanwhile; one
+answered ``ASK`` (its slot is being moved, and its key is already on the
+master it is moving to) is sent there once, after ``ASKING``.
 Availability is the whole cluster's: a master that does not answer closes
 the outbox, and the probe asks every master.
 """
@@ -86,18 +88,23 @@ class ClusterOutbox(Outbox):
         return results
 
     async def _follow_moved(self, commands: list[Command], moved: list[int], results: list[Any]) -> None:
-        """Send each command answered ``MOVED slot host:port`` once more, to
-        the master named (the slot map catches up in the background). ``ASK``
-        (a slot halfway through a move) stays an error in its place."""
-        by_node: dict[Node, list[int]] = {}
+        """Send each command answered ``MOVED slot host:port`` or ``ASK slot
+        host:port`` once more, to the master named (the slot map catches up
+        in the background). An ``ASK``ed command goes right after an
+        ``ASKING``, which lets the master that is importing the slot answer
+        that one command; the replies to the ``ASKING``s are dropped."""
+        by_node: dict[Node, list[tuple[int, bool]]] = {}
         for i in moved:
             kind, _, where = str(results[i]).split(" ")[:3]
-            if kind == "MOVED":
-                host, _, port = where.rpartition(":")
-                by_node.setdefault((host, int(port)), []).append(i)
+            host, _, port = where.rpartition(":")
+            by_node.setdefault((host, int(port)), []).append((i, kind == "ASK"))
         for node, ids in by_node.items():
-            for i, reply in zip(ids, await self._send_to(node, [commands[i] for i in ids])):
-                results[i] = reply
+            sent = [c for i, asked in ids for c in ((("ASKING",), commands[i]) if asked else (commands[i],))]
+            replies = iter(await self._send_to(node, sent))
+            for i, asked in ids:
+                if asked:
+                    next(replies)
+                results[i] = next(replies)
 
     async def _phase(self, commands: list[Command], nodes: list[Node], indexes: list[int],
                      results: list[Any]) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from server import redis_cluster
@@ -81,6 +82,47 @@ async def test_one_pipeline_across_masters_gets_its_replies_in_place_and_reaches
         await box.close()
         if keys:
             await redis.delete(*keys.values())
+
+
+@on_cluster
+async def test_a_write_to_a_slot_being_moved_follows_ask_to_the_master_importing_it(stack):
+    """While a slot moves between masters (``redis-cli --cluster reshard``),
+    the master it leaves answers ``ASK`` for a key it no longer holds: the
+    outbox sends the command there after ``ASKING``, so a write position
+    (an EVAL on ``ryw:<user>``) is recorded and not left an error in its
+    place. The other commands of the pipeline keep their places."""
+    slots = SlotMap(ClusterAddress(stack.redis_url), 2.0)
+    await slots.load()
+    key = f"cluster-test-ask:{uuid.uuid4()}"
+    slot = slot_of(key)
+    source = slots.node_of(key)
+    target = next(node for node in slots.masters() if node != source)
+    other = f"cluster-test-key:{uuid.uuid4()}"
+    # One connection each: ASKING holds for the next command on its connection only.
+    src = aioredis.Redis(host=source[0], port=source[1], single_connection_client=True)
+    dst = aioredis.Redis(host=target[0], port=target[1], single_connection_client=True)
+    box = ClusterOutbox(stack.redis_url)
+    src_id, dst_id = (await src.execute_command("CLUSTER", "MYID")), (await dst.execute_command("CLUSTER", "MYID"))
+    await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    try:
+        replies = await box.submit([("SET", other, "stays"), ("SET", key, "moved"), ("GET", other)])
+        assert replies == [b"OK", b"OK", b"stays"]
+        assert await src.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        await dst.execute_command("ASKING")
+        assert await dst.get(key) == b"moved"
+    finally:
+        await dst.execute_command("ASKING")
+        await dst.delete(key)
+        await src.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        await dst.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        await box.close()
+        await slots.close()
+        for conn in (src, dst):
+            await conn.aclose()
+        cleanup = redis_cluster.client(stack.redis_url, 5.0)
+        await cleanup.delete(other)
+        await cleanup.aclose()
 
 
 @on_cluster

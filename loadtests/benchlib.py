@@ -18,7 +18,6 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Coroutine, Iterable, TypeVar
 
 import asyncpg
+
+from server.devstack.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_PASSWORD = "bench password 1"
@@ -56,12 +57,6 @@ def run(main: "Coroutine[Any, Any, T]") -> T:
 
     settle_heap()
     return uvloop.run(main)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raise_nofile() -> int:

@@ -38,7 +38,6 @@ import argparse
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,15 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "loadtests" / "reports"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_local_server(workers: int) -> tuple[subprocess.Popen, str]:
     """Dev stack + ``python -m server`` (WORKERS processes) on a free port."""
     from server import devstack
+    from server.devstack.process import free_port
 
     stack = devstack.from_env()
     stack.start()

@@ -18,7 +18,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from protocol.client import Client
 from server import devstack, redis_cluster
+from server.devstack.process import free_port
 from server.config import DEV_KYC_SECRET, Config, dev_secrets
 from server.db.migrate import migrate
 from server.presence import CLUSTER_TAG
@@ -56,12 +56,6 @@ def port_of(url: str) -> int:
     port = urlsplit(url).port
     assert port is not None, url
     return port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -1,10 +1,11 @@
 """Process and log-file helpers shared by the stack's servers: is a pid
-alive and whose is it, is a port taken, wait for a condition, tail and
-rotate a log."""
+alive and whose is it, is a port taken, a free port for a local server,
+wait for a condition, tail and rotate a log."""
 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import time
@@ -60,6 +61,40 @@ def port_open(port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+# Where ``free_port`` looks: below the dev stacks' ports (DEVSTACK_PORT,
+# 25432 by default, and the few above it) and below Linux's ephemeral range
+# (32768-60999 by default). The kernel gives ports of that range to every
+# outgoing connection (to PostgreSQL, Redis, another server), so a port
+# found free there can become the local port of a client socket before the
+# process it was meant for binds it, which then fails to start.
+LOCAL_PORTS = (10_000, 25_000)
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now, for a server process
+    of a test or a benchmark to listen on (``LOCAL_PORTS``). Drawn at
+    random, so that two drawn one after the other before either is bound
+    are not the same."""
+    low, high = LOCAL_PORTS[0], min(LOCAL_PORTS[1], _ephemeral_low())
+    for _ in range(100):
+        port = random.randrange(low, high) if high > low else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port on 127.0.0.1 in {low}-{high - 1}")
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

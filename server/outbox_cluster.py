@@ -83,14 +83,17 @@ class ClusterOutbox(Outbox):
         moved = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.ResponseError)
                  and str(r).startswith(("MOVED", "ASK"))]
         if moved:
-            slots.refresh_soon()
+            # Only a MOVED says the map is out of date: during a slot's move
+            # the map still names the master it leaves, rightly.
+            if any(str(results[i]).startswith("MOVED") for i in moved):
+                slots.refresh_soon()
             await self._follow_moved(sharded, moved, results)
         return results
 
     async def _follow_moved(self, commands: list[Command], moved: list[int], results: list[Any]) -> None:
         """Send each command answered ``MOVED slot host:port`` or ``ASK slot
-        host:port`` once more, to the master named (the slot map catches up
-        in the background). An ``ASK``ed command goes right after an
+        host:port`` once more, to the master named (after a MOVED the slot
+        map catches up in the background). An ``ASK``ed command goes right after an
         ``ASKING``, which lets the master that is importing the slot answer
         that one command; the replies to the ``ASKING``s are dropped."""
         by_node: dict[Node, list[tuple[int, bool]]] = {}
